@@ -1,0 +1,230 @@
+"""Rewards: one contract, a registry by name, mixtures and plug-ins.
+
+The contract::
+
+    reward(images, prompts) -> Tensor[B]
+
+`images` is a float tensor `[B, 3, H, W]` with values in [0, 1], `prompts` a list of B
+strings. The result is one score per image, higher is better, differentiable in the
+images. Learned rewards keep their weights frozen (`requires_grad=False`, eval mode) but
+never run under `no_grad`, so the gradient reaches the images. Shaping (scales, offsets,
+clipping) belongs to the reward; the training loss stays `-reward.mean()`.
+
+A reward is named by a *spec*:
+
+- a registered name, e.g. ``brightness`` (``draft rewards`` lists them);
+- ``module:attr``, a user's callable, or a class that is instantiated with the reward's
+  arguments;
+- a weighted sum, e.g. ``aesthetic:1.0+hpsv2:0.5`` (weights default to 1).
+
+The table below maps names to where their code lives, so listing rewards imports
+nothing heavy and a reward's optional package is needed only by its users.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from draft.errors import UserError, unknown
+
+__all__ = ["Reward", "RewardInfo", "available", "get", "from_config", "check_images"]
+
+
+@dataclass(frozen=True)
+class RewardInfo:
+    name: str
+    target: str  # "package.module:Class", imported only when the reward is built
+    description: str  # one line, shown by `draft rewards`
+    requires: str = ""  # what to install beyond the core package, if anything
+
+
+_REGISTRY: dict[str, RewardInfo] = {
+    info.name: info
+    for info in [
+        RewardInfo("brightness", "draft.rewards.basic:Brightness", "mean pixel luminance (Rec. 601), in [0, 1]"),
+        RewardInfo("saturation", "draft.rewards.basic:Saturation", "mean HSV colour saturation, in [0, 1]"),
+        RewardInfo(
+            "colorfulness",
+            "draft.rewards.basic:Colorfulness",
+            "Hasler-Suesstrunk colourfulness of the opponent colour channels, about [0, 1]",
+        ),
+        # --- further rewards are registered below this line ---
+    ]
+}
+
+
+def available() -> dict[str, RewardInfo]:
+    """The registered rewards by name."""
+    return dict(_REGISTRY)
+
+
+def register(info: RewardInfo) -> None:
+    """Register a reward under `info.name` (overwriting an earlier one of that name)."""
+    _REGISTRY[info.name] = info
+
+
+def check_images(images: torch.Tensor, prompts: list[str] | tuple[str, ...]) -> None:
+    """Raise ValueError unless images is a float [B,3,H,W] batch in [0,1] with B prompts."""
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"reward expects images of shape [B, 3, H, W], got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"reward expects float images in [0, 1], got dtype {images.dtype}")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"reward got {images.shape[0]} images but {len(prompts)} prompts")
+    lo, hi = images.detach().aminmax()
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"reward expects images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+
+
+class Reward(torch.nn.Module):
+    """Base class: subclasses implement `score(images, prompts) -> Tensor[B]`.
+
+    Calling the reward checks the input, scores, and checks that one score per image came
+    back. Call `self.freeze()` at the end of `__init__` in learned rewards.
+    """
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_images(images, prompts)
+        r = self.score(images, list(prompts))
+        if not torch.is_tensor(r) or r.shape != (images.shape[0],):
+            shape = tuple(r.shape) if torch.is_tensor(r) else type(r).__name__
+            raise ValueError(
+                f"reward {type(self).__name__} returned {shape}; expected shape ({images.shape[0]},)"
+            )
+        return r
+
+    def freeze(self) -> "Reward":
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> "Reward":
+        # Reward models stay in eval mode (dropout and batch-norm statistics off) even when
+        # the caller puts everything it holds into training mode.
+        return super().train(False)
+
+
+class FunctionReward(Reward):
+    """A plain function `f(images, prompts) -> Tensor[B]` behind the Reward interface."""
+
+    def __init__(self, fn: Callable, name: str | None = None):
+        super().__init__()
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def score(self, images, prompts):
+        return self.fn(images, prompts)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class Mixture(Reward):
+    """A weighted sum of rewards: sum_j w_j r_j(images, prompts)."""
+
+    def __init__(self, rewards: Mapping[str, torch.nn.Module], weights: Mapping[str, float]):
+        super().__init__()
+        self.parts = torch.nn.ModuleDict({k.replace(".", "_"): v for k, v in rewards.items()})
+        self.names = list(rewards)
+        self.weights = [float(weights[k]) for k in rewards]
+
+    def score(self, images, prompts):
+        parts = [w * r(images, prompts) for w, r in zip(self.weights, self.parts.values())]
+        return torch.stack(parts).sum(0)
+
+
+def _import(target: str, what: str):
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"cannot import {module_name!r} for {what}: {e}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise UserError(f"module {module_name!r} has no attribute {attr!r} (for {what})") from None
+
+
+def _build(name: str, kwargs: Mapping) -> Reward:
+    """One reward from a registered name or a `module:attr` path."""
+    if name in _REGISTRY:
+        info = _REGISTRY[name]
+        try:
+            obj = _import(info.target, f"reward {name!r}")
+        except UserError as e:
+            if info.requires:
+                raise UserError(f"{e}; reward {name!r} needs: pip install '{info.requires}'") from None
+            raise
+    elif ":" in name:
+        obj = _import(name, f"reward {name!r}")
+    else:
+        raise unknown("reward", name, _REGISTRY)
+    if inspect.isclass(obj):
+        try:
+            obj = obj(**kwargs)
+        except TypeError as e:
+            raise UserError(f"bad arguments for reward {name!r}: {e}") from None
+    elif kwargs:
+        raise UserError(f"reward {name!r} is a function and takes no arguments, got {sorted(kwargs)}")
+    if isinstance(obj, Reward):
+        return obj
+    if callable(obj):
+        return FunctionReward(obj, name)
+    raise UserError(f"reward {name!r} is not callable")
+
+
+def _parse(spec: str) -> dict[str, float]:
+    """'a:1.0+pkg.mod:fn:0.5' -> {'a': 1.0, 'pkg.mod:fn': 0.5}."""
+    weights: dict[str, float] = {}
+    for term in spec.split("+"):
+        term = term.strip()
+        name, weight = term, 1.0
+        head, sep, tail = term.rpartition(":")
+        if sep:
+            try:
+                name, weight = head, float(tail)
+            except ValueError:
+                pass  # 'module:attr' with no weight
+        if not name:
+            raise UserError(f"empty reward name in {spec!r}")
+        if name in weights:
+            raise UserError(f"reward {name!r} appears twice in {spec!r}")
+        weights[name] = weight
+    return weights
+
+
+def from_config(spec: str | Callable, args: Mapping[str, Mapping] | None = None) -> Reward:
+    """Build the reward a config names; `args` maps each reward name to its keyword arguments."""
+    args = dict(args or {})
+    if callable(spec):
+        return spec if isinstance(spec, Reward) else FunctionReward(spec)
+    weights = _parse(spec)
+    extra = set(args) - set(weights)
+    if extra:
+        raise UserError(f"reward_args given for {sorted(extra)}, which the reward {spec!r} does not use")
+    rewards = {name: _build(name, args.get(name, {})) for name in weights}
+    if len(rewards) == 1 and next(iter(weights.values())) == 1.0:
+        return next(iter(rewards.values()))
+    return Mixture(rewards, weights)
+
+
+def get(spec: str | Callable, **kwargs) -> Reward:
+    """The reward named by `spec`, built with `kwargs` (for a single reward).
+
+    >>> r = get("brightness")
+    >>> r(torch.ones(2, 3, 8, 8), ["a", "b"])
+    tensor([1., 1.])
+    """
+    if kwargs:
+        if callable(spec) or len(_parse(spec)) != 1:
+            raise UserError("keyword arguments go with a single reward; use from_config for mixtures")
+        return from_config(spec, {next(iter(_parse(spec))): kwargs})
+    return from_config(spec)
