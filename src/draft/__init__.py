@@ -15,9 +15,9 @@ _LAZY = {
     "TrainConfig": "draft.config",
     "load_config": "draft.config",
     "load_model": "draft.models",
-    "train": "draft.train",
+    "train": "draft.trainer",
     "sample": "draft.inference",
-    "evaluate": "draft.evaluate",
+    "evaluate": "draft.evaluation",
     "rewards": "draft.rewards",
     "UserError": "draft.errors",
 }

@@ -27,3 +27,7 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> UserError:
     return UserError(
         f"unknown {kind} {name!r}{did_you_mean(name, choices)}; choose from: {', '.join(choices)}"
     )
+
+
+class TrainingStopped(Exception):
+    """A run stopped itself (e.g. too many non-finite steps); the message says why and what is kept."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -190,9 +191,11 @@ def _parse(spec: str) -> dict[str, float]:
         head, sep, tail = term.rpartition(":")
         if sep:
             try:
-                name, weight = head, float(tail)
+                value = float(tail)
             except ValueError:
-                pass  # 'module:attr' with no weight
+                value = math.nan
+            if math.isfinite(value):  # else 'module:attr' with no weight ('nan' is a name)
+                name, weight = head, value
         if not name:
             raise UserError(f"empty reward name in {spec!r}")
         if name in weights:

@@ -1,0 +1,242 @@
+"""The `draft` command: argument parsing and friendly errors only; the work is in the library.
+
+Exit codes: 0 success; 1 a run stopped itself (e.g. non-finite steps); 2 bad input, with a
+one-line message on stderr and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from draft.errors import TrainingStopped, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _lora_args(values: list[str] | None) -> list[tuple[str, float]]:
+    from draft.lora import parse_lora_arg
+
+    return [parse_lora_arg(v) for v in values or []]
+
+
+def _sampling(args):
+    from draft.config import SamplingConfig
+
+    return SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta)
+
+
+def _reward_args(items: list[str] | None) -> dict:
+    """--reward-arg aesthetic.model=/path -> {"aesthetic": {"model": "/path"}}."""
+    from draft.config import _parse_value
+
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        name, dot, field = key.rpartition(".")
+        if not sep or not dot or not name or not field:
+            raise UserError(f"--reward-arg {item!r} is not of the form REWARD.KEY=VALUE")
+        out.setdefault(name, {})[field] = _parse_value(value)
+    return out
+
+
+# --- subcommands -----------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from draft.config import load_config, read_yaml
+
+    config_file, overrides = None, []
+    for item in args.items:
+        if "=" in item:
+            overrides.append(item)
+        elif config_file is None:
+            config_file = item
+        else:
+            raise UserError(f"unexpected argument {item!r}: give one CONFIG.yaml and key=value overrides")
+    resume = args.resume is not None
+    if resume and args.resume != "":
+        # `--resume RUN_DIR`: the run's own config, then any file and overrides on top.
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"nothing to resume: {run_dir} holds no run (no config.yaml)")
+        base = read_yaml(run_dir / "config.yaml")
+        if config_file:
+            base.update(read_yaml(config_file))
+        overrides = [f"output_dir={run_dir.parent}", f"name={run_dir.name}", *overrides]
+        config = _config_from(base, overrides)
+    else:
+        config = load_config(config_file, overrides)
+        if resume and not config.name:
+            raise UserError("--resume needs the run: pass --resume RUN_DIR, or name=... of the run")
+    if args.dry_run:
+        return _dry_run(config)
+    from draft.trainer import train
+
+    train(config, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
+    return 0
+
+
+def _config_from(base: dict, overrides: list[str]):
+    """load_config over an already-read dict (a run's config.yaml)."""
+    import tempfile
+
+    import yaml
+
+    from draft.config import load_config
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(base, f)
+    try:
+        return load_config(f.name, overrides)
+    finally:
+        os.unlink(f.name)
+
+
+def _dry_run(config) -> int:
+    """Validate everything that can be checked without loading weights, and print it."""
+    import yaml
+
+    from draft import rewards
+    from draft.models import resolve
+    from draft.prompts import load_prompts
+
+    resolve(config.model)
+    for name in rewards._parse(config.reward):
+        if name not in rewards.available() and ":" not in name:
+            raise rewards.unknown("reward", name, rewards.available())
+    prompts = load_prompts(config.prompts, config.model)
+    load_prompts(config.eval_prompts, config.model)
+    procs = int(os.environ.get("WORLD_SIZE", "1"))
+    per_sample = config.lv_n if config.method == "draft-lv" else 1
+    batch = config.batch_size * config.grad_accum * procs
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    print(f"# {len(prompts)} training prompts; effective batch {batch} = {config.batch_size} x "
+          f"{config.grad_accum} accumulation x {procs} process(es); reward queries per step {batch * per_sample}; "
+          f"reward queries in total {batch * per_sample * config.steps}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from draft.inference import sample
+
+    out = Path(args.out)
+    sample(args.model, args.prompt, _lora_args(args.lora), seed=args.seed, num_images=args.num_images,
+           sampling=_sampling(args), out=out, device=args.device)
+    print(f"wrote {len(args.prompt) * args.num_images} image(s) and grid.png to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from draft.evaluation import evaluate
+
+    result = evaluate(args.model, args.reward, args.prompts, args.seeds, _lora_args(args.lora), _sampling(args),
+                      _reward_args(args.reward_arg), out=args.out, device=args.device, max_prompts=args.max_prompts)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_rewards(args) -> int:
+    from draft.rewards import available
+
+    infos = available()
+    width = max(len(n) for n in infos)
+    for name, info in sorted(infos.items()):
+        needs = f"  [needs: pip install '{info.requires}']" if info.requires else ""
+        print(f"{name:<{width}}  {info.description}{needs}")
+    print("\nAlso: 'module:attr' for your own reward, and sums such as 'brightness:1.0+saturation:0.5'.")
+    return 0
+
+
+def cmd_pretrain_shapes(args) -> int:
+    from draft.models.shapes_pretrain import pretrain
+
+    path = pretrain(Path(args.out), seed=args.seed, device=args.device)
+    print(f"wrote the shapes-sd pipeline to {path}")
+    return 0
+
+
+# --- the parser ------------------------------------------------------------------------------
+
+
+def _add_sampling(p) -> None:
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--lora", action="append", metavar="DIR[:SCALE]",
+                   help="a LoRA folder (or run folder) and its scale; repeat to mix several")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="draft", description="Fine-tune diffusion models on differentiable rewards (DRaFT).")
+    parser.add_argument("--version", action="version", version=f"draft {__import__('draft').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="fine-tune a LoRA (no arguments: the default recipe on shapes-sd)")
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                   help="continue a run from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, do not train")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate images, optionally with LoRAs mixed in")
+    p.add_argument("--model", default="shapes-sd", help="pipeline folder, hub id, or shapes-sd")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="score held-out prompts with fixed seeds; prints and writes JSON")
+    p.add_argument("--model", default="shapes-sd")
+    p.add_argument("--reward", default="shapes-alignment", help="reward spec (see `draft rewards`)")
+    p.add_argument("--reward-arg", action="append", metavar="REWARD.KEY=VALUE", help="an argument for a reward")
+    p.add_argument("--prompts", default="heldout", help="prompt set name, text file, or 'a|b|c'")
+    p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt: 0 .. N-1")
+    p.add_argument("--out", default=None, help="write the JSON here too")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("rewards", help="list the registered rewards")
+    p.set_defaults(func=cmd_rewards)
+
+    p = sub.add_parser("pretrain-shapes", help="rebuild the shipped shapes-sd pipeline from scratch")
+    p.add_argument("--out", default="shapes-sd", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_pretrain_shapes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Library chatter (e.g. transformers' notes about optional backends) is not for CLI users.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

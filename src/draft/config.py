@@ -1,0 +1,343 @@
+"""Training configuration: frozen dataclasses, YAML files and dotted `key=value` overrides.
+
+Every field says what it means, its unit and what it interacts with. Unknown keys and
+values of the wrong type are errors (`UserError`), with the closest valid key suggested.
+Validation lives in one place, `TrainConfig.validate`.
+
+    cfg = load_config("my.yaml", ["method=draft-k", "k=5", "sampling.num_steps=25"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from draft.errors import UserError, did_you_mean, unknown
+
+METHODS = ("draft", "draft-k", "draft-lv", "refl", "alignprop")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    # Number of DDIM steps T per sample. Cost of a training step grows linearly with T
+    # (plus the backward over the gradient window).
+    num_steps: int = 50
+    # Classifier-free guidance scale s; 1 disables guidance (and halves the UNet cost).
+    guidance_scale: float = 7.5
+    # DDIM stochasticity η: 0 is deterministic DDIM, 1 is DDPM-like.
+    eta: float = 0.0
+    # Wrap every gradient-carrying UNet call in torch.utils.checkpoint: memory stays flat
+    # in the gradient window at the cost of one extra forward per step in it.
+    checkpointing: bool = True
+    # Also checkpoint the VAE decode (saves its activations; worth it at high resolution).
+    decode_checkpointing: bool = False
+    # Image size in pixels; 0 means the model's native size.
+    height: int = 0
+    width: int = 0
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    # LoRA rank r (paper: 8 for small runs). Parameter count grows linearly in r.
+    rank: int = 8
+    # LoRA alpha: the update is scaled by alpha / rank. Keep alpha = rank for scale 1.
+    alpha: float = 8.0
+    # Dropout on the LoRA input (0 keeps training deterministic).
+    dropout: float = 0.0
+    # UNet modules that get an adapter: the attention projections by default.
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    # Write a line to metrics.jsonl (and the trackers) every this many optimizer steps.
+    every: int = 1
+    # Save a fixed-seed sample grid every this many steps (step 0 and the last always).
+    sample_every: int = 50
+    # Prompts in the sample grid (taken from the evaluation prompts) and seeds per prompt.
+    sample_prompts: int = 4
+    sample_seeds: int = 2
+    # Save a resumable checkpoint every this many steps (0: only at the end).
+    checkpoint_every: int = 50
+    # How many checkpoints to keep on disk (the newest ones).
+    keep_checkpoints: int = 2
+    # Accelerate trackers to log to ("tensorboard", "wandb", ...); empty for none.
+    trackers: tuple[str, ...] = ("tensorboard",)
+    # Evaluate the reward on this many held-out prompts x 1 seed before and after training
+    # (0 to skip). Uses `eval_prompts`.
+    eval_samples: int = 32
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- what to train ---
+    # A diffusers Stable Diffusion pipeline: a local folder, a hub id, or "shapes-sd" (the
+    # embedded tiny model).
+    model: str = "shapes-sd"
+    # The reward to maximise: a registered name (`draft rewards`), "module:attr", or a
+    # weighted sum such as "aesthetic:1.0+hpsv2:0.5".
+    reward: str = "shapes-alignment"
+    # Keyword arguments for each reward, by reward name, e.g.
+    # reward_args.aesthetic.model=/path/to/weights
+    reward_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Training prompts: a prompt set the model ships ("train", "heldout" on shapes-sd), a
+    # text file with one prompt per line, or several prompts separated by "|".
+    prompts: str = "train"
+    # Prompts for sample grids and the before/after evaluation (same forms as `prompts`).
+    eval_prompts: str = "heldout"
+
+    # --- the method (see `draft.methods`) ---
+    # draft: gradient through all steps; draft-k: the last k steps; draft-lv: k=1 with
+    # lv_n re-noised passes; refl, alignprop: the neighbours on the same loop.
+    method: str = "draft-lv"
+    # DRaFT-K: how many final sampling steps carry gradient (1 <= k <= num_steps).
+    k: int = 1
+    # DRaFT-LV: how many times the final latent is re-noised and denoised with gradient.
+    # Each pass costs one UNet step, one decode and one reward call.
+    lv_n: int = 2
+    # AlignProp: the gradient window K is drawn uniformly from [k_min, k_max] once per
+    # optimizer step (not per sampling step).
+    alignprop_k_min: int = 1
+    alignprop_k_max: int = 10
+    # ReFL: stop at a step index drawn uniformly from [refl_min_step, refl_max_step] (0 is
+    # the first sampling step) and predict x̂_0 from there with one gradient step. -1
+    # means "num_steps - 10" and "num_steps - 1", ImageReward's late-step range.
+    refl_min_step: int = -1
+    refl_max_step: int = -1
+    # DRaFT+: weight of the mean squared difference between the adapted and the base
+    # model's predictions over the gradient-carrying steps (0 disables it).
+    kl_coeff: float = 0.0
+
+    # --- optimisation ---
+    # Optimizer steps to train for.
+    steps: int = 200
+    # Samples per process per micro-batch. The effective batch of one optimizer step is
+    # batch_size x grad_accum x number of processes.
+    batch_size: int = 4
+    # Micro-batches accumulated before each optimizer step.
+    grad_accum: int = 1
+    # AdamW learning rate (paper: 4e-4 with rank-8 LoRA), betas, weight decay.
+    lr: float = 4e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    # Linear warm-up of the learning rate over this many steps, then constant.
+    warmup_steps: int = 0
+    # Clip the global gradient norm to this (0 disables clipping).
+    max_grad_norm: float = 1.0
+    # Mixed precision for the frozen weights and autocast: no, bf16 or fp16. LoRA
+    # parameters and optimizer state stay float32.
+    mixed_precision: str = "no"
+    # Stop after this many consecutive steps with a non-finite reward, loss or gradient
+    # (those steps never touch the weights).
+    max_bad_steps: int = 5
+    # Seed for prompts, noise and LoRA initialisation. Sample j of optimizer step n always
+    # gets the same noise, whatever the batch layout or number of processes.
+    seed: int = 0
+
+    # --- where things go ---
+    # Runs are written to output_dir/name; an empty name means <method>-<date>-<time>.
+    output_dir: str = "runs"
+    name: str = ""
+    # Force the CPU even when an accelerator is present.
+    cpu: bool = False
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> "TrainConfig":
+        """Raise UserError for values that cannot work together; return self."""
+        s = self.sampling
+        if self.method not in METHODS:
+            raise unknown("method", self.method, METHODS)
+        if self.mixed_precision not in PRECISIONS:
+            raise unknown("mixed_precision", self.mixed_precision, PRECISIONS)
+        positive = {
+            "steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+            "sampling.num_steps": s.num_steps, "lv_n": self.lv_n, "k": self.k,
+            "lora.rank": self.lora.rank, "log.every": self.log.every,
+            "log.sample_every": self.log.sample_every, "max_bad_steps": self.max_bad_steps,
+            "log.keep_checkpoints": self.log.keep_checkpoints,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise UserError(f"{key} must be positive, got {value}")
+        nonneg = {
+            "lr": self.lr, "weight_decay": self.weight_decay, "warmup_steps": self.warmup_steps,
+            "max_grad_norm": self.max_grad_norm, "kl_coeff": self.kl_coeff, "sampling.eta": s.eta,
+            "lora.dropout": self.lora.dropout, "log.checkpoint_every": self.log.checkpoint_every,
+            "log.eval_samples": self.log.eval_samples, "sampling.height": s.height, "sampling.width": s.width,
+        }
+        for key, value in nonneg.items():
+            if value < 0:
+                raise UserError(f"{key} must be >= 0, got {value}")
+        # Method-specific knobs are checked only for the method that uses them, so that
+        # e.g. a short sampling.num_steps does not trip over AlignProp's default range.
+        if self.method == "draft-k" and self.k > s.num_steps:
+            raise UserError(f"k={self.k} is larger than sampling.num_steps={s.num_steps}")
+        if self.method == "alignprop" and not 1 <= self.alignprop_k_min <= self.alignprop_k_max <= s.num_steps:
+            raise UserError(
+                f"need 1 <= alignprop_k_min <= alignprop_k_max <= sampling.num_steps, got "
+                f"{self.alignprop_k_min}, {self.alignprop_k_max}, {s.num_steps}"
+            )
+        lo, hi = self.refl_range
+        if self.method == "refl" and not 0 <= lo <= hi < s.num_steps:
+            raise UserError(f"need 0 <= refl_min_step <= refl_max_step < sampling.num_steps, got {lo}, {hi}")
+        if s.height % 8 or s.width % 8:
+            raise UserError(f"sampling.height and sampling.width must be multiples of 8, got {s.height}x{s.width}")
+        if not self.reward or not isinstance(self.reward, str):
+            raise UserError("reward must name a reward (see `draft rewards`)")
+        return self
+
+    @property
+    def refl_range(self) -> tuple[int, int]:
+        """ReFL's stop-step range with the -1 defaults resolved."""
+        t = self.sampling.num_steps
+        lo = self.refl_min_step if self.refl_min_step >= 0 else max(t - 10, 0)
+        hi = self.refl_max_step if self.refl_max_step >= 0 else t - 1
+        return lo, hi
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _plain(value):
+    """Tuples to lists, recursively, so the dict is plain YAML."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --- building a config from YAML and overrides ----------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """A validated TrainConfig from an optional YAML file and `key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml(path)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not of the form key=value")
+        _set_dotted(data, key.strip(), _parse_value(raw))
+    return from_dict(data).validate()
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    return data
+
+
+def _parse_value(raw: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"cannot set {key!r}: {p!r} is not a section")
+    node[last] = value
+
+
+def from_dict(data: dict[str, Any], cls=TrainConfig, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, checking keys and types."""
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise UserError(f"unknown config key {prefix + key!r}{did_you_mean(key, fields)}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str):
+    """Check `value` against the type hint; convert only where it is lossless."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        return from_dict(value, hint, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option, key)
+            except UserError:
+                pass
+        raise UserError(f"{key} has the wrong type: {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads "1e-3" (no dot) as a string, a classic trap in learning rates.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. name=2024 on the command line
+        raise UserError(f"{key} must be a string, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a mapping, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")  # a bug, not user input
+
+
+def dump_yaml(config: TrainConfig, path: Path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,83 @@
+"""Fixed-seed image generation with the training sampler, and `draft sample`.
+
+Image k of a call uses seed `seeds[k]` for its initial noise, drawn exactly as
+`torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed))`, so the same
+(prompt, seed) gives the same image before and after training, here and in a diffusers
+pipeline given those latents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from draft.config import SamplingConfig
+from draft.sampling import Schedule, guided, sample as run_sampler
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device) -> torch.Tensor:
+    """x_T for each seed, drawn on the CPU so it is identical on every device."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    sampling: SamplingConfig = SamplingConfig(),
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Images [N, 3, H, W] in [0, 1] for N (prompt, seed) pairs, batched."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    schedule = Schedule.from_scheduler_config(model.scheduler_config, sampling.num_steps)
+    shape = model.latent_shape(sampling.height, sampling.width)
+    denoise = guided(model.denoise, sampling.guidance_scale)
+    out = []
+    for lo in range(0, len(prompts), batch_size):
+        p, s = list(prompts[lo : lo + batch_size]), list(seeds[lo : lo + batch_size])
+        cond = model.conditioning(p, sampling.guidance_scale != 1)
+        x = initial_noise(s, shape, model.device)
+        step_noise = None
+        if sampling.eta > 0:
+            # Stochastic DDIM: step noise continues each image's own stream.
+            gens = [torch.Generator().manual_seed(int(seed) + 1) for seed in s]
+            step_noise = lambda i: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(x.device)  # noqa: E731
+        x0 = run_sampler(denoise, x, schedule, cond, eta=sampling.eta, step_noise=step_noise)
+        out.append(model.decode(x0).float().cpu())
+    return torch.cat(out)
+
+
+def sample(
+    model: str = "shapes-sd",
+    prompts: Sequence[str] = ("a small red circle on a blue background",),
+    loras: Sequence[tuple[str, float]] = (),
+    seed: int = 0,
+    num_images: int = 1,
+    sampling: SamplingConfig = SamplingConfig(),
+    out: str | Path | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Generate `num_images` images per prompt (seeds seed, seed+1, ...) with LoRAs mixed in.
+
+    `loras` is a list of (folder, scale). Returns the images; with `out`, also writes one
+    PNG per image named `<index>-<seed>.png` and a `grid.png`.
+    """
+    from draft.lora import load_loras
+    from draft.models import load_model
+    from draft.report import save_grid, save_images
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    m = load_model(model, device=device)
+    load_loras(m.unet, list(loras))
+    all_prompts = [p for p in prompts for _ in range(num_images)]
+    seeds = [seed + j for _ in prompts for j in range(num_images)]
+    images = generate(m, all_prompts, seeds, sampling)
+    if out is not None:
+        out = Path(out)
+        save_images(images, out, [f"{k:03d}-{s}" for k, s in enumerate(seeds)])
+        save_grid(images, out / "grid.png", ncol=num_images)
+    return images

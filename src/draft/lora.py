@@ -1,0 +1,171 @@
+"""LoRA through peft: add, save and load in diffusers format, scale and mix.
+
+The saved adapter is exactly what diffusers writes (`pytorch_lora_weights.safetensors`
+with "unet."-prefixed keys and the LoRA config as metadata), so
+`pipe.load_lora_weights(run_dir / "lora")` works in plain diffusers and the file loads in
+other tools that read diffusers LoRAs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from draft.config import LoraConfig
+from draft.errors import UserError
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+TRAIN_ADAPTER = "default"  # peft's default name, which diffusers' save helpers expect
+
+
+def add_lora(unet: torch.nn.Module, cfg: LoraConfig, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Add a trainable LoRA (B = 0, so the model is unchanged at first); return its parameters.
+
+    Base weights are frozen; LoRA parameters are float32 whatever the base dtype, so the
+    optimizer works in full precision under mixed-precision training.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+
+    unet.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the A matrices' init, identical on every process
+        try:
+            unet.add_adapter(
+                PeftLoraConfig(
+                    r=cfg.rank,
+                    lora_alpha=cfg.alpha,
+                    lora_dropout=cfg.dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=list(cfg.target_modules),
+                ),
+                adapter_name=TRAIN_ADAPTER,
+            )
+        except ValueError as e:
+            raise UserError(f"cannot add LoRA with lora.target_modules={list(cfg.target_modules)}: {e}") from None
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def adapter_state_dict(unet: torch.nn.Module, adapter: str = TRAIN_ADAPTER) -> dict[str, torch.Tensor]:
+    """The adapter's weights with peft's key names (for checkpoints)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter).items()}
+
+
+def load_adapter_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor], adapter: str = TRAIN_ADAPTER) -> None:
+    """Copy checkpointed weights into the existing adapter, in place (optimizer state stays valid)."""
+    from peft.utils import get_peft_model_state_dict
+
+    current = get_peft_model_state_dict(unet, adapter_name=adapter)
+    if set(current) != set(state) or any(current[k].shape != state[k].shape for k in state):
+        raise UserError("the checkpoint's adapter does not match this model and lora config")
+    # get_peft_model_state_dict returns the live parameters (keys without the adapter
+    # name), so copying into them updates the model.
+    with torch.no_grad():
+        for k, v in state.items():
+            current[k].copy_(v)
+
+
+def save_lora(unet: torch.nn.Module, directory: str | Path, adapter: str = TRAIN_ADAPTER) -> Path:
+    """Write the adapter in diffusers format to directory/pytorch_lora_weights.safetensors."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    layers = convert_state_dict_to_diffusers(adapter_state_dict(unet, adapter))
+    StableDiffusionPipeline.save_lora_weights(
+        directory,
+        unet_lora_layers=layers,
+        unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict(),
+        safe_serialization=True,
+    )
+    return Path(directory) / WEIGHT_NAME
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """'DIR' or 'DIR:SCALE' -> (DIR, SCALE); a run folder stands for its lora/ subfolder."""
+    path, scale = arg, 1.0
+    head, sep, tail = arg.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            pass  # a ':' that is part of the path
+    return path, scale
+
+
+def lora_file(path: str | Path) -> Path:
+    """The safetensors file of a LoRA given as a file, a LoRA folder or a run folder."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "lora" / WEIGHT_NAME).is_file():
+        p = p / "lora"
+    if p.is_dir():
+        if (p / WEIGHT_NAME).is_file():
+            return p / WEIGHT_NAME
+        found = sorted(p.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        pickled = sorted(p.glob("*.bin")) + sorted(p.glob("*.pt")) + sorted(p.glob("*.pth"))
+        if pickled:
+            raise UserError(f"{p} holds only pickled weights ({pickled[0].name}); draft loads safetensors only")
+        raise UserError(f"no LoRA weights in {p} (expected {WEIGHT_NAME})")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise UserError(f"{p} is not a safetensors file; draft loads safetensors only")
+        return p
+    raise UserError(f"LoRA {str(path)!r} not found")
+
+
+def load_loras(unet: torch.nn.Module, loras: list[tuple[str, float]]) -> list[str]:
+    """Load several LoRAs as named adapters and activate them with their scales.
+
+    Scale 0 reproduces the base model exactly, 1 the trained adapter, and scales above 1
+    extrapolate along it. Returns the adapter names.
+    """
+    names = []
+    for i, (path, _) in enumerate(loras):
+        file = lora_file(path)
+        name = f"lora{i}"
+        _check_lora_matches(unet, file)
+        try:
+            unet.load_lora_adapter(str(file.parent), weight_name=file.name, prefix="unet", adapter_name=name)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise UserError(f"LoRA {path!r} does not fit this model: {str(e).splitlines()[0]}") from None
+        names.append(name)
+    if names:
+        unet.set_adapters(names, [float(scale) for _, scale in loras])
+    return names
+
+
+def _check_lora_matches(unet: torch.nn.Module, file: Path) -> None:
+    """Refuse a LoRA whose layers are absent from this UNet or have other shapes.
+
+    diffusers only warns about unexpected keys and would otherwise load nothing silently.
+    """
+    from safetensors import safe_open
+
+    modules = dict(unet.named_modules())
+    with safe_open(str(file), framework="pt") as f:
+        keys = [k for k in f.keys() if k.startswith("unet.")]
+        if not keys:
+            raise UserError(f"{file} holds no UNet LoRA weights (keys must start with 'unet.')")
+        for key in keys:
+            name = key[len("unet.") :]
+            for marker in (".lora.down.weight", ".lora.up.weight", ".lora_A.weight", ".lora_B.weight"):
+                if name.endswith(marker):
+                    base_name = name[: -len(marker)]
+                    break
+            else:
+                continue  # alphas and other extras
+            base = modules.get(base_name)
+            base = getattr(base, "base_layer", base)
+            if base is None or not hasattr(base, "weight"):
+                raise UserError(f"LoRA {file} does not fit this model: it has no layer {base_name!r}")
+            shape = f.get_slice(key).get_shape()
+            need = base.weight.shape[1] if ("down" in marker or "_A" in marker) else base.weight.shape[0]
+            got = shape[1] if ("down" in marker or "_A" in marker) else shape[0]
+            if got != need:
+                raise UserError(f"LoRA {file} does not fit this model: layer {base_name!r} has other dimensions")

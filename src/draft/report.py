@@ -1,0 +1,98 @@
+"""Pictures of a run: image grids and metric plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def save_images(images: torch.Tensor, folder: Path, names: Sequence[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for image, name in zip(images, names):
+        to_pil(image).save(folder / f"{name}.png")
+
+
+def grid(images: torch.Tensor, ncol: int, pad: int = 2, upscale: int = 0) -> torch.Tensor:
+    """Tile [N,3,H,W] images into one [3, H', W'] image, row-major, with a white border.
+
+    Tiny images are enlarged by an integer factor (nearest neighbour) so they can be seen.
+    """
+    n, c, h, w = images.shape
+    if upscale == 0:
+        upscale = max(1, 128 // max(h, w))
+    if upscale > 1:
+        images = images.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
+        h, w = h * upscale, w * upscale
+    nrow = math.ceil(n / ncol)
+    out = torch.ones(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
+    for k, image in enumerate(images):
+        r, col = divmod(k, ncol)
+        out[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = image
+    return out
+
+
+def save_grid(images: torch.Tensor, path: Path, ncol: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(grid(images.float().cpu(), ncol)).save(path)
+    return path
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:
+    """reward.png (mean ± std against steps) and training.png (loss, grad norm, lr)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(metrics_file) if "reward_mean" in r]
+    if not rows:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    step = np.array([r["step"] for r in rows])
+    mean = np.array([r["reward_mean"] for r in rows])
+    std = np.array([r["reward_std"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(step, mean, label="reward (batch mean)")
+    ax.fill_between(step, mean - std, mean + std, alpha=0.2, label="± batch std")
+    if len(mean) >= 10:
+        k = max(len(mean) // 20, 2)
+        smooth = np.convolve(mean, np.ones(k) / k, mode="valid")
+        ax.plot(step[k - 1 :], smooth, label=f"running mean ({k} steps)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths = [out_dir / "reward.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, key in zip(axes, ("loss", "grad_norm", "lr")):
+        ax.plot(step, [r.get(key, np.nan) for r in rows])
+        ax.set_title(key)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / "training.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,388 @@
+"""The training loop, on Accelerate. Read it top to bottom:
+
+1. check the config and the run folder, set up Accelerate;
+2. load the model, the reward and the prompts; add LoRA; build the optimizer;
+3. try the reward on the first sample grid (bad rewards fail here, before any file is written);
+4. create the run folder, evaluate the base model, and loop: each optimizer step draws
+   prompts and per-sample noise from (seed, step), accumulates the method's loss over
+   micro-batches, clips, skips the update if anything is non-finite, steps, logs;
+5. save the LoRA, the last checkpoint, the after-grid, the evaluation and the plots.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from draft import checkpoint as ckpt
+from draft.config import TrainConfig, dump_yaml
+from draft.errors import TrainingStopped, UserError
+from draft.runs import RunFolder
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    reward: Callable | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Fine-tune `config.model` on `config.reward` (or the `reward` callable); return the run folder."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+
+    config = (config or TrainConfig()).validate()
+    if reward is not None:
+        config = config.replace(reward=f"python:{getattr(reward, '__qualname__', type(reward).__name__)}")
+    state = PartialState(cpu=config.cpu)
+    name = [config.name or f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    broadcast_object_list(name)  # every process writes to the same folder name
+    run = RunFolder(Path(config.output_dir) / name[0])
+    run.check_usable(resume, overwrite)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=config.cpu,
+        log_with=list(config.log.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.logs)),
+    )
+    main = state.is_main_process
+    t = Trainer(config, accelerator, run, reward)
+    if resume:
+        t.restore(ckpt.latest(run.checkpoints))
+    first_grid = t.sample_grid()  # also checks the reward on real images
+    if main:
+        if not resume:
+            run.create(overwrite)
+        dump_yaml(config, run.config)
+    accelerator.wait_for_everyone()
+    accelerator.init_trackers(name[0], config=_flat_hparams(config.to_dict()))
+    t.start(first_grid, fresh=not resume)
+    try:
+        t.loop(progress and main)
+    finally:
+        accelerator.end_training()
+    t.finish()
+    return run.root
+
+
+class Trainer:
+    """The state of one run; `train` above is the order things happen in."""
+
+    def __init__(self, config: TrainConfig, accelerator, run: RunFolder, reward_fn: Callable | None):
+        from draft import rewards
+        from draft.lora import add_lora
+        from draft.methods import METHODS, Loop
+        from draft.models import load_model
+        from draft.prompts import load_prompts
+        from draft.sampling import Schedule
+
+        self.config, self.acc, self.run = config, accelerator, run
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
+        self.model = load_model(config.model, device=accelerator.device, dtype=dtype)
+        self.reward = rewards.from_config(reward_fn or config.reward, config.reward_args).to(accelerator.device)
+        self.prompts = load_prompts(config.prompts, config.model)
+        self.eval_prompts = load_prompts(config.eval_prompts, config.model)
+        self.params = add_lora(self.model.unet, config.lora, seed=config.seed)
+        self.raw_unet = self.model.unet
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
+        )
+        warmup = config.warmup_steps
+        # Not prepared by Accelerate, which would step it once per process per step.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        self.model.unet, self.optimizer = accelerator.prepare(self.model.unet, self.optimizer)
+        s = config.sampling
+        self.schedule = Schedule.from_scheduler_config(self.model.scheduler_config, s.num_steps)
+        self.loop_ = Loop(self.model, self.reward, self.schedule, s.guidance_scale, s.eta, s.checkpointing,
+                          s.decode_checkpointing, config.kl_coeff)
+        self.method = METHODS[config.method]
+        self.latent_shape = self.model.latent_shape(s.height, s.width)
+        self.step, self.queries, self.train_time, self.bad_total, self.bad_run = 0, 0, 0.0, 0, 0
+        self.eval_before: dict | None = None
+
+    # --- derived numbers ---
+
+    @property
+    def samples_per_step(self) -> int:
+        c = self.config
+        return c.batch_size * c.grad_accum * self.acc.num_processes
+
+    def describe(self) -> str:
+        c, n = self.config, sum(p.numel() for p in self.params)
+        per_sample = c.lv_n if c.method == "draft-lv" else 1
+        lines = [
+            f"model {c.model} ({self.model.resolution}px, latent {self.latent_shape}), reward {c.reward}, method {c.method}",
+            f"effective batch {self.samples_per_step} = {c.batch_size} x {c.grad_accum} accumulation x "
+            f"{self.acc.num_processes} process(es); reward queries per step {self.samples_per_step * per_sample}",
+            f"{c.steps} steps, {c.sampling.num_steps} sampling steps, guidance {c.sampling.guidance_scale}, "
+            f"LoRA rank {c.lora.rank} ({n:,} trainable parameters), lr {c.lr}, device {self.acc.device}, "
+            f"precision {c.mixed_precision}",
+        ]
+        return "\n".join(lines)
+
+    # --- the first things a run does ---
+
+    def restore(self, folder: Path | None) -> None:
+        from draft.lora import load_adapter_state_dict
+
+        if folder is None:
+            raise UserError(f"nothing to resume: {self.run.checkpoints} holds no complete checkpoint")
+        state = ckpt.load(folder)
+        load_adapter_state_dict(self.raw_unet, state["adapter"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"checkpoint {folder} does not match this config's optimizer: {e}") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] is not None and self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng(state["rng"])
+        tr = state["trainer"]
+        self.step, self.queries, self.train_time = state["step"], tr["queries"], tr["train_time"]
+        self.bad_total, self.eval_before = tr["bad_total"], tr.get("eval_before")
+
+    def sample_grid(self) -> torch.Tensor | None:
+        """The fixed-seed grid at the current step (main process), checking the reward on it."""
+        from draft.inference import generate
+
+        if not self.acc.is_main_process:
+            return None
+        lg = self.config.log
+        prompts = [p for p in self.eval_prompts[: lg.sample_prompts] for _ in range(lg.sample_seeds)]
+        seeds = [s for _ in self.eval_prompts[: lg.sample_prompts] for s in range(lg.sample_seeds)]
+        with self._unwrapped():
+            images = generate(self.model, prompts, seeds, self.config.sampling)
+        self._check_reward(images[: max(2, lg.sample_seeds)], prompts[: max(2, lg.sample_seeds)])
+        return images
+
+    def _check_reward(self, images: torch.Tensor, prompts: list[str]) -> None:
+        name = self.config.reward
+        try:
+            with torch.no_grad():
+                r = self.reward(images.to(self.acc.device), prompts)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise UserError(f"reward {name!r} failed on a test batch: {str(e).splitlines()[0]}") from None
+        if not torch.isfinite(r).all():
+            raise UserError(f"reward {name!r} returned non-finite values on a test batch: {r.tolist()}")
+
+    def start(self, first_grid: torch.Tensor | None, fresh: bool) -> None:
+        from draft.report import save_grid
+
+        if self.acc.is_main_process:
+            print(self.describe(), flush=True)
+            if fresh:
+                save_grid(first_grid, self.run.samples / f"step-{0:08d}.png", self.config.log.sample_seeds)
+                self.eval_before = self.evaluate()
+                print(f"before: {_summary(self.eval_before)}", flush=True)
+            else:
+                print(f"resuming {self.run.root} at step {self.step}", flush=True)
+                self.run.truncate_metrics(self.step)
+        self.acc.wait_for_everyone()
+
+    # --- the loop ---
+
+    def loop(self, show_progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        bar = tqdm(total=c.steps, initial=self.step, disable=not show_progress, desc="train", dynamic_ncols=True)
+        while self.step < c.steps:
+            row = self.optimizer_step()
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward_mean']:.4g}", loss=f"{row['loss']:.4g}")
+            if self.step % c.log.every == 0 or self.step == c.steps:
+                self.log(row)
+            if self.bad_run >= c.max_bad_steps:
+                raise TrainingStopped(
+                    f"stopped at step {self.step}: {self.bad_run} consecutive steps with a non-finite "
+                    f"{row['skipped']}; the weights were not updated by them and the last good checkpoint "
+                    f"is in {self.run.checkpoints}"
+                )
+            if self.step % c.log.sample_every == 0 and self.step < c.steps:
+                self.save_grid()
+            self.checkpoint_if_due(force=False)
+        bar.close()
+
+    def optimizer_step(self) -> dict:
+        """One optimizer step: grad_accum micro-batches, clip, guard, update."""
+        c, acc = self.config, self.acc
+        t0 = time.perf_counter()
+        outs = []
+        for micro in range(c.grad_accum):
+            batch = self.make_batch(micro)
+            with acc.accumulate(self.model.unet):
+                with acc.autocast():
+                    out = self.method(self.loop_, batch, c)
+                acc.backward(out.loss)
+            outs.append(out)
+        rewards = acc.gather(torch.cat([o.rewards.float() for o in outs]))
+        loss = acc.gather(torch.stack([o.loss.detach().float() for o in outs]).mean().reshape(1)).mean()
+        grad_norm = acc.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
+        bad = self._non_finite(rewards, loss, grad_norm)
+        if bad is None or (bad == "gradient" and acc.scaler is not None):
+            # With fp16 an overflowing gradient is the loss scaler's business: its step
+            # skips the update and lowers the scale.
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.bad_run = self.bad_run + 1 if bad else 0
+        self.bad_total += bool(bad)
+        self.queries += int(sum(o.queries for o in outs)) * acc.num_processes
+        self.train_time += time.perf_counter() - t0
+        stats = {k: float(np.mean([o.stats[k] for o in outs])) for k in outs[0].stats}
+        return {
+            "step": self.step + 1, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+            "loss": float(loss), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+            "time": round(self.train_time, 3), "reward_queries": self.queries, "skipped_steps": self.bad_total,
+            "skipped": bad, **stats,
+        }
+
+    @staticmethod
+    def _non_finite(rewards, loss, grad_norm) -> str | None:
+        """What was non-finite this step, if anything (the same answer on every process)."""
+        if not torch.isfinite(rewards).all():
+            return "reward"
+        if not torch.isfinite(loss):
+            return "loss"
+        if not torch.isfinite(torch.as_tensor(grad_norm)):
+            return "gradient"
+        return None
+
+    def make_batch(self, micro: int):
+        """Prompts and noise for this process's micro-batch of the current optimizer step.
+
+        Global sample j of step n gets prompt and noise from (seed, n, j) alone, so any split
+        into micro-batches and processes trains on the same samples.
+        """
+        from draft.methods import Batch, SampleNoise, sample_seed
+
+        c, acc = self.config, self.acc
+        rng = np.random.default_rng([c.seed, self.step])
+        picks = rng.integers(0, len(self.prompts), size=self.samples_per_step)
+        first = (micro * acc.num_processes + acc.process_index) * c.batch_size
+        idx = range(first, first + c.batch_size)
+        noise = SampleNoise([sample_seed(c.seed, self.step, j) for j in idx], self.latent_shape, acc.device)
+        return Batch([self.prompts[picks[j]] for j in idx], noise, np.random.default_rng([c.seed, self.step, 1]))
+
+    # --- outputs ---
+
+    def log(self, row: dict) -> None:
+        if self.acc.is_main_process:
+            self.run.append_metrics(row)
+        self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
+
+    def save_grid(self) -> torch.Tensor | None:
+        from draft.report import save_grid
+
+        images = self.sample_grid()
+        if images is not None:
+            save_grid(images, self.run.samples / f"step-{self.step:08d}.png", self.config.log.sample_seeds)
+        self.acc.wait_for_everyone()
+        return images
+
+    def checkpoint_if_due(self, force: bool) -> None:
+        every = self.config.log.checkpoint_every
+        if not (force or (every and self.step % every == 0)):
+            return
+        if self.acc.is_main_process:
+            from draft.lora import adapter_state_dict
+
+            trainer = {"queries": self.queries, "train_time": self.train_time, "bad_total": self.bad_total,
+                       "eval_before": self.eval_before}
+            ckpt.save(self.run.checkpoints, self.step, adapter_state_dict(self.raw_unet), self.optimizer,
+                      self.scheduler, self.acc.scaler, trainer, self.config.log.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
+    def evaluate(self) -> dict | None:
+        """Reward (and model metrics) on `log.eval_samples` held-out prompts, one fixed seed each."""
+        from draft.evaluation import score
+        from draft.inference import generate
+
+        n = self.config.log.eval_samples
+        if n == 0 or not self.acc.is_main_process:
+            return None
+        # Cycle through the prompts, so each appears with several seeds (for diversity).
+        groups = [k % len(self.eval_prompts) for k in range(n)]
+        prompts = [self.eval_prompts[g] for g in groups]
+        seeds = [10_000 + k for k in range(n)]
+        with self._unwrapped():
+            images = generate(self.model, prompts, seeds, self.config.sampling)
+        return score(images, prompts, groups, self.reward, self.config.model, self.acc.device)
+
+    def finish(self) -> None:
+        from draft.lora import save_lora
+        from draft.report import plot_metrics, save_grid
+        import json
+
+        if ckpt.latest(self.run.checkpoints) != ckpt.step_dir(self.run.checkpoints, self.step):
+            self.checkpoint_if_due(force=True)
+        after = self.save_grid()
+        if not self.acc.is_main_process:
+            return
+        save_lora(self.raw_unet, self.run.lora)
+        eval_after = self.evaluate()
+        before = self.run.samples / f"step-{0:08d}.png"
+        if before.is_file() and after is not None:
+            _save_before_after(before, after, self.run.report / "before_after.png", self.config.log.sample_seeds)
+        (self.run.report / "eval.json").write_text(json.dumps({"before": self.eval_before, "after": eval_after}, indent=2))
+        plot_metrics(self.run.metrics, self.run.report)
+        if self.eval_before:
+            print(f"before: {_summary(self.eval_before)}")
+        if eval_after:
+            print(f"after:  {_summary(eval_after)}")
+        print(f"run folder: {self.run.root}  (LoRA: {self.run.lora})", flush=True)
+
+    def _unwrapped(self):
+        """Sample with the bare UNet (no distributed wrapper, so no collectives) on one process."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def swap():
+            wrapped, self.model.unet = self.model.unet, self.raw_unet
+            try:
+                yield
+            finally:
+                self.model.unet = wrapped
+
+        return swap()
+
+
+def _save_before_after(before_png: Path, after: torch.Tensor, path: Path, ncol: int) -> None:
+    """before (top) and after (bottom) grids for the same prompts and seeds, stacked."""
+    from PIL import Image
+
+    from draft.report import grid, to_pil
+
+    top = Image.open(before_png)
+    bottom = to_pil(grid(after.float(), ncol))
+    canvas = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), "white")
+    canvas.paste(top, (0, 0))
+    canvas.paste(bottom, (0, top.height))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def _summary(result: dict) -> str:
+    keys = [k for k in result if k not in ("n",)]
+    return ", ".join(f"{k} {result[k]:.4g}" if isinstance(result[k], float) else f"{k} {result[k]}" for k in keys)
+
+
+def _flat_hparams(d: dict, prefix: str = "") -> dict:
+    """Config as flat scalars for the trackers' hyper-parameter tables."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_hparams(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[prefix + k] = v
+        else:
+            out[prefix + k] = str(v)
+    return out

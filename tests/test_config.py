@@ -1,0 +1,69 @@
+"""Configs: YAML, dotted overrides, type checks, validation."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from draft.config import TrainConfig, dump_yaml, load_config
+from draft.errors import UserError
+
+
+def test_defaults_are_the_documented_recipe():
+    c = load_config()
+    assert (c.model, c.reward, c.method, c.prompts) == ("shapes-sd", "shapes-alignment", "draft-lv", "train")
+    assert (c.lora.rank, c.lr, c.batch_size, c.lv_n) == (8, 4e-4, 4, 2)
+    assert c.sampling.num_steps == 50 and c.sampling.eta == 0.0
+
+
+def test_yaml_and_overrides_compose(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("method: draft-k\nk: 3\nsampling:\n  num_steps: 20\nlora:\n  target_modules: [to_q, to_v]\n")
+    c = load_config(f, ["k=5", "sampling.guidance_scale=4", "lr=1e-3", "reward_args.aesthetic.model=/x",
+                        "lora.target_modules=to_k,to_out.0"])
+    assert (c.method, c.k, c.sampling.num_steps, c.sampling.guidance_scale, c.lr) == ("draft-k", 5, 20, 4.0, 1e-3)
+    assert c.reward_args == {"aesthetic": {"model": "/x"}}
+    assert c.lora.target_modules == ("to_k", "to_out.0")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    c = load_config(None, ["method=alignprop", "alignprop_k_max=7", "log.trackers=[]"])
+    dump_yaml(c, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == c
+    assert isinstance(yaml.safe_load((tmp_path / "config.yaml").read_text()), dict)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["lerning_rate=1"], "unknown config key 'lerning_rate'"),
+        (["sampling.num_step=3"], "did you mean 'num_steps'"),
+        (["steps=abc"], "steps must be an integer"),
+        (["lr=fast"], "lr must be a number"),
+        (["sampling.checkpointing=maybe"], "must be true or false"),
+        (["steps=0"], "steps must be positive"),
+        (["sampling.num_steps=-5"], "must be positive"),
+        (["method=draft-k", "k=80"], "k=80 is larger than sampling.num_steps=50"),
+        (["method=drft-lv"], "did you mean 'draft-lv'"),
+        (["mixed_precision=fp8"], "unknown mixed_precision"),
+        (["steps"], "not of the form key=value"),
+        (["sampling=3"], "sampling must be a mapping"),
+        (["method=alignprop", "alignprop_k_min=9", "alignprop_k_max=3"], "alignprop_k_min"),
+        (["sampling.height=100"], "multiples of 8"),
+    ],
+)
+def test_bad_values_are_user_errors(overrides, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)
+
+
+def test_method_knobs_are_checked_only_for_their_method():
+    # AlignProp's default k_max (10) exceeds a 5-step sampler, but draft-lv does not use it.
+    assert load_config(None, ["sampling.num_steps=5"]).method == "draft-lv"
+    with pytest.raises(UserError):
+        load_config(None, ["sampling.num_steps=5", "method=alignprop"])
+
+
+def test_config_is_frozen():
+    with pytest.raises(Exception):
+        TrainConfig().steps = 3  # type: ignore[misc]
