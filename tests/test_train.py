@@ -85,7 +85,9 @@ def test_batch_of_b_equals_two_accumulated_batches_of_b_over_2(tiny_sd, tmp_path
     (g1, row1, p1), (g2, row2, p2) = grads
     assert g1.abs().sum() > 0
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-10)
-    torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-7)
+    # Adam divides by sqrt(v): entries whose gradient is ~0 amplify round-off, so the
+    # parameters agree to a small fraction of one step (lr = 1e-2) rather than to 1e-7.
+    torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-5)
     assert row1["reward_mean"] == pytest.approx(row2["reward_mean"], rel=1e-6)
     assert row1["reward_queries"] == row2["reward_queries"] == 8  # 4 samples x lv_n=2
 

@@ -32,7 +32,10 @@ class SamplingConfig:
     # DDIM stochasticity η: 0 is deterministic DDIM, 1 is DDPM-like.
     eta: float = 0.0
     # Wrap every gradient-carrying UNet call in torch.utils.checkpoint: memory stays flat
-    # in the gradient window at the cost of one extra forward per step in it.
+    # in the gradient window at the cost of one extra forward per step in it. Even with a
+    # one-step window (DRaFT-1, DRaFT-LV) it keeps the UNet's activations from sitting in
+    # memory beside the VAE decoder's and the reward's (28.6 -> 19.9 GB for SD 1.5 at
+    # batch 4, see BENCHMARKS.md); turn it off when memory is plentiful and time is not.
     checkpointing: bool = True
     # Also checkpoint the VAE decode (saves its activations; worth it at high resolution).
     decode_checkpointing: bool = False

@@ -65,7 +65,7 @@ class Loop:
     schedule: Schedule
     guidance_scale: float = 7.5
     eta: float = 0.0
-    use_checkpoint: bool = True  # checkpoint gradient steps when the window has more than one
+    use_checkpoint: bool = True  # checkpoint every gradient-carrying UNet call
     decode_checkpoint: bool = False
     kl_coeff: float = 0.0
 
@@ -89,11 +89,8 @@ class Loop:
 
         copies = x.shape[0] // len(noise.generators)
         step_noise = lambda i: torch.cat([noise.draw() for _ in range(copies)])  # noqa: E731
-        # A window of one step holds no other step's activations, so checkpointing it would
-        # only cost an extra forward.
-        ckpt = self.use_checkpoint and len(grad_steps) > 1
-        return sample(denoise, x, self.schedule, cond, steps=steps, grad_steps=grad_steps, use_checkpoint=ckpt,
-                      eta=self.eta, step_noise=step_noise, on_step=on_step)
+        return sample(denoise, x, self.schedule, cond, steps=steps, grad_steps=grad_steps,
+                      use_checkpoint=self.use_checkpoint, eta=self.eta, step_noise=step_noise, on_step=on_step)
 
     def _drift(self, denoise, x_t, i, cond, out) -> torch.Tensor:
         """DRaFT+: ||f_adapted(x_t) - f_base(x_t)||² for one step, the base with LoRA off."""
