@@ -55,6 +55,21 @@ _REGISTRY: dict[str, RewardInfo] = {
             "Hasler-Suesstrunk colourfulness of the opponent colour channels, about [0, 1]",
         ),
         # --- further rewards are registered below this line ---
+        # Learned reward models (docs/rewards.md); each needs weights the user points at.
+        RewardInfo("aesthetic", "draft.rewards.aesthetic:Aesthetic",
+                   "LAION aesthetic predictor (CLIP ViT-L/14 + MLP head), about 1-10; needs model=HEAD.safetensors"),
+        RewardInfo("hpsv2", "draft.rewards.hps:HPSv2",
+                   "Human Preference Score v2/v2.1 (ViT-H-14), cosine about 0.2-0.35; needs model=HPS.safetensors"),
+        RewardInfo("pickscore", "draft.rewards.clip:PickScore",
+                   "PickScore v1 human-preference CLIP, logit_scale * cosine, about 18-24"),
+        RewardInfo("imagereward", "draft.rewards.imagereward:ImageReward",
+                   "ImageReward v1.0 (BLIP) preference score, about -2..2; needs model=ImageReward.safetensors"),
+        RewardInfo("clipscore", "draft.rewards.clip:ClipScore",
+                   "CLIP-S = 2.5 * max(cos(image, prompt), 0) with any Hugging Face CLIP model"),
+        RewardInfo("detection", "draft.rewards.detection:Detection",
+                   "OWL-ViT/OWLv2 max detection confidence of a text query, in [0, 1]; mode=remove negates"),
+        RewardInfo("classifier", "draft.rewards.classifier:Classifier",
+                   "log-probability of target=CLASS under a Hugging Face image classifier, <= 0"),
     ]
 }
 
