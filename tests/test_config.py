@@ -67,3 +67,12 @@ def test_method_knobs_are_checked_only_for_their_method():
 def test_config_is_frozen():
     with pytest.raises(Exception):
         TrainConfig().steps = 3  # type: ignore[misc]
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)
