@@ -86,8 +86,10 @@ def save(root: Path, step: int, adapter: dict, optimizer, scheduler, scaler, tra
     """Write checkpoint `step` atomically; keep only the newest `keep` checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
+    # Only one process writes checkpoints, so any other temporary folder is a crash's leftover.
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter.safetensors")
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())

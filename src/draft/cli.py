@@ -59,6 +59,9 @@ def cmd_train(args) -> int:
             config_file = item
         else:
             raise UserError(f"unexpected argument {item!r}: give one CONFIG.yaml and key=value overrides")
+    if args.resume and "=" in args.resume:  # `--resume steps=10`: an override, not a run folder
+        overrides.append(args.resume)
+        args.resume = ""
     resume = args.resume is not None
     if resume and args.resume != "":
         # `--resume RUN_DIR`: the run's own config, then any file and overrides on top.
@@ -225,7 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, rest = parser.parse_known_args(argv)
+        # `draft train --resume RUN steps=10`: overrides may follow the options too.
+        if rest and args.command == "train" and not any(r.startswith("-") for r in rest):
+            args.items += rest
+        elif rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -96,12 +96,12 @@ def evaluate(
     from draft.prompts import load_prompts
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    r = rewards.from_config(reward, reward_args).to(device)
     prompt_list = load_prompts(prompts, model)
     if max_prompts:
         prompt_list = prompt_list[:max_prompts]
     m = load_model(model, device=device)
     load_loras(m.unet, list(loras))
-    r = rewards.from_config(reward, reward_args).to(device)
     all_prompts = [p for p in prompt_list for _ in range(seeds)]
     all_seeds = [s for _ in prompt_list for s in range(seeds)]
     groups = [g for g in range(len(prompt_list)) for _ in range(seeds)]

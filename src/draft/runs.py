@@ -82,7 +82,13 @@ class RunFolder:
         """Drop metric lines after `last_step` (a resume restarts from that step's checkpoint)."""
         if not self.metrics.is_file():
             return
-        keep = [line for line in self.metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        keep = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line torn by a crash mid-write
         tmp = self.metrics.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.metrics)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +41,10 @@ def train(
     config = (config or TrainConfig()).validate()
     if reward is not None:
         config = config.replace(reward=f"python:{getattr(reward, '__qualname__', type(reward).__name__)}")
-    state = PartialState(cpu=config.cpu)
+    # Processes launched without GPUs (accelerate launch / torchrun on a CPU machine) train
+    # together on the CPU through gloo; Accelerate only does that when told "cpu".
+    cpu = config.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    state = PartialState(cpu=cpu)
     name = [config.name or f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"]
     broadcast_object_list(name)  # every process writes to the same folder name
     run = RunFolder(Path(config.output_dir) / name[0])
@@ -48,27 +52,28 @@ def train(
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
-        cpu=config.cpu,
+        cpu=cpu,
         log_with=list(config.log.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.logs)),
     )
     main = state.is_main_process
     t = Trainer(config, accelerator, run, reward)
-    if resume:
-        t.restore(ckpt.latest(run.checkpoints))
+    latest = ckpt.latest(run.checkpoints) if resume else None
+    if latest is not None:
+        t.restore(latest)
     first_grid = t.sample_grid()  # also checks the reward on real images
     if main:
-        if not resume:
-            run.create(overwrite)
+        run.create(overwrite and not resume)
         dump_yaml(config, run.config)
     accelerator.wait_for_everyone()
     accelerator.init_trackers(name[0], config=_flat_hparams(config.to_dict()))
-    t.start(first_grid, fresh=not resume)
+    # A run killed before its first checkpoint resumes from the start.
+    t.start(first_grid, fresh=latest is None)
     try:
         t.loop(progress and main)
+        t.finish()
     finally:
-        accelerator.end_training()
-    t.finish()
+        accelerator.end_training()  # closes the trackers and the process group
     return run.root
 
 
@@ -129,11 +134,9 @@ class Trainer:
 
     # --- the first things a run does ---
 
-    def restore(self, folder: Path | None) -> None:
+    def restore(self, folder: Path) -> None:
         from draft.lora import load_adapter_state_dict
 
-        if folder is None:
-            raise UserError(f"nothing to resume: {self.run.checkpoints} holds no complete checkpoint")
         state = ckpt.load(folder)
         load_adapter_state_dict(self.raw_unet, state["adapter"])
         try:
@@ -178,9 +181,11 @@ class Trainer:
         if self.acc.is_main_process:
             print(self.describe(), flush=True)
             if fresh:
+                self.run.truncate_metrics(0)
                 save_grid(first_grid, self.run.samples / f"step-{0:08d}.png", self.config.log.sample_seeds)
                 self.eval_before = self.evaluate()
-                print(f"before: {_summary(self.eval_before)}", flush=True)
+                if self.eval_before:
+                    print(f"before: {_summary(self.eval_before)}", flush=True)
             else:
                 print(f"resuming {self.run.root} at step {self.step}", flush=True)
                 self.run.truncate_metrics(self.step)
@@ -322,7 +327,8 @@ class Trainer:
         from draft.report import plot_metrics, save_grid
         import json
 
-        if ckpt.latest(self.run.checkpoints) != ckpt.step_dir(self.run.checkpoints, self.step):
+        every = self.config.log.checkpoint_every
+        if not (every and self.step % every == 0):  # decided alike on every process
             self.checkpoint_if_due(force=True)
         after = self.save_grid()
         if not self.acc.is_main_process:

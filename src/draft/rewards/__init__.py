@@ -113,9 +113,8 @@ class Reward(torch.nn.Module):
         r = self.score(images, list(prompts))
         if not torch.is_tensor(r) or r.shape != (images.shape[0],):
             shape = tuple(r.shape) if torch.is_tensor(r) else type(r).__name__
-            raise ValueError(
-                f"reward {type(self).__name__} returned {shape}; expected shape ({images.shape[0]},)"
-            )
+            name = getattr(self, "name", type(self).__name__)
+            raise ValueError(f"reward {name} returned shape {shape}; expected shape ({images.shape[0]},)")
         return r
 
     def freeze(self) -> "Reward":

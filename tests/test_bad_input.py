@@ -1,0 +1,157 @@
+"""Every kind of bad input: exit code 2, one line naming the problem, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from draft.cli import main
+
+FAST = ["reward=brightness", "prompts=a small red circle|a green star", "eval_prompts=a green star",
+        "method=draft-k", "k=2", "steps=2", "batch_size=1", "sampling.num_steps=3", "log.eval_samples=0",
+        "log.trackers=[]", "log.sample_prompts=1", "log.sample_seeds=1", "log.checkpoint_every=1"]
+
+
+@pytest.fixture(scope="module")
+def world(tiny_sd, tmp_path_factory):
+    """Files the bad inputs point at: a finished run, a pickled pipeline, broken LoRAs, plug-ins."""
+    root = tmp_path_factory.mktemp("bad_input")
+    assert main(["train", f"model={tiny_sd}", *FAST, f"output_dir={root}", "name=done", "--no-progress"]) == 0
+    corrupt = root / "corrupt"
+    shutil.copytree(root / "done", corrupt)
+    (corrupt / "checkpoints" / "step-00000002" / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    (root / "not_a_pipeline").mkdir()
+    (root / "not_a_pipeline" / "notes.txt").write_text("hello")
+    pickled = root / "pickled_pipeline"
+    shutil.copytree(tiny_sd, pickled)
+    for f in pickled.rglob("*.safetensors"):
+        torch.save({}, f.with_suffix(".bin"))  # weights only as pickles
+        f.unlink()
+    (root / "pickled_lora").mkdir()
+    torch.save({}, root / "pickled_lora" / "pytorch_lora_weights.bin")
+    (root / "other_arch_lora").mkdir()
+    save_file({"unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.zeros(4, 1280),
+               "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight": torch.zeros(1280, 4)},
+              root / "other_arch_lora" / "pytorch_lora_weights.safetensors")
+    (root / "bad.yaml").write_text("steps: [unclosed\n")
+    (root / "plugins").mkdir()
+    (root / "plugins" / "bad_plugins.py").write_text(textwrap.dedent("""
+        def wrong_shape(images, prompts):
+            return images.mean((2, 3))
+        def nan(images, prompts):
+            return images.mean((1, 2, 3)) * float("nan")
+        def crashes(images, prompts):
+            raise RuntimeError("boom")
+        import this_module_does_not_exist_either
+    """))
+    (root / "plugins" / "ok_plugins.py").write_text(textwrap.dedent("""
+        def wrong_shape(images, prompts):
+            return images.mean((2, 3))
+        def nan(images, prompts):
+            return images.mean((1, 2, 3)) * float("nan")
+        def crashes(images, prompts):
+            raise RuntimeError("boom")
+    """))
+    (root / "a_file").write_text("")
+    return root
+
+
+def T(*extra):
+    """`draft train` on the tiny model with extra arguments (MODEL and OUT are filled in)."""
+    return ["train", "model=MODEL", *FAST, "output_dir=OUT", "name=x", *extra, "--no-progress"]
+
+
+CASES = [
+    ("unknown key", T("lerning_rate=0.1"), "unknown config key 'lerning_rate'"),
+    ("misspelt nested key", T("sampling.num_step=3"), "did you mean 'num_steps'"),
+    ("unknown section", T("sampler.steps=3"), "unknown config key 'sampler'"),
+    ("wrong type int", T("steps=many"), "steps must be an integer"),
+    ("wrong type bool", T("sampling.checkpointing=maybe"), "must be true or false"),
+    ("wrong type float", T("lr=fast"), "lr must be a number"),
+    ("negative steps", T("steps=-1"), "steps must be positive"),
+    ("zero steps", T("steps=0"), "steps must be positive"),
+    ("zero batch", T("batch_size=0"), "batch_size must be positive"),
+    ("zero sampling steps", T("sampling.num_steps=0"), "sampling.num_steps must be positive"),
+    ("K larger than steps", T("k=9"), "k=9 is larger than sampling.num_steps=3"),
+    ("unknown method", T("method=drft"), "unknown method 'drft' (did you mean 'draft'"),
+    ("missing model folder", ["train", "model=/no/such/folder", *FAST, "output_dir=OUT", "name=x"],
+     "model folder '/no/such/folder' not found"),
+    ("folder that is not a pipeline", ["train", "model=ROOT/not_a_pipeline", *FAST, "output_dir=OUT", "name=x"],
+     "is not a diffusers pipeline folder"),
+    ("pipeline with pickled weights only", ["train", "model=ROOT/pickled_pipeline", *FAST, "output_dir=OUT", "name=x"],
+     "cannot load model"),
+    ("unknown reward", T("reward=brightnes"), "did you mean 'brightness'"),
+    ("plug-in that does not import", T("reward=bad_plugins:nan"), "cannot import 'bad_plugins'"),
+    ("plug-in with no such attribute", T("reward=ok_plugins:missing"), "has no attribute 'missing'"),
+    ("plug-in returning the wrong shape", T("reward=ok_plugins:wrong_shape"), "returned shape (1, 3); expected shape (1,)"),
+    ("plug-in returning NaN", T("reward=ok_plugins:nan"), "non-finite"),
+    ("plug-in that raises", T("reward=ok_plugins:crashes"), "failed on a test batch: boom"),
+    ("bad reward weight syntax", T("reward=brightness:2+"), "empty reward name"),
+    ("unknown prompt set", T("prompts=no_such_set"), "prompt set or file 'no_such_set' not found"),
+    ("unwritable output folder", ["train", "model=MODEL", *FAST, "output_dir=ROOT/a_file/runs", "name=x"],
+     "is not a writable folder"),
+    ("existing run without --resume", ["train", "model=MODEL", *FAST, "output_dir=ROOT", "name=done"],
+     "already exists; pass --resume"),
+    ("--resume and --overwrite", ["train", "--resume", "ROOT/done", "--overwrite"], "contradict"),
+    ("resume of a folder with no run", ["train", "--resume", "ROOT/not_a_pipeline"], "nothing to resume"),
+    ("corrupt checkpoint", ["train", "--resume", "ROOT/corrupt", "steps=3"], "unreadable or incomplete"),
+    ("missing config file", ["train", "ROOT/nope.yaml"], "config file"),
+    ("invalid YAML", ["train", "ROOT/bad.yaml"], "is not valid YAML"),
+    ("override without =", ["train", "ROOT/bad.yaml", "ROOT/bad.yaml"], "unexpected argument"),
+    ("LoRA for another architecture", ["sample", "--model", "MODEL", "--lora", "ROOT/other_arch_lora",
+                                       "--prompt", "a red circle", "--steps", "2", "--out", "OUT/s"],
+     "does not fit this model"),
+    ("pickled LoRA", ["sample", "--model", "MODEL", "--lora", "ROOT/pickled_lora", "--prompt", "a", "--steps", "2",
+                      "--out", "OUT/s"], "safetensors only"),
+    ("missing LoRA", ["sample", "--model", "MODEL", "--lora", "ROOT/none:0.5", "--prompt", "a", "--out", "OUT/s"],
+     "not found"),
+    ("eval with an unknown reward", ["eval", "--model", "MODEL", "--reward", "brightnes", "--steps", "2"],
+     "did you mean 'brightness'"),
+    ("sample without a prompt", ["sample", "--model", "MODEL"], "--prompt"),
+    ("unknown command", ["trian"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_clear_line(argv, message, world, tiny_sd, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(world / "plugins"))
+    done_before = {p: p.read_bytes() for p in (world / "done").rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    argv = [a.replace("MODEL", str(tiny_sd)).replace("OUT", str(out)).replace("ROOT", str(world)) for a in argv]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert message in err, err
+    assert not (out / "x").exists() and not (out / "s").exists()  # nothing half-written
+    assert {p: p.read_bytes() for p in (world / "done").rglob("*") if p.is_file()} == done_before
+    for mod in ("bad_plugins", "ok_plugins"):
+        sys.modules.pop(mod, None)
+
+
+def test_there_are_at_least_twenty_cases():
+    assert len(CASES) >= 20
+
+
+def test_pickles_are_never_unpickled(world, monkeypatch):
+    """Loading a pickled LoRA or pipeline must fail before torch.load is ever called."""
+    import draft.lora as lora
+
+    def forbidden(*a, **k):
+        raise AssertionError("torch.load was called on an untrusted file")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    with pytest.raises(Exception, match="safetensors only"):
+        lora.lora_file(world / "pickled_lora")
+    from draft.errors import UserError
+    from draft.models import load_model
+
+    with pytest.raises(UserError):
+        load_model(str(world / "pickled_pipeline"))
+    assert not list(Path(world / "done" / "checkpoints").rglob("*.bin"))  # checkpoints hold no pickles
