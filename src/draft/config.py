@@ -18,7 +18,7 @@ from typing import Any
 
 from draft.errors import UserError, did_you_mean, unknown
 
-METHODS = ("draft", "draft-k", "draft-lv", "refl", "alignprop")
+METHODS = ("draft", "draft-k", "draft-lv", "refl", "alignprop", "ddpo")
 PRECISIONS = ("no", "bf16", "fp16")
 
 
@@ -96,7 +96,8 @@ class TrainConfig:
 
     # --- the method (see `draft.methods`) ---
     # draft: gradient through all steps; draft-k: the last k steps; draft-lv: k=1 with
-    # lv_n re-noised passes; refl, alignprop: the neighbours on the same loop.
+    # lv_n re-noised passes; refl, alignprop: the neighbours on the same loop; ddpo: the
+    # reinforcement-learning baseline (no reward gradient; needs sampling.eta > 0).
     method: str = "draft-lv"
     # DRaFT-K: how many final sampling steps carry gradient (1 <= k <= num_steps).
     k: int = 1
@@ -115,6 +116,13 @@ class TrainConfig:
     # DRaFT+: weight of the mean squared difference between the adapted and the base
     # model's predictions over the gradient-carrying steps (0 disables it).
     kl_coeff: float = 0.0
+    # DDPO: PPO's clip range on the importance ratio (ddpo-pytorch uses 1e-4), the clip on
+    # normalised advantages, how many optimizer steps reuse one rollout (the ratio leaves 1
+    # from the second on), and the fraction of sampling steps trained on per update.
+    ddpo_clip: float = 1e-4
+    ddpo_adv_clip: float = 5.0
+    ddpo_rollout_reuse: int = 2
+    ddpo_timestep_fraction: float = 1.0
 
     # --- optimisation ---
     # Optimizer steps to train for.
@@ -192,6 +200,11 @@ class TrainConfig:
         lo, hi = self.refl_range
         if self.method == "refl" and not 0 <= lo <= hi < s.num_steps:
             raise UserError(f"need 0 <= refl_min_step <= refl_max_step < sampling.num_steps, got {lo}, {hi}")
+        if self.method == "ddpo":
+            if s.eta <= 0:
+                raise UserError("method=ddpo samples stochastically: set sampling.eta > 0 (e.g. sampling.eta=1.0)")
+            if self.ddpo_rollout_reuse < 1 or not 0 < self.ddpo_timestep_fraction <= 1 or self.ddpo_clip <= 0:
+                raise UserError("need ddpo_rollout_reuse >= 1, 0 < ddpo_timestep_fraction <= 1 and ddpo_clip > 0")
         if s.height % 8 or s.width % 8:
             raise UserError(f"sampling.height and sampling.width must be multiples of 8, got {s.height}x{s.width}")
         if not self.reward or not isinstance(self.reward, str):

@@ -12,7 +12,8 @@ They differ only in which sampling steps carry gradient (DRaFT, Clark et al. 202
 | refl      | stop at a random late step, predict x̂_0 in one gradient step (Xu et   |
 |           | al. 2023, ImageReward §4)                                              |
 
-The loss is -reward.mean(), plus the DRaFT+ penalty when `kl_coeff` > 0.
+The loss is -reward.mean(), plus the DRaFT+ penalty when `kl_coeff` > 0. DDPO, the
+reinforcement-learning baseline that needs no reward gradient, is in `draft.ddpo`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class Batch:
     prompts: list[str]
     noise: SampleNoise  # x_T is its first draw; methods draw more (DRaFT-LV, η > 0)
     step_rng: np.random.Generator  # choices made once per optimizer step (AlignProp's K)
+    step: int = 0  # the optimizer step this batch is for
+    micro: int = 0  # which micro-batch of the step (gradient accumulation)
 
 
 @dataclass
@@ -187,3 +190,16 @@ METHODS: dict[str, Callable[[Loop, Batch, object], MethodOutput]] = {
     "alignprop": alignprop,
     "refl": refl,
 }
+# Methods that keep state between steps, built fresh for each run.
+STATEFUL = {"ddpo": "draft.ddpo:DDPO"}
+NAMES = (*METHODS, *STATEFUL)
+
+
+def make(name: str) -> Callable[[Loop, Batch, object], MethodOutput]:
+    """The method called `name`, ready for one run."""
+    if name in STATEFUL:
+        import importlib
+
+        module, _, cls = STATEFUL[name].partition(":")
+        return getattr(importlib.import_module(module), cls)()
+    return METHODS[name]

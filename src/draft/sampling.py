@@ -60,6 +60,11 @@ def ddim_sigma(alpha_bar_t: float, alpha_bar_prev: float, eta: float) -> float:
     return eta * math.sqrt(max(variance, 0.0))
 
 
+def ddim_mean(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_prev: float, sigma: float = 0.0) -> torch.Tensor:
+    """μ = sqrt(ᾱ_prev)·x̂_0 + sqrt(1 - ᾱ_prev - σ²)·ε̂: the mean of the DDIM step (eq. 12)."""
+    return math.sqrt(alpha_bar_prev) * x0 + math.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+
+
 def ddim_step(
     x0: torch.Tensor,
     eps: torch.Tensor,
@@ -67,13 +72,19 @@ def ddim_step(
     sigma: float = 0.0,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x_prev = sqrt(ᾱ_prev)·x̂_0 + sqrt(1 - ᾱ_prev - σ²)·ε̂ + σ·z   (DDIM eq. 12)."""
-    x_prev = math.sqrt(alpha_bar_prev) * x0 + math.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+    """x_prev = μ + σ·z   (DDIM eq. 12)."""
+    x_prev = ddim_mean(x0, eps, alpha_bar_prev, sigma)
     if sigma > 0:
         if noise is None:
             raise ValueError("a stochastic DDIM step (eta > 0) needs its noise passed in")
         x_prev = x_prev + sigma * noise
     return x_prev
+
+
+def ddim_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, sigma: float) -> torch.Tensor:
+    """log N(x_prev; μ, σ²I) per sample, averaged over the latent's elements (as DDPO does)."""
+    log_density = -((x_prev - mean) ** 2) / (2 * sigma**2) - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+    return log_density.mean(dim=tuple(range(1, x_prev.ndim)))
 
 
 def renoise(x0: torch.Tensor, alpha_bar_t: float, noise: torch.Tensor) -> torch.Tensor:
@@ -156,12 +167,17 @@ def model_step(
     else:
         out = denoise(x, t, cond)
     out = out.to(x.dtype)
+    return (out, *denoised(out, x, i, schedule))
+
+
+def denoised(out: torch.Tensor, x: torch.Tensor, i: int, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂_0, ε̂) at step i from the model output, with DDIM's optional clipping of x̂_0."""
     x0, eps = predict_x0_eps(out, x, schedule.alpha_bar[i], schedule.prediction_type)
     if schedule.clip_sample is not None:
         x0 = x0.clamp(-schedule.clip_sample, schedule.clip_sample)
         # DDIM re-derives ε̂ from the clipped x̂_0 only with use_clipped_model_output; the
         # pipelines do not, and neither do we.
-    return out, x0, eps
+    return x0, eps
 
 
 def sample(

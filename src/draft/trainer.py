@@ -83,7 +83,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, accelerator, run: RunFolder, reward_fn: Callable | None):
         from draft import rewards
         from draft.lora import add_lora
-        from draft.methods import METHODS, Loop
+        from draft.methods import Loop, make
         from draft.models import load_model
         from draft.prompts import load_prompts
         from draft.sampling import Schedule
@@ -107,7 +107,7 @@ class Trainer:
         self.schedule = Schedule.from_scheduler_config(self.model.scheduler_config, s.num_steps)
         self.loop_ = Loop(self.model, self.reward, self.schedule, s.guidance_scale, s.eta, s.checkpointing,
                           s.decode_checkpointing, config.kl_coeff)
-        self.method = METHODS[config.method]
+        self.method = make(config.method)
         self.latent_shape = self.model.latent_shape(s.height, s.width)
         self.step, self.queries, self.train_time, self.bad_total, self.bad_run = 0, 0, 0.0, 0, 0
         self.eval_before: dict | None = None
@@ -167,13 +167,16 @@ class Trainer:
 
     def _check_reward(self, images: torch.Tensor, prompts: list[str]) -> None:
         name = self.config.reward
+        images = images.to(self.acc.device).requires_grad_(True)
         try:
-            with torch.no_grad():
-                r = self.reward(images.to(self.acc.device), prompts)
+            r = self.reward(images, prompts)
         except (ValueError, TypeError, RuntimeError) as e:
             raise UserError(f"reward {name!r} failed on a test batch: {str(e).splitlines()[0]}") from None
         if not torch.isfinite(r).all():
             raise UserError(f"reward {name!r} returned non-finite values on a test batch: {r.tolist()}")
+        if self.config.method != "ddpo" and not r.requires_grad:
+            raise UserError(f"reward {name!r} passes no gradient to the images; "
+                            f"method={self.config.method} needs one (method=ddpo works without)")
 
     def start(self, first_grid: torch.Tensor | None, fresh: bool) -> None:
         from draft.report import save_grid
@@ -275,7 +278,8 @@ class Trainer:
         first = (micro * acc.num_processes + acc.process_index) * c.batch_size
         idx = range(first, first + c.batch_size)
         noise = SampleNoise([sample_seed(c.seed, self.step, j) for j in idx], self.latent_shape, acc.device)
-        return Batch([self.prompts[picks[j]] for j in idx], noise, np.random.default_rng([c.seed, self.step, 1]))
+        return Batch([self.prompts[picks[j]] for j in idx], noise, np.random.default_rng([c.seed, self.step, 1]),
+                     self.step, micro)
 
     # --- outputs ---
 

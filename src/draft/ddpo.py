@@ -1,0 +1,105 @@
+"""DDPO, the reinforcement-learning baseline, on the same sampling loop.
+
+Denoising Diffusion Policy Optimization (Black, Janner, Du, Kostrikov & Levine 2023,
+"Training Diffusion Models with Reinforcement Learning", §4.3, DDPO_IS): each stochastic
+DDIM step (η > 0) is an action with a Gaussian log-probability, and the LoRA is updated
+with PPO's clipped importance-sampling objective on per-prompt normalised rewards. The
+reward is never differentiated, so any score works, including the real JPEG file size.
+
+    per step i:  x_prev ~ N(μ_θ(x_t, t_i), σ_i² I),   log π_θ(x_prev | x_t)
+    A = (r - mean_prompt(r)) / (std_prompt(r) + 1e-8), clipped to ±adv_clip
+    ratio = exp(log π_θ - log π_old)
+    loss = mean_i mean_b max(-A·ratio, -A·clip(ratio, 1 - ε, 1 + ε))
+
+A rollout (the sampled trajectories, their old log-probabilities and advantages) is reused
+for `ddpo_rollout_reuse` optimizer steps; from the second of them on the ratio moves away
+from 1 and the clip matters. The structure follows kvablack/ddpo-pytorch
+(`scripts/train.py`, `ddpo_pytorch/diffusers_patch/ddim_with_logprob.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from draft.methods import Batch, Loop, MethodOutput
+from draft.sampling import ddim_log_prob, ddim_mean, ddim_sigma, denoised, model_step, sample
+
+
+@dataclass
+class Rollout:
+    rollout_id: int
+    prompts: list[str]
+    cond: tuple
+    latents: torch.Tensor  # [T, B, ...] x_t entering step i
+    next_latents: torch.Tensor  # [T, B, ...] x_prev the step sampled
+    log_probs: torch.Tensor  # [T, B] under the policy that sampled them
+    rewards: torch.Tensor  # [B]
+    advantages: torch.Tensor  # [B]
+
+
+def advantages(rewards: torch.Tensor, prompts: list[str], eps: float = 1e-8) -> torch.Tensor:
+    """Rewards normalised per prompt; prompts seen once in the batch use the batch's statistics."""
+    r = rewards.float()
+    adv = (r - r.mean()) / (r.std(unbiased=False) + eps)
+    for p in set(prompts):
+        idx = torch.tensor([j for j, q in enumerate(prompts) if q == p])
+        if len(idx) > 1:
+            group = r[idx]
+            adv[idx] = (group - group.mean()) / (group.std(unbiased=False) + eps)
+    return adv
+
+
+@torch.no_grad()
+def rollout(loop: Loop, batch: Batch, rollout_id: int) -> Rollout:
+    """Sample with η > 0 under no_grad, recording each step's transition and log-probability."""
+    schedule, eta = loop.schedule, loop.eta
+    cond = loop.model.conditioning(batch.prompts, loop.guidance_scale != 1)
+    xs, xps, logps = [], [], []
+
+    def record(i, x_t, out, x_prev):
+        x0, eps = denoised(out, x_t, i, schedule)
+        sigma = ddim_sigma(schedule.alpha_bar[i], schedule.alpha_bar_prev[i], eta)
+        logps.append(ddim_log_prob(x_prev, ddim_mean(x0, eps, schedule.alpha_bar_prev[i], sigma), sigma))
+        xs.append(x_t)
+        xps.append(x_prev)
+
+    x0 = sample(loop.denoiser(), batch.noise.draw(), schedule, cond, eta=eta,
+                step_noise=lambda i: batch.noise.draw(), on_step=record)
+    r = loop.score(x0, batch.prompts).detach().float()
+    return Rollout(rollout_id, list(batch.prompts), cond, torch.stack(xs), torch.stack(xps), torch.stack(logps), r,
+                   advantages(r, batch.prompts))
+
+
+class DDPO:
+    """The `ddpo` method: keeps the current rollout of each micro-batch between steps."""
+
+    def __init__(self):
+        self._rollouts: dict[int, Rollout] = {}
+
+    def __call__(self, loop: Loop, batch: Batch, cfg) -> MethodOutput:
+        rid = batch.step // cfg.ddpo_rollout_reuse
+        ro = self._rollouts.get(batch.micro)
+        fresh = ro is None or ro.rollout_id != rid
+        if fresh:
+            # Resuming in the middle of a reused rollout samples a new one here.
+            ro = self._rollouts[batch.micro] = rollout(loop, batch, rid)
+        T = len(loop.schedule)
+        n = max(1, round(cfg.ddpo_timestep_fraction * T))
+        steps = sorted(batch.step_rng.choice(T, size=n, replace=False).tolist()) if n < T else range(T)
+        adv = ro.advantages.clamp(-cfg.ddpo_adv_clip, cfg.ddpo_adv_clip)
+        denoise = loop.denoiser()
+        losses, kls, clipped = [], [], []
+        for i in steps:
+            out, x0, eps = model_step(denoise, ro.latents[i], i, loop.schedule, ro.cond, loop.use_checkpoint)
+            sigma = ddim_sigma(loop.schedule.alpha_bar[i], loop.schedule.alpha_bar_prev[i], loop.eta)
+            logp = ddim_log_prob(ro.next_latents[i], ddim_mean(x0, eps, loop.schedule.alpha_bar_prev[i], sigma), sigma)
+            ratio = torch.exp(logp - ro.log_probs[i])
+            surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.ddpo_clip, 1 + cfg.ddpo_clip))
+            losses.append(surrogate.mean())
+            kls.append(float(0.5 * (logp - ro.log_probs[i]).detach().square().mean()))
+            clipped.append(float(((ratio.detach() - 1).abs() > cfg.ddpo_clip).float().mean()))
+        stats = {"approx_kl": float(np.mean(kls)), "clipfrac": float(np.mean(clipped))}
+        return MethodOutput(torch.stack(losses).mean(), ro.rewards, len(ro.prompts) if fresh else 0, stats)
