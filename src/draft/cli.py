@@ -33,7 +33,7 @@ def _sampling(args):
 
 def _reward_args(items: list[str] | None) -> dict:
     """--reward-arg aesthetic.model=/path -> {"aesthetic": {"model": "/path"}}."""
-    from draft.config import _parse_value
+    from draft.config import parse_value
 
     out: dict = {}
     for item in items or []:
@@ -41,7 +41,7 @@ def _reward_args(items: list[str] | None) -> dict:
         name, dot, field = key.rpartition(".")
         if not sep or not dot or not name or not field:
             raise UserError(f"--reward-arg {item!r} is not of the form REWARD.KEY=VALUE")
-        out.setdefault(name, {})[field] = _parse_value(value)
+        out.setdefault(name, {})[field] = parse_value(value)
     return out
 
 
@@ -68,11 +68,8 @@ def cmd_train(args) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"nothing to resume: {run_dir} holds no run (no config.yaml)")
-        base = read_yaml(run_dir / "config.yaml")
-        if config_file:
-            base.update(read_yaml(config_file))
-        overrides = [f"output_dir={run_dir.parent}", f"name={run_dir.name}", *overrides]
-        config = _config_from(base, overrides)
+        overrides = [*overrides, f"output_dir={run_dir.parent}", f"name={run_dir.name}"]
+        config = load_config(config_file, overrides, base=read_yaml(run_dir / "config.yaml"))
     else:
         config = load_config(config_file, overrides)
         if resume and not config.name:
@@ -85,34 +82,19 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _config_from(base: dict, overrides: list[str]):
-    """load_config over an already-read dict (a run's config.yaml)."""
-    import tempfile
-
-    import yaml
-
-    from draft.config import load_config
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(base, f)
-    try:
-        return load_config(f.name, overrides)
-    finally:
-        os.unlink(f.name)
-
-
 def _dry_run(config) -> int:
     """Validate everything that can be checked without loading weights, and print it."""
     import yaml
 
     from draft import rewards
+    from draft.errors import unknown
     from draft.models import resolve
     from draft.prompts import load_prompts
 
     resolve(config.model)
     for name in rewards._parse(config.reward):
         if name not in rewards.available() and ":" not in name:
-            raise rewards.unknown("reward", name, rewards.available())
+            raise unknown("reward", name, rewards.available())
     prompts = load_prompts(config.prompts, config.model)
     load_prompts(config.eval_prompts, config.model)
     procs = int(os.environ.get("WORLD_SIZE", "1"))

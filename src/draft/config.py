@@ -238,17 +238,28 @@ def _plain(value):
 # --- building a config from YAML and overrides ----------------------------------------------
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """A validated TrainConfig from an optional YAML file and `key=value` overrides."""
-    data: dict[str, Any] = {}
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None
+) -> TrainConfig:
+    """A validated TrainConfig: `base` (a dict, e.g. a run's config.yaml), then the YAML file
+    at `path`, then `key=value` overrides, each on top of the one before."""
+    data: dict[str, Any] = dict(base or {})
     if path is not None:
-        data = read_yaml(path)
+        data = _merge(data, read_yaml(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r} is not of the form key=value")
-        _set_dotted(data, key.strip(), _parse_value(raw))
+        _set_dotted(data, key.strip(), parse_value(raw))
     return from_dict(data).validate()
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """b over a, recursively for sections."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -266,7 +277,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _parse_value(raw: str):
+def parse_value(raw: str):
     import yaml
 
     try:

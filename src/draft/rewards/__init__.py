@@ -55,6 +55,21 @@ _REGISTRY: dict[str, RewardInfo] = {
             "Hasler-Suesstrunk colourfulness of the opponent colour channels, about [0, 1]",
         ),
         # --- further rewards are registered below this line ---
+        RewardInfo(
+            "shapes-alignment",
+            "draft.rewards.shapes:ShapesAlignment",
+            "shapes-sd: classifier log-probability of the prompt's shape, colour, background and size, <= 0",
+        ),
+        RewardInfo(
+            "jpeg-compressibility",
+            "draft.rewards.jpeg:JpegCompressibility",
+            "minus a differentiable estimate of the JPEG size, in bits per pixel (higher compresses better)",
+        ),
+        RewardInfo(
+            "jpeg-incompressibility",
+            "draft.rewards.jpeg:JpegIncompressibility",
+            "a differentiable estimate of the JPEG size, in bits per pixel (higher compresses worse)",
+        ),
         # Learned reward models (docs/rewards.md); each needs weights the user points at.
         RewardInfo("aesthetic", "draft.rewards.aesthetic:Aesthetic",
                    "LAION aesthetic predictor (CLIP ViT-L/14 + MLP head), about 1-10; needs model=HEAD.safetensors"),
