@@ -99,7 +99,8 @@ def trained_run(tiny_sd, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("api_run")
     config = tiny_config(tiny_sd, out, steps=3, log=LogConfig(
-        sample_every=2, sample_prompts=1, sample_seeds=2, checkpoint_every=2, eval_samples=2, trackers=()))
+        sample_every=2, sample_prompts=1, sample_seeds=2, checkpoint_every=2, eval_samples=4, eval_every=2,
+        trackers=()))
     return train(config, progress=False)
 
 
@@ -111,6 +112,8 @@ def test_run_folder_holds_what_design_promises(trained_run):
     for key in ("reward_mean", "reward_std", "loss", "grad_norm", "lr", "time", "reward_queries"):
         assert key in rows[0]
     assert rows[-1]["reward_queries"] == 6
+    assert [("eval_reward_mean" in r) for r in rows] == [False, True, False]
+    assert 0 <= rows[1]["eval_reward_mean"] <= 1 and rows[1]["eval_diversity"] >= 0
     assert (root / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     assert sorted(p.name for p in (root / "samples").iterdir()) == [

@@ -71,9 +71,12 @@ class LogConfig:
     keep_checkpoints: int = 2
     # Accelerate trackers to log to ("tensorboard", "wandb", ...); empty for none.
     trackers: tuple[str, ...] = ("tensorboard",)
-    # Evaluate the reward on this many held-out prompts x 1 seed before and after training
-    # (0 to skip). Uses `eval_prompts`.
+    # Evaluate the reward on this many held-out images before and after training (0 to
+    # skip): `eval_prompts` in turn, each with its own fixed seed.
     eval_samples: int = 32
+    # Also evaluate every this many steps, into metrics.jsonl as eval_* (0: only before and
+    # after). Evaluation time is not counted in the logged training `time`.
+    eval_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,8 @@ class TrainConfig:
             "lr": self.lr, "weight_decay": self.weight_decay, "warmup_steps": self.warmup_steps,
             "max_grad_norm": self.max_grad_norm, "kl_coeff": self.kl_coeff, "sampling.eta": s.eta,
             "lora.dropout": self.lora.dropout, "log.checkpoint_every": self.log.checkpoint_every,
-            "log.eval_samples": self.log.eval_samples, "sampling.height": s.height, "sampling.width": s.width,
+            "log.eval_samples": self.log.eval_samples, "log.eval_every": self.log.eval_every,
+            "sampling.height": s.height, "sampling.width": s.width,
         }
         for key, value in nonneg.items():
             if value < 0:

@@ -32,8 +32,9 @@ def jpeg_bytes(images: torch.Tensor, quality: int = 95) -> list[int]:
     return sizes
 
 
-def diversity(images: torch.Tensor, groups: Sequence[int]) -> float:
-    """Mean over groups of the mean pairwise RMS distance between the group's images."""
+def diversity(images: torch.Tensor, groups: Sequence[int]) -> float | None:
+    """Mean over groups of the mean pairwise RMS distance between the group's images
+    (None when no group has two images)."""
     by_group: dict[int, list[torch.Tensor]] = {}
     for image, g in zip(images.float(), groups):
         by_group.setdefault(g, []).append(image)
@@ -42,7 +43,7 @@ def diversity(images: torch.Tensor, groups: Sequence[int]) -> float:
         for members in by_group.values()
         for a, b in itertools.combinations(members, 2)
     ]
-    return float(np.mean(values)) if values else float("nan")
+    return float(np.mean(values)) if values else None
 
 
 def model_metrics(model_name: str) -> Callable[[torch.Tensor, list[str]], dict] | None:

@@ -206,7 +206,10 @@ class Trainer:
             self.step += 1
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.4g}", loss=f"{row['loss']:.4g}")
-            if self.step % c.log.every == 0 or self.step == c.steps:
+            if c.log.eval_every and self.step % c.log.eval_every == 0:
+                # Held-out figures during training (not counted in `time`), for learning curves.
+                row.update({f"eval_{k}": v for k, v in (self.evaluate() or {}).items() if k != "n"})
+            if self.step % c.log.every == 0 or self.step == c.steps or "eval_reward_mean" in row:
                 self.log(row)
             if self.bad_run >= c.max_bad_steps:
                 raise TrainingStopped(
@@ -381,7 +384,7 @@ def _save_before_after(before_png: Path, after: torch.Tensor, path: Path, ncol: 
 
 
 def _summary(result: dict) -> str:
-    keys = [k for k in result if k not in ("n",)]
+    keys = [k for k in result if k != "n" and result[k] is not None]
     return ", ".join(f"{k} {result[k]:.4g}" if isinstance(result[k], float) else f"{k} {result[k]}" for k in keys)
 
 
