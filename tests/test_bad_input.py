@@ -41,23 +41,16 @@ def world(tiny_sd, tmp_path_factory):
               root / "other_arch_lora" / "pytorch_lora_weights.safetensors")
     (root / "bad.yaml").write_text("steps: [unclosed\n")
     (root / "plugins").mkdir()
-    (root / "plugins" / "bad_plugins.py").write_text(textwrap.dedent("""
+    plugins = textwrap.dedent("""
         def wrong_shape(images, prompts):
             return images.mean((2, 3))
         def nan(images, prompts):
             return images.mean((1, 2, 3)) * float("nan")
         def crashes(images, prompts):
             raise RuntimeError("boom")
-        import this_module_does_not_exist_either
-    """))
-    (root / "plugins" / "ok_plugins.py").write_text(textwrap.dedent("""
-        def wrong_shape(images, prompts):
-            return images.mean((2, 3))
-        def nan(images, prompts):
-            return images.mean((1, 2, 3)) * float("nan")
-        def crashes(images, prompts):
-            raise RuntimeError("boom")
-    """))
+    """)
+    (root / "plugins" / "ok_plugins.py").write_text(plugins)
+    (root / "plugins" / "bad_plugins.py").write_text(plugins + "import this_module_does_not_exist_either\n")
     (root / "a_file").write_text("")
     return root
 
