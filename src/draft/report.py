@@ -96,3 +96,22 @@ def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def save_before_after(before_png: Path, after: torch.Tensor, path: Path, ncol: int) -> None:
+    """before (top) and after (bottom) grids for the same prompts and seeds, stacked."""
+    from PIL import Image
+
+    top = Image.open(before_png)
+    bottom = to_pil(grid(after.float(), ncol))
+    canvas = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), "white")
+    canvas.paste(top, (0, 0))
+    canvas.paste(bottom, (0, top.height))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def summary(result: dict) -> str:
+    """'key value, ...' for an evaluation's figures, for one printed line."""
+    keys = [k for k in result if k != "n" and result[k] is not None]
+    return ", ".join(f"{k} {result[k]:.4g}" if isinstance(result[k], float) else f"{k} {result[k]}" for k in keys)

@@ -23,6 +23,7 @@ import torch
 from draft import checkpoint as ckpt
 from draft.config import TrainConfig, dump_yaml
 from draft.errors import TrainingStopped, UserError
+from draft.report import summary
 from draft.runs import RunFolder
 
 
@@ -188,7 +189,7 @@ class Trainer:
                 save_grid(first_grid, self.run.samples / f"step-{0:08d}.png", self.config.log.sample_seeds)
                 self.eval_before = self.evaluate()
                 if self.eval_before:
-                    print(f"before: {_summary(self.eval_before)}", flush=True)
+                    print(f"before: {summary(self.eval_before)}", flush=True)
             else:
                 print(f"resuming {self.run.root} at step {self.step}", flush=True)
                 self.run.truncate_metrics(self.step)
@@ -330,9 +331,10 @@ class Trainer:
         return score(images, prompts, groups, self.reward, self.config.model, self.acc.device)
 
     def finish(self) -> None:
-        from draft.lora import save_lora
-        from draft.report import plot_metrics, save_grid
         import json
+
+        from draft.lora import save_lora
+        from draft.report import plot_metrics, save_before_after
 
         every = self.config.log.checkpoint_every
         if not (every and self.step % every == 0):  # decided alike on every process
@@ -344,13 +346,13 @@ class Trainer:
         eval_after = self.evaluate()
         before = self.run.samples / f"step-{0:08d}.png"
         if before.is_file() and after is not None:
-            _save_before_after(before, after, self.run.report / "before_after.png", self.config.log.sample_seeds)
+            save_before_after(before, after, self.run.report / "before_after.png", self.config.log.sample_seeds)
         (self.run.report / "eval.json").write_text(json.dumps({"before": self.eval_before, "after": eval_after}, indent=2))
         plot_metrics(self.run.metrics, self.run.report)
         if self.eval_before:
-            print(f"before: {_summary(self.eval_before)}")
+            print(f"before: {summary(self.eval_before)}")
         if eval_after:
-            print(f"after:  {_summary(eval_after)}")
+            print(f"after:  {summary(eval_after)}")
         print(f"run folder: {self.run.root}  (LoRA: {self.run.lora})", flush=True)
 
     def _unwrapped(self):
@@ -366,26 +368,6 @@ class Trainer:
                 self.model.unet = wrapped
 
         return swap()
-
-
-def _save_before_after(before_png: Path, after: torch.Tensor, path: Path, ncol: int) -> None:
-    """before (top) and after (bottom) grids for the same prompts and seeds, stacked."""
-    from PIL import Image
-
-    from draft.report import grid, to_pil
-
-    top = Image.open(before_png)
-    bottom = to_pil(grid(after.float(), ncol))
-    canvas = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), "white")
-    canvas.paste(top, (0, 0))
-    canvas.paste(bottom, (0, top.height))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-
-
-def _summary(result: dict) -> str:
-    keys = [k for k in result if k != "n" and result[k] is not None]
-    return ", ".join(f"{k} {result[k]:.4g}" if isinstance(result[k], float) else f"{k} {result[k]}" for k in keys)
 
 
 def _flat_hparams(d: dict, prefix: str = "") -> dict:
