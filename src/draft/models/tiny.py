@@ -8,44 +8,15 @@ checkpoints. Nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from draft.models.tokenizer import word_tokenizer
+
 WORDS = "a small large red green blue yellow purple orange white black circle square triangle star on background".split()
 PROMPTS = ["a small red circle on a blue background", "a large green square on a white background",
            "a small yellow triangle on a black background", "a large purple star on a orange background"]
-
-
-def write_word_tokenizer(folder: Path, words: list[str], max_length: int = 16):
-    """A CLIP BPE tokenizer in which every word of `words` is a single token."""
-    from transformers import CLIPTokenizer
-
-    vocab: dict[str, int] = {}
-    merges: list[str] = []
-
-    def add(token: str) -> None:
-        vocab.setdefault(token, len(vocab))
-
-    for ch in sorted(set("".join(words))):
-        add(ch)
-        add(ch + "</w>")
-    for word in words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:  # merge left to right until the word is one token
-            merge = f"{parts[0]} {parts[1]}"
-            if merge not in merges:
-                merges.append(merge)
-            parts = [parts[0] + parts[1]] + parts[2:]
-            add(parts[0])
-    add("<|startoftext|>")
-    add("<|endoftext|>")
-    raw = folder / "raw_tokenizer"
-    raw.mkdir(parents=True, exist_ok=True)
-    (raw / "vocab.json").write_text(json.dumps(vocab))
-    (raw / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(str(raw / "vocab.json"), str(raw / "merges.txt"), model_max_length=max_length)
 
 
 def _pipeline(tokenizer, text_config: dict, unet_config: dict, vae_config: dict, prediction_type: str):
@@ -66,7 +37,7 @@ def _pipeline(tokenizer, text_config: dict, unet_config: dict, vae_config: dict,
 def tiny_pipeline(folder: Path, prediction_type: str = "epsilon", seed: int = 0):
     """A toy-sized SD pipeline (32 px images, 4x8x8 latents); `folder` receives the tokenizer files."""
     torch.manual_seed(seed)
-    tokenizer = write_word_tokenizer(folder, WORDS)
+    tokenizer = word_tokenizer(Path(folder) / "tokenizer_files", WORDS, max_length=16)
     return _pipeline(
         tokenizer,
         dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
@@ -87,7 +58,7 @@ def sd15_pipeline(folder: Path, seed: int = 0):
     For speed and memory benchmarks at real scale without a download; the images are noise.
     """
     torch.manual_seed(seed)
-    tokenizer = write_word_tokenizer(folder, WORDS, max_length=77)
+    tokenizer = word_tokenizer(Path(folder) / "tokenizer_files", WORDS, max_length=77)
     return _pipeline(
         tokenizer,
         dict(vocab_size=max(len(tokenizer), 1000), hidden_size=768, intermediate_size=3072, num_attention_heads=12,

@@ -1,0 +1,66 @@
+"""A CLIP BPE tokenizer over a small word list, each word one token.
+
+The embedded `shapes-sd` model and the tests' tiny pipelines and reward models need a real
+`CLIPTokenizer` (the class every Stable Diffusion pipeline loads) without downloading
+CLIP's 49k-token vocabulary. CLIP's BPE merges a word's characters pair by pair in the
+order of the merge list; writing, word by word, the merges that the earlier ones leave
+missing makes every listed word a single token, and adding a word never changes how an
+earlier one splits. Other text still tokenizes, character by character.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _segment(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The pieces CLIP's BPE splits `word` into under the merges ranked so far."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
+        if rank == len(ranks):
+            break
+        pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
+def word_tokenizer(
+    folder: str | Path, words: Iterable[str], max_length: int = 77, extra_chars: str = "", specials_first: bool = False
+):
+    """Write vocab.json and merges.txt for `words` into `folder`; return the CLIPTokenizer.
+
+    `extra_chars` adds single characters (e.g. punctuation) so text beyond the word list
+    tokenizes without unknown tokens. The start and end tokens get the highest ids, as in
+    CLIP, where some text models find the end of a prompt as the argmax of the ids;
+    `specials_first` gives them ids 0 and 1 instead (the layout shapes-sd was built with).
+    """
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = list(dict.fromkeys(words))
+    vocab: dict[str, int] = {BOS: 0, EOS: 1} if specials_first else {}
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for ch in [c for w in words for c in w] + list(extra_chars):
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    for word in words:
+        while len(pieces := _segment(word, ranks)) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+    vocab.setdefault(BOS, len(vocab))
+    vocab.setdefault(EOS, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab, indent=0) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
+                              pad_token=EOS)
+    for word in words:  # the property callers rely on
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    return tokenizer
