@@ -36,7 +36,9 @@ def cli_run(tiny_sd, tmp_path_factory):
 def test_train_subprocess_end_to_end(cli_run):
     run, proc = cli_run
     assert "effective batch 2" in proc.stdout and "reward queries per step 2" in proc.stdout
-    assert "before:" in proc.stdout and "after:" in proc.stdout
+    assert "before:" in proc.stdout  # the base model's figures, printed at the start
+    table = proc.stdout[proc.stdout.index("held-out, 2 images"):].splitlines()
+    assert table[0].split()[-2:] == ["before", "after"] and table[1].startswith("reward_mean")
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert list((run / "logs").rglob("events.out.tfevents*")), "no TensorBoard events"

@@ -115,3 +115,16 @@ def summary(result: dict) -> str:
     """'key value, ...' for an evaluation's figures, for one printed line."""
     keys = [k for k in result if k != "n" and result[k] is not None]
     return ", ".join(f"{k} {result[k]:.4g}" if isinstance(result[k], float) else f"{k} {result[k]}" for k in keys)
+
+
+def comparison(before: dict | None, after: dict, title: str) -> str:
+    """A two-column table of the figures evaluations share, before and after training."""
+    before = before or {}
+    rows = [f"{title:<28}{'before':>10}{'after':>10}"]
+    for key, value in after.items():
+        if key == "n" or not isinstance(value, float):
+            continue
+        old = before.get(key)
+        old_s = f"{old:>10.4g}" if isinstance(old, float) else f"{'-':>10}"
+        rows.append(f"{key:<28}{old_s}{value:>10.4g}")
+    return "\n".join(rows)

@@ -23,7 +23,7 @@ import torch
 from draft import checkpoint as ckpt
 from draft.config import TrainConfig, dump_yaml
 from draft.errors import TrainingStopped, UserError
-from draft.report import summary
+from draft.report import comparison, summary
 from draft.runs import RunFolder
 
 
@@ -349,10 +349,8 @@ class Trainer:
             save_before_after(before, after, self.run.report / "before_after.png", self.config.log.sample_seeds)
         (self.run.report / "eval.json").write_text(json.dumps({"before": self.eval_before, "after": eval_after}, indent=2))
         plot_metrics(self.run.metrics, self.run.report)
-        if self.eval_before:
-            print(f"before: {summary(self.eval_before)}")
         if eval_after:
-            print(f"after:  {summary(eval_after)}")
+            print(comparison(self.eval_before, eval_after, f"held-out, {eval_after['n']} images"))
         print(f"run folder: {self.run.root}  (LoRA: {self.run.lora})", flush=True)
 
     def _unwrapped(self):
