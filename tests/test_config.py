@@ -12,7 +12,8 @@ from draft.errors import UserError
 def test_defaults_are_the_documented_recipe():
     c = load_config()
     assert (c.model, c.reward, c.method, c.prompts) == ("shapes-sd", "shapes-alignment", "draft-lv", "train")
-    assert (c.lora.rank, c.lr, c.batch_size, c.lv_n) == (8, 4e-4, 4, 2)
+    assert (c.lora.rank, c.lr, c.batch_size, c.lv_n, c.steps) == (8, 1e-3, 4, 2, 500)
+    assert c.log.eval_samples == 2 * 180  # every held-out shapes prompt twice: diversity is measured
     assert c.sampling.num_steps == 50 and c.sampling.eta == 0.0
 
 

@@ -138,3 +138,11 @@ def test_saved_lora_loads_in_diffusers_and_matches_draft_sample(trained_run, tin
                   guidance_scale=guidance, output_type="pt").images
     assert (ours - base).abs().max() > 1e-3  # the LoRA changes the images...
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-4)  # ...identically in both
+
+
+def test_evaluation_and_grid_prompts_spread_over_the_list():
+    from draft.trainer import spread
+
+    assert spread(180, 8) == [0, 22, 45, 67, 90, 112, 135, 157]
+    assert spread(3, 7) == [0, 1, 2, 0, 1, 2, 0]  # cycling: every prompt with several seeds
+    assert spread(5, 5) == [0, 1, 2, 3, 4]

@@ -99,14 +99,19 @@ def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:
 
 
 def save_before_after(before_png: Path, after: torch.Tensor, path: Path, ncol: int) -> None:
-    """before (top) and after (bottom) grids for the same prompts and seeds, stacked."""
-    from PIL import Image
+    """The "before" grid (step 0) above the "after" grid, same prompts and seeds, labelled."""
+    from PIL import Image, ImageDraw
 
-    top = Image.open(before_png)
+    top = Image.open(before_png).convert("RGB")
     bottom = to_pil(grid(after.float(), ncol))
-    canvas = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), "white")
-    canvas.paste(top, (0, 0))
-    canvas.paste(bottom, (0, top.height))
+    label = 14
+    width = max(top.width, bottom.width)
+    canvas = Image.new("RGB", (width, 2 * label + top.height + bottom.height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 1), "before", fill="black")
+    canvas.paste(top, (0, label))
+    draw.text((4, label + top.height + 1), "after", fill="black")
+    canvas.paste(bottom, (0, 2 * label + top.height))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 

@@ -159,12 +159,19 @@ class Trainer:
         if not self.acc.is_main_process:
             return None
         lg = self.config.log
-        prompts = [p for p in self.eval_prompts[: lg.sample_prompts] for _ in range(lg.sample_seeds)]
-        seeds = [s for _ in self.eval_prompts[: lg.sample_prompts] for s in range(lg.sample_seeds)]
+        chosen = self.grid_prompts()
+        # One column per prompt, one row per seed.
+        prompts = [p for _ in range(lg.sample_seeds) for p in chosen]
+        seeds = [s for s in range(lg.sample_seeds) for _ in chosen]
         with self._unwrapped():
             images = generate(self.model, prompts, seeds, self.config.sampling)
-        self._check_reward(images[: max(2, lg.sample_seeds)], prompts[: max(2, lg.sample_seeds)])
+        self._check_reward(images[:2], prompts[:2])
         return images
+
+    def grid_prompts(self) -> list[str]:
+        """`log.sample_prompts` of the evaluation prompts, spread over the list."""
+        m = len(self.eval_prompts)
+        return [self.eval_prompts[i] for i in spread(m, min(self.config.log.sample_prompts, m))]
 
     def _check_reward(self, images: torch.Tensor, prompts: list[str]) -> None:
         name = self.config.reward
@@ -186,7 +193,7 @@ class Trainer:
             print(self.describe(), flush=True)
             if fresh:
                 self.run.truncate_metrics(0)
-                save_grid(first_grid, self.run.samples / f"step-{0:08d}.png", self.config.log.sample_seeds)
+                save_grid(first_grid, self.run.samples / f"step-{0:08d}.png", len(self.grid_prompts()))
                 self.eval_before = self.evaluate()
                 if self.eval_before:
                     print(f"before: {summary(self.eval_before)}", flush=True)
@@ -297,7 +304,7 @@ class Trainer:
 
         images = self.sample_grid()
         if images is not None:
-            save_grid(images, self.run.samples / f"step-{self.step:08d}.png", self.config.log.sample_seeds)
+            save_grid(images, self.run.samples / f"step-{self.step:08d}.png", len(self.grid_prompts()))
         self.acc.wait_for_everyone()
         return images
 
@@ -322,8 +329,7 @@ class Trainer:
         n = self.config.log.eval_samples
         if n == 0 or not self.acc.is_main_process:
             return None
-        # Cycle through the prompts, so each appears with several seeds (for diversity).
-        groups = [k % len(self.eval_prompts) for k in range(n)]
+        groups = spread(len(self.eval_prompts), n)
         prompts = [self.eval_prompts[g] for g in groups]
         seeds = [10_000 + k for k in range(n)]
         with self._unwrapped():
@@ -346,7 +352,7 @@ class Trainer:
         eval_after = self.evaluate()
         before = self.run.samples / f"step-{0:08d}.png"
         if before.is_file() and after is not None:
-            save_before_after(before, after, self.run.report / "before_after.png", self.config.log.sample_seeds)
+            save_before_after(before, after, self.run.report / "before_after.png", len(self.grid_prompts()))
         (self.run.report / "eval.json").write_text(json.dumps({"before": self.eval_before, "after": eval_after}, indent=2))
         plot_metrics(self.run.metrics, self.run.report)
         if eval_after:
@@ -366,6 +372,13 @@ class Trainer:
                 self.model.unet = wrapped
 
         return swap()
+
+
+def spread(m: int, n: int) -> list[int]:
+    """n indices into a list of m: evenly spaced when n <= m (prompt files are often
+    sorted, so the first few would all be alike), else cycling through it, so each item
+    appears with several seeds (which the diversity figure needs)."""
+    return [k * m // n if n <= m else k % m for k in range(n)]
 
 
 def _flat_hparams(d: dict, prefix: str = "") -> dict:
