@@ -13,7 +13,7 @@ Pillow's JPEG byte size, over all of them and per group:
            e.g. on jpeg-compressibility and jpeg-incompressibility (the images the reward
            sees once training has moved the model).
 
-    python benchmarks/jpeg_proxy_calibration.py [--model DIR] [--lora RUN/lora ...] [--per-group 64]
+    python benchmarks/jpeg_proxy_calibration.py [--model DIR] [--lora RUN/lora ...] [--per-group 64] [--quality 75]
 """
 
 from __future__ import annotations

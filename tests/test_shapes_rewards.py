@@ -107,3 +107,11 @@ def test_spearman():
     assert jpeg.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert jpeg.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert jpeg.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)
+
+
+def test_jpeg_size_is_the_real_codec_and_carries_no_gradient():
+    images = _varied_images()[:6].requires_grad_(True)
+    r = rewards.get("jpeg-size")(images, [""] * 6)
+    torch.testing.assert_close(r, -jpeg.jpeg_bytes(images, quality=95) / 1024)
+    assert not r.requires_grad
+    assert float(rewards.get("jpeg-size", quality=50)(images, [""] * 6).mean()) > float(r.mean())

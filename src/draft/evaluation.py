@@ -8,7 +8,6 @@ falling number. On shapes-sd it also reports the attribute classifier's accuracy
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 from collections.abc import Callable, Sequence
@@ -18,18 +17,7 @@ import numpy as np
 import torch
 
 from draft.config import SamplingConfig
-
-
-def jpeg_bytes(images: torch.Tensor, quality: int = 95) -> list[int]:
-    """The size in bytes of each image encoded as JPEG by Pillow."""
-    from draft.report import to_pil
-
-    sizes = []
-    for image in images:
-        buf = io.BytesIO()
-        to_pil(image).save(buf, format="JPEG", quality=quality)
-        sizes.append(buf.tell())
-    return sizes
+from draft.rewards.jpeg import jpeg_bytes
 
 
 def diversity(images: torch.Tensor, groups: Sequence[int]) -> float | None:
@@ -65,7 +53,8 @@ def score(images: torch.Tensor, prompts: list[str], groups: Sequence[int], rewar
         "n": len(prompts),
         "reward_mean": float(r.mean()),
         "reward_std": float(r.std(unbiased=False)),
-        "jpeg_kb": float(np.mean(jpeg_bytes(images))) / 1024,
+        # quality 95, the setting of the compressibility experiments (DDPO, DRaFT)
+        "jpeg_kb": float(jpeg_bytes(images, quality=95).mean()) / 1024,
         "diversity": diversity(images, groups),
     }
     extra = model_metrics(model_name)

@@ -70,6 +70,11 @@ _REGISTRY: dict[str, RewardInfo] = {
             "draft.rewards.jpeg:JpegIncompressibility",
             "a differentiable estimate of the JPEG size, in bits per pixel (higher compresses worse)",
         ),
+        RewardInfo(
+            "jpeg-size",
+            "draft.rewards.jpeg:JpegSize",
+            "minus the real JPEG file size in KB (Pillow, quality 95); no gradient: for method=ddpo",
+        ),
         # Learned reward models (docs/rewards.md); each needs weights the user points at.
         RewardInfo("aesthetic", "draft.rewards.aesthetic:Aesthetic",
                    "LAION aesthetic predictor (CLIP ViT-L/14 + MLP head), about 1-10; needs model=HEAD.safetensors"),
