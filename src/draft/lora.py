@@ -8,6 +8,7 @@ other tools that read diffusers LoRAs.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -131,7 +132,10 @@ def load_loras(unet: torch.nn.Module, loras: list[tuple[str, float]]) -> list[st
         name = f"lora{i}"
         _check_lora_matches(unet, file)
         try:
-            unet.load_lora_adapter(str(file.parent), weight_name=file.name, prefix="unet", adapter_name=name)
+            with warnings.catch_warnings():
+                # peft warns that a second adapter joins the first: here that is the point.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                unet.load_lora_adapter(str(file.parent), weight_name=file.name, prefix="unet", adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as e:
             raise UserError(f"LoRA {path!r} does not fit this model: {str(e).splitlines()[0]}") from None
         names.append(name)
