@@ -53,7 +53,12 @@ def run(args, name: str, overrides: dict) -> Path:
     folder = Path(args.runs) / name
     if (folder / "report" / "eval.json").is_file():
         return folder
+    from draft.prompts import load_prompts
+
+    # Every `eval_stride`-th held-out prompt, each with `eval_samples / len` seeds (diversity needs two).
+    eval_prompts = "|".join(load_prompts("heldout", args.model)[:: args.eval_stride])
     base = {"steps": args.steps, "batch_size": args.batch, "sampling.num_steps": args.sampling_steps,
+            "eval_prompts": eval_prompts,
             "log.eval_every": args.eval_every, "log.eval_samples": args.eval_samples, "log.sample_every": 10**6,
             "log.checkpoint_every": 0, "log.trackers": "[]", "output_dir": args.runs, "name": name}
     config = load_config(None, overrides_list({**base, **overrides}))
@@ -108,7 +113,6 @@ def part_curves(args, out: Path) -> None:
         ax.set_xlabel(xl)
         ax.set_ylabel("held-out shapes-alignment")
         ax.grid(alpha=0.3)
-    axes[0].set_xscale("symlog", linthresh=10)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
@@ -173,7 +177,7 @@ def _eval(args, loras, reward="shapes-alignment") -> dict:
 
 
 def part_scale(args, out: Path) -> None:
-    folder = method_run(args, "draft-lv n=2", args.seeds[0])
+    folder = args.align_lora or method_run(args, "draft-lv n=2", args.seeds[0])
     table = {}
     for s in (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5):
         r = _eval(args, [(str(folder), s)])
@@ -186,12 +190,12 @@ def part_scale(args, out: Path) -> None:
 
 
 def part_mix(args, out: Path) -> None:
-    align = method_run(args, "draft-lv n=2", args.seeds[0])
-    jpeg = run(args, f"jpeg-s{args.seeds[0]}", {"method": "draft-lv", "reward": "jpeg-compressibility",
-                                                "seed": args.seeds[0]})
+    align = args.align_lora or method_run(args, "draft-lv n=2", args.seeds[0])
+    jpeg = args.jpeg_lora or run(args, f"jpeg-s{args.seeds[0]}", {"method": "draft-lv", "seed": args.seeds[0],
+                                                                  "reward": "jpeg-compressibility"})
     grid = {}
-    for a in (0.0, 0.5, 1.0):
-        for j in (0.0, 0.5, 1.0):
+    for a in args.align_scales:
+        for j in args.jpeg_scales:
             r = _eval(args, [(str(align), a), (str(jpeg), j)])
             grid[f"{a},{j}"] = {k: r[k] for k in ("reward_mean", "accuracy_joint", "jpeg_kb", "diversity")}
             print(f"alignment {a}, jpeg {j}: {grid[f'{a},{j}']}", flush=True)
@@ -226,16 +230,25 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--sampling-steps", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--eval-samples", type=int, default=72, help="held-out images per evaluation during training")
+    p.add_argument("--eval-stride", type=int, default=5, help="use every Nth held-out prompt during training")
     p.add_argument("--eval-seeds", type=int, default=4)
     p.add_argument("--grad-batches", type=int, default=4)
     p.add_argument("--threshold", type=float, default=-1.0, help="held-out reward to reach")
     p.add_argument("--kl", type=float, default=1.0, help="DRaFT+ kl_coeff in the over-optimisation part")
     p.add_argument("--overopt-lr", type=float, default=1e-3)
+    p.add_argument("--align-lora", default=None,
+                   help="scale/mix: a shapes-alignment run folder to use (default: the DRaFT-LV curve run, seed 0)")
+    p.add_argument("--jpeg-lora", default=None,
+                   help="mix: a jpeg-compressibility run folder to use (default: train one for --steps)")
+    p.add_argument("--align-scales", default="0,0.5,1", help="mix: scales of the alignment LoRA")
+    p.add_argument("--jpeg-scales", default="0,0.5,1", help="mix: scales of the JPEG LoRA")
     p.add_argument("--runs", default="runs/benchmark")
     p.add_argument("--out", default="benchmarks/results/methods")
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.align_scales = [float(s) for s in args.align_scales.split(",")]
+    args.jpeg_scales = [float(s) for s in args.jpeg_scales.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = {"curves": part_curves, "gradnorm": part_gradnorm, "scale": part_scale, "mix": part_mix,
