@@ -62,15 +62,10 @@ def tuned_samples(loras: list[str], n: int, seed: int) -> torch.Tensor:
     return torch.cat(out).clamp(0, 1)
 
 
-def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    from draft.models.shapes_classifier import _blur
-
-    return _blur(x, sigma)
-
-
 def calibration_set(model: str | None, per_group: int = 64, seed: int = 0, loras: list[str] = ()) -> dict[str, torch.Tensor]:
     """The seeded image groups described in the module docstring, [per_group, 3, 32, 32] each."""
     from draft.models import shapes
+    from draft.models.shapes_classifier import blur
 
     g = torch.Generator().manual_seed(seed)
     rand = lambda *s: torch.rand(*s, generator=g)  # noqa: E731

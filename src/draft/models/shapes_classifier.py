@@ -89,7 +89,7 @@ def targets(attrs: list[shapes.Attributes], device=None) -> dict[str, torch.Tens
     }
 
 
-def _blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Per-image Gaussian blur with standard deviation `sigma` [B] (pixels), 5x5 kernel."""
     x = torch.arange(-2, 3, dtype=images.dtype)
     k = torch.exp(-(x[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
@@ -113,7 +113,7 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(b, *shape, generator=gen)
 
     x = images * u(0.9, 1.1, 3, 1, 1) + u(-0.05, 0.05, 3, 1, 1)
-    x = torch.where(u(0, 1, 1, 1, 1) < 0.5, _blur(x, u(0.3, 1.0)), x)
+    x = torch.where(u(0, 1, 1, 1, 1) < 0.5, blur(x, u(0.3, 1.0)), x)
     x = x + u(0, 0.06, 1, 1, 1) * torch.randn(x.shape, generator=gen)
     clean = u(0, 1, 1, 1, 1) < 0.25
     return torch.where(clean, images, x).clamp(0, 1)
