@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,17 +43,6 @@ def sampling_speed(pipe, batch: int = 4, steps: int = 50, guidance: float = 7.5,
     return sorted(times[1:])[repeats // 2]  # the first call warms up
 
 
-def save_grid(images: torch.Tensor, path: str, cols: int = 8, scale: int = 4) -> None:
-    from PIL import Image
-
-    n = len(images) // cols * cols
-    x = images[:n]
-    _, c, h, w = x.shape
-    g = x.reshape(n // cols, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(n // cols * h, cols * w, c)
-    img = Image.fromarray((g * 255).round().byte().numpy())
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
-
-
 def measure(model=None, split="heldout", n=256, guidance=7.5, steps=50, grid=None, classifier=None) -> dict:
     from diffusers.utils import logging
     from transformers.utils import logging as tlogging
@@ -64,6 +54,7 @@ def measure(model=None, split="heldout", n=256, guidance=7.5, steps=50, grid=Non
 
     from draft import rewards
     from draft.models import shapes
+    from draft.report import save_grid
     from draft.rewards.shapes import attribute_correct
 
     pipe = StableDiffusionPipeline.from_pretrained(model or shapes.PIPELINE_DIR)
@@ -78,7 +69,7 @@ def measure(model=None, split="heldout", n=256, guidance=7.5, steps=50, grid=Non
     with torch.no_grad():
         reward = rewards.get("shapes-alignment", classifier=classifier)(images, prompts)
     if grid:
-        save_grid(images[:64], grid)
+        save_grid(images[:64], Path(grid), ncol=8)
     result = {k: round(v.float().mean().item(), 4) for k, v in hits.items()}
     # Shape accuracy per prompted shape: where the model's errors are.
     named = [shapes.parse_prompt(p).shape for p in prompts]
