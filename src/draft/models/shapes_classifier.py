@@ -83,10 +83,8 @@ def load_classifier(directory: str | Path | None = None, device: str | torch.dev
 
 def targets(attrs: list[shapes.Attributes], device=None) -> dict[str, torch.Tensor]:
     """Class indices per attribute for a list of `Attributes`, as LongTensors [B]."""
-    return {
-        k: torch.tensor([classes.index(getattr(a, k)) for a in attrs], device=device)
-        for k, classes in shapes.ATTRIBUTES.items()
-    }
+    idx = [a.index() for a in attrs]
+    return {k: torch.tensor([i[k] for i in idx], device=device) for k in shapes.ATTRIBUTES}
 
 
 def blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -20,14 +20,15 @@ from draft.rewards import Reward
 ATTRIBUTES = tuple(shapes.ATTRIBUTES)  # ("shape", "colour", "background", "size")
 
 
-def _targets(prompts: list[str], names, device) -> dict[str, torch.Tensor]:
-    """Class index of each named attribute of each prompt, as LongTensors [B]."""
+def _targets(prompts: list[str], device) -> dict[str, torch.Tensor]:
+    """Class index of each attribute of each prompt, as LongTensors [B]."""
+    from draft.models.shapes_classifier import targets
+
     try:
         attrs = [shapes.parse_prompt(p) for p in prompts]
     except ValueError as e:
         raise UserError(f"the shapes rewards score shapes-world prompts only: {e}") from None
-    idx = [a.index() for a in attrs]
-    return {k: torch.tensor([i[k] for i in idx], device=device) for k in names}
+    return targets(attrs, device)
 
 
 class ShapesAlignment(Reward):
@@ -53,7 +54,7 @@ class ShapesAlignment(Reward):
 
     def score(self, images, prompts):
         logits = self.classifier(images)
-        y = _targets(prompts, self.attributes, images.device)
+        y = _targets(prompts, images.device)
         logp = [logits[k].log_softmax(1).gather(1, y[k][:, None])[:, 0] for k in self.attributes]
         return torch.stack(logp).sum(0)
 
@@ -87,7 +88,7 @@ def attribute_correct(
     model = _classifier(str(classifier) if classifier else None, str(images.device))
     with torch.no_grad():
         logits = model(images.float())
-    y = _targets(list(prompts), ATTRIBUTES, images.device)
+    y = _targets(list(prompts), images.device)
     hits = {k: (logits[k].argmax(1) == y[k]).cpu() for k in ATTRIBUTES}
     hits["joint"] = torch.stack([hits[k] for k in ATTRIBUTES]).all(0)
     return hits
