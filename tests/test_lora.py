@@ -105,3 +105,53 @@ def test_draft_plus_penalty_is_zero_at_init_and_pulls_back_once_the_lora_moved(t
             p.sub_(1e-2 * grad[offset : offset + p.numel()].view_as(p) / grad.norm())
             offset += p.numel()
     assert run()[0].stats["kl_penalty"] < out.stats["kl_penalty"]
+
+
+CONV_AND_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.2")
+
+
+def test_merged_sampling_gives_the_same_images_and_restores_the_weights_bit_for_bit(tiny_sd, two_loras):
+    """Folding the LoRA into the weights for gradient-free steps changes speed only."""
+    from dataclasses import replace
+
+    from draft.inference import generate
+    from draft.lora import load_loras
+
+    model = load_model(str(tiny_sd))
+    load_loras(model.unet, [(two_loras[0], 0.7), (two_loras[1], 1.3)])
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    prompts, seeds = ["a small red circle", "a green star"], [3, 4]
+    plain = generate(model, prompts, seeds, replace(CFG, merge_lora=False))
+    merged = generate(model, prompts, seeds, CFG)
+    assert (plain - images(tiny_sd, [])).abs().max() > 1e-3  # the adapters do change the images
+    torch.testing.assert_close(merged, plain, rtol=0, atol=1e-5)
+    after = model.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(getattr(m, "merged", False) for m in model.unet.modules())
+    with pytest.raises(RuntimeError, match="no_grad"):
+        with model.adapters_merged():
+            pass
+
+
+@pytest.mark.parametrize("method,k", [("draft-k", 2), ("draft-lv", 1), ("refl", 1)])
+def test_merging_the_gradient_free_steps_leaves_loss_and_gradient_unchanged(tiny_sd, prompts, method, k):
+    model = load_model(str(tiny_sd))
+    params = add_lora(model.unet, LoraConfig(rank=4, target_modules=CONV_AND_ATTENTION), seed=0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    schedule = Schedule.from_scheduler_config(model.scheduler_config, 4)
+    cfg = TrainConfig(method=method, k=k, refl_min_step=1, refl_max_step=2)
+    results = []
+    for merge in (False, True):
+        loop = Loop(model, rewards.get("brightness"), schedule, guidance_scale=3.0, merge_lora=merge)
+        for p in params:
+            p.grad = None
+        noise = SampleNoise([sample_seed(0, 0, j) for j in range(2)], model.latent_shape(), "cpu")
+        out = METHODS[method](loop, Batch(prompts[:2], noise, np.random.default_rng(0)), cfg)
+        out.loss.backward()
+        results.append((out.loss.detach(), torch.cat([p.grad.flatten() for p in params])))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert grad_a.abs().max() > 0
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-6)

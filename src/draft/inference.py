@@ -8,6 +8,7 @@ pipeline given those latents.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,19 +37,25 @@ def generate(
     schedule = Schedule.from_scheduler_config(model.scheduler_config, sampling.num_steps)
     shape = model.latent_shape(sampling.height, sampling.width)
     denoise = guided(model.denoise, sampling.guidance_scale)
+    merged = model.adapters_merged() if sampling.merge_lora else contextlib.nullcontext()
     out = []
-    for lo in range(0, len(prompts), batch_size):
-        p, s = list(prompts[lo : lo + batch_size]), list(seeds[lo : lo + batch_size])
-        cond = model.conditioning(p, sampling.guidance_scale != 1)
-        x = initial_noise(s, shape, model.device)
-        step_noise = None
-        if sampling.eta > 0:
-            # Stochastic DDIM: step noise continues each image's own stream.
-            gens = [torch.Generator().manual_seed(int(seed) + 1) for seed in s]
-            step_noise = lambda i: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(x.device)  # noqa: E731
-        x0 = run_sampler(denoise, x, schedule, cond, eta=sampling.eta, step_noise=step_noise)
-        out.append(model.decode(x0).float().cpu())
+    with merged:
+        for lo in range(0, len(prompts), batch_size):
+            out.append(_generate_batch(model, denoise, schedule, shape, prompts[lo : lo + batch_size],
+                                       seeds[lo : lo + batch_size], sampling))
     return torch.cat(out)
+
+
+def _generate_batch(model, denoise, schedule, shape, prompts, seeds, sampling) -> torch.Tensor:
+    cond = model.conditioning(list(prompts), sampling.guidance_scale != 1)
+    x = initial_noise(seeds, shape, model.device)
+    step_noise = None
+    if sampling.eta > 0:
+        # Stochastic DDIM: step noise continues each image's own stream.
+        gens = [torch.Generator().manual_seed(int(seed) + 1) for seed in seeds]
+        step_noise = lambda i: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(x.device)  # noqa: E731
+    x0 = run_sampler(denoise, x, schedule, cond, eta=sampling.eta, step_noise=step_noise)
+    return model.decode(x0).float().cpu()
 
 
 def sample(

@@ -107,7 +107,7 @@ class Trainer:
         s = config.sampling
         self.schedule = Schedule.from_scheduler_config(self.model.scheduler_config, s.num_steps)
         self.loop_ = Loop(self.model, self.reward, self.schedule, s.guidance_scale, s.eta, s.checkpointing,
-                          s.decode_checkpointing, config.kl_coeff)
+                          s.decode_checkpointing, config.kl_coeff, s.merge_lora)
         self.method = make(config.method)
         self.latent_shape = self.model.latent_shape(s.height, s.width)
         self.step, self.queries, self.train_time, self.bad_total, self.bad_run = 0, 0, 0.0, 0, 0

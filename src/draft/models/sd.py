@@ -135,6 +135,51 @@ class StableDiffusion:
             unet.enable_adapters()
 
 
+    @contextlib.contextmanager
+    def adapters_merged(self):
+        """Fold the active LoRA adapters into the UNet's weights for gradient-free sampling.
+
+        peft runs an adapted layer as the base layer plus two small LoRA products; in the
+        T - 1 steps that carry no gradient, that is pure overhead (40% of a shapes-sd step
+        with LoRA on the convolutions too). Inside this block the adapted layers run as
+        plain layers with W + ΔW. On exit the saved base weights are copied back, so they
+        come out bit for bit as they went in (subtracting ΔW again would not, and in bf16
+        would drift visibly). Costs one copy of the adapted layers' weights while inside.
+
+        Only under no_grad; a no-op when the UNet is sharded (FSDP, DeepSpeed) or compiled,
+        whose weights cannot be edited in place, or when adapters are off.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        if torch.is_grad_enabled():
+            raise RuntimeError("adapters_merged() is for sampling under no_grad")
+        unet = _mergeable(self.unet)
+        layers = [] if unet is None else [
+            m for m in unet.modules()
+            if isinstance(m, LoraLayer) and not m.disable_adapters and not m.merged and m.active_adapters
+        ]
+        saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+        try:
+            for m in layers:
+                m.merge()
+            yield
+        finally:
+            for m, weight in zip(layers, saved):
+                m.merged_adapters.clear()  # peft's own record; the weights are restored below
+                m.get_base_layer().weight.data.copy_(weight)
+
+
+def _mergeable(module):
+    """The bare UNet if its weights are ordinary tensors (bare or under DDP), else None."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(module, DistributedDataParallel):
+        module = module.module
+    if hasattr(module, "module") or hasattr(module, "_orig_mod"):
+        return None  # FSDP, DeepSpeed or torch.compile wrappers
+    return module
+
+
 def _unwrap(module):
     """The module inside a DistributedDataParallel/compile wrapper."""
     while hasattr(module, "module") or hasattr(module, "_orig_mod"):
