@@ -155,3 +155,28 @@ def test_merging_the_gradient_free_steps_leaves_loss_and_gradient_unchanged(tiny
     assert grad_a.abs().max() > 0
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-6)
+
+
+def test_a_file_mixing_key_forms_is_refused_not_loaded_in_part(tiny_sd, two_loras, tmp_path):
+    """diffusers' convert_state_dict_to_diffusers writes such files; diffusers then drops half."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from draft.errors import UserError
+    from draft.lora import WEIGHT_NAME, load_loras
+
+    src = f"{two_loras[0]}/{WEIGHT_NAME}"
+    with safe_open(src, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    old_form = {".lora_A.weight": ".lora.down.weight", ".lora_B.weight": ".lora.up.weight"}
+    mixed = {}
+    for k, v in tensors.items():
+        for new, old in old_form.items():
+            if ".to_q" in k and k.endswith(new):
+                k = k[: -len(new)] + old
+        mixed[k] = v
+    assert mixed.keys() != tensors.keys()
+    save_file(mixed, tmp_path / WEIGHT_NAME, metadata=meta)
+    with pytest.raises(UserError, match="mixes"):
+        load_loras(load_model(str(tiny_sd)).unet, [(str(tmp_path), 1.0)])

@@ -140,6 +140,31 @@ def test_saved_lora_loads_in_diffusers_and_matches_draft_sample(trained_run, tin
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-4)  # ...identically in both
 
 
+def test_saved_lora_is_the_trained_adapter_layer_for_layer(trained_run, tiny_sd):
+    """Every adapted layer (attention, feed-forward, convolutions) survives save and load."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    from draft.inference import generate
+    from draft.lora import add_lora, load_adapter_state_dict, load_loras
+    from draft.models import load_model
+
+    trained = load_model(str(tiny_sd))
+    add_lora(trained.unet, LoraConfig(rank=4, alpha=4.0))
+    load_adapter_state_dict(trained.unet, load_file(trained_run / "checkpoints" / "step-00000003" / "adapter.safetensors"))
+    loaded = load_model(str(tiny_sd))
+    load_loras(loaded.unet, [(str(trained_run), 1.0)])
+
+    def adapted(model):
+        return {n.rsplit(".", 1)[-1] for n, m in model.unet.named_modules() if isinstance(m, LoraLayer)}
+
+    assert {"to_q", "conv1", "conv2", "2"} <= adapted(trained) == adapted(loaded)  # "2": ff.net.2
+    cfg = SamplingConfig(num_steps=4, guidance_scale=3.0)
+    prompts, seeds = ["a small red circle", "a green star"], [5, 6]
+    torch.testing.assert_close(generate(loaded, prompts, seeds, cfg), generate(trained, prompts, seeds, cfg),
+                               rtol=0, atol=1e-6)
+
+
 def test_evaluation_and_grid_prompts_spread_over_the_list():
     from draft.trainer import spread
 

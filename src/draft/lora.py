@@ -1,7 +1,8 @@
 """LoRA through peft: add, save and load in diffusers format, scale and mix.
 
-The saved adapter is exactly what diffusers writes (`pytorch_lora_weights.safetensors`
-with "unet."-prefixed keys and the LoRA config as metadata), so
+The saved adapter is what diffusers' `save_lora_weights` writes
+(`pytorch_lora_weights.safetensors`, "unet."-prefixed peft keys, the LoRA config as
+metadata), so
 `pipe.load_lora_weights(run_dir / "lora")` works in plain diffusers and the file loads in
 other tools that read diffusers LoRAs.
 """
@@ -74,9 +75,13 @@ def load_adapter_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor
 def save_lora(unet: torch.nn.Module, directory: str | Path, adapter: str = TRAIN_ADAPTER) -> Path:
     """Write the adapter in diffusers format to directory/pytorch_lora_weights.safetensors."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
 
-    layers = convert_state_dict_to_diffusers(adapter_state_dict(unet, adapter))
+    # peft's key names ("lora_A"/"lora_B"), which diffusers' loaders read natively. Not
+    # through diffusers' convert_state_dict_to_diffusers: it renames only the attention
+    # projections to the old "lora.down"/"lora.up" form, and a file mixing both forms (an
+    # adapter on convolutions or feed-forward layers too) loads with its attention layers
+    # silently dropped.
+    layers = adapter_state_dict(unet, adapter)
     StableDiffusionPipeline.save_lora_weights(
         directory,
         unet_lora_layers=layers,
@@ -130,7 +135,7 @@ def load_loras(unet: torch.nn.Module, loras: list[tuple[str, float]]) -> list[st
     for i, (path, _) in enumerate(loras):
         file = lora_file(path)
         name = f"lora{i}"
-        _check_lora_matches(unet, file)
+        layers = _check_lora_matches(unet, file)
         try:
             with warnings.catch_warnings():
                 # peft warns that a second adapter joins the first: here that is the point.
@@ -138,20 +143,38 @@ def load_loras(unet: torch.nn.Module, loras: list[tuple[str, float]]) -> list[st
                 unet.load_lora_adapter(str(file.parent), weight_name=file.name, prefix="unet", adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as e:
             raise UserError(f"LoRA {path!r} does not fit this model: {str(e).splitlines()[0]}") from None
+        _check_all_loaded(unet, file, layers, name)
         names.append(name)
     if names:
         unet.set_adapters(names, [float(scale) for _, scale in loras])
     return names
 
 
-def _check_lora_matches(unet: torch.nn.Module, file: Path) -> None:
-    """Refuse a LoRA whose layers are absent from this UNet or have other shapes.
+def _check_all_loaded(unet: torch.nn.Module, file: Path, layers: set[str], adapter: str) -> None:
+    """Refuse a load that left some of the file's layers out.
+
+    diffusers picks one key format per file; a file that mixes the old ("lora.down") and
+    peft ("lora_A") forms, as `convert_state_dict_to_diffusers` writes for adapters beyond
+    the attention projections, loads with the other form's layers silently dropped.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    modules = dict(unet.named_modules())
+    missing = sorted(n for n in layers if not (isinstance(modules[n], LoraLayer) and adapter in modules[n].lora_A))
+    if missing:
+        raise UserError(f"LoRA {file}: diffusers loaded only {len(layers) - len(missing)} of its {len(layers)} layers "
+                        f"(not e.g. {missing[0]!r}); the file probably mixes 'lora.down' and 'lora_A' key names")
+
+
+def _check_lora_matches(unet: torch.nn.Module, file: Path) -> set[str]:
+    """Refuse a LoRA whose layers are absent from this UNet or have other shapes; return its layers.
 
     diffusers only warns about unexpected keys and would otherwise load nothing silently.
     """
     from safetensors import safe_open
 
     modules = dict(unet.named_modules())
+    layers = set()
     with safe_open(str(file), framework="pt") as f:
         keys = [k for k in f.keys() if k.startswith("unet.")]
         if not keys:
@@ -173,3 +196,5 @@ def _check_lora_matches(unet: torch.nn.Module, file: Path) -> None:
             got = shape[1] if ("down" in marker or "_A" in marker) else shape[0]
             if got != need:
                 raise UserError(f"LoRA {file} does not fit this model: layer {base_name!r} has other dimensions")
+            layers.add(base_name)
+    return layers
