@@ -57,8 +57,16 @@ class LoraConfig:
     alpha: float = 8.0
     # Dropout on the LoRA input (0 keeps training deterministic).
     dropout: float = 0.0
-    # UNet modules that get an adapter: the attention projections by default.
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # UNet modules that get an adapter. The default adapts the attention projections (what
+    # the paper and diffusers' scripts adapt), the transformer blocks' input/output and
+    # feed-forward projections, and the resnets' convolutions: on shapes-sd this wider
+    # adapter (175k instead of 47k parameters at rank 8) lifts held-out accuracy about
+    # 3 points more in the same steps (BENCHMARKS.md), and with `sampling.merge_lora`
+    # it costs no time in the gradient-free steps. The SD 1.5 configs keep attention
+    # only, as the paper did.
+    target_modules: tuple[str, ...] = (
+        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+    )
 
 
 @dataclass(frozen=True)
