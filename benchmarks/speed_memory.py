@@ -76,7 +76,7 @@ class Bench:
         self.args, self.cuda = args, args.device.startswith("cuda")
         self.dtype = torch.bfloat16 if args.bf16 else torch.float32
         self.model = load(args.preset, folder, args.device, self.dtype)
-        self.params = add_lora(self.model.unet, LoraConfig(rank=8))
+        self.params = add_lora(self.model.unet, LoraConfig(rank=8, target_modules=tuple(args.targets.split(","))))
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
         self.reward = rewards.get("brightness").to(args.device)
         self.prompts = ["a small red circle on a blue background"] * args.batch
@@ -162,7 +162,7 @@ def run_case(args, bench: Bench | None, method: str, overrides: dict, steps: int
             return {"error": "out of memory"}
     cmd = [sys.executable, __file__, "--child", "--preset", args.preset, "--method", method, "--steps", str(steps),
            "--overrides", json.dumps(overrides), "--device", args.device, "--batch", str(args.batch),
-           "--repeats", str(args.repeats)] + (["--bf16"] if args.bf16 else [])
+           "--repeats", str(args.repeats), "--targets", args.targets] + (["--bf16"] if args.bf16 else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -179,6 +179,8 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="frozen weights in bfloat16 (GPU)")
     p.add_argument("--t-sweep", default="10,25,50,100", help="sampling steps for the full-DRaFT memory sweep")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--targets", default="to_q,to_k,to_v,to_out.0",
+                   help="UNet modules the LoRA adapts (default: attention only, as every recorded run)")
     p.add_argument("--cases", default="", help="comma-separated case numbers to run (default: all), e.g. 0,2,7")
     # used by the per-case subprocesses
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -191,7 +193,7 @@ def main() -> None:
         return
     bench = Bench(args, folder) if args.device.startswith("cuda") else None
     results = {"preset": args.preset, "device": args.device, "batch": args.batch, "steps": args.steps,
-               "bf16": args.bf16, "cases": [], "t_sweep": []}
+               "bf16": args.bf16, "lora_targets": args.targets, "cases": [], "t_sweep": []}
     print(f"# preset {args.preset}, device {args.device}, batch {args.batch}, {args.steps} DDIM steps, "
           f"median of {args.repeats}; ratio = step time / no-grad sampling time in the same process")
     print("| method | step s | sampling s | ratio | peak MB | peak / DRaFT-1 |")
