@@ -27,7 +27,9 @@ def two_loras(tiny_sd, tmp_path_factory):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in params:
-                p.add_(0.03 * torch.randn(p.shape, generator=g))
+                # Small: the scale test needs the UNet's first-order regime, which on this
+                # random tiny UNet (LoRA on convolutions too) ends near 0.01.
+                p.add_(0.003 * torch.randn(p.shape, generator=g))
         folder = tmp_path_factory.mktemp(f"lora{seed}")
         save_lora(model.unet, folder)
         out.append(str(folder))

@@ -200,8 +200,14 @@ def test_same_config_and_seed_give_the_same_lora(tiny_sd, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_at_half_batch_equal_one_process(tiny_sd, tmp_path):
-    common = [f"model={tiny_sd}", *FAST, "steps=3", "method=draft-lv", "log.checkpoint_every=2",
+# An attention-only LoRA without the DRaFT+ term agrees to 1e-6. The default recipe (LoRA on
+# feed-forward, projection and convolution layers too; kl_coeff 0.03) differs by up to 6e-5
+# after three steps, against updates of ~1e-2: round-off that Adam amplifies where
+# gradients are near zero, not other samples (those would differ by a whole update).
+@pytest.mark.parametrize("overrides,atol", [(["lora.target_modules=to_q,to_k,to_v,to_out.0", "kl_coeff=0"], 1e-6),
+                                            ([], 2e-4)], ids=["attention", "default"])
+def test_two_processes_at_half_batch_equal_one_process(tiny_sd, tmp_path, overrides, atol):
+    common = [f"model={tiny_sd}", *FAST, "steps=3", "method=draft-lv", "log.checkpoint_every=2", *overrides,
               f"output_dir={tmp_path}", "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -211,7 +217,7 @@ def test_two_processes_at_half_batch_equal_one_process(tiny_sd, tmp_path):
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert "effective batch 2 = 1 x 1 accumulation x 2 process(es)" in two.stdout
     assert main(["train", *common, "name=one", "batch_size=2"]) == 0
-    assert_same_lora(tmp_path / "one", tmp_path / "two", atol=1e-6)
+    assert_same_lora(tmp_path / "one", tmp_path / "two", atol=atol)
     # only the main process writes: one line per step, one set of checkpoints
     assert steps_logged(tmp_path / "two") == [1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
