@@ -61,7 +61,7 @@ class LoraConfig:
     # the paper and diffusers' scripts adapt), the transformer blocks' input/output and
     # feed-forward projections, and the resnets' convolutions: on shapes-sd this wider
     # adapter (175k instead of 47k parameters at rank 8) lifts held-out accuracy about
-    # 3 points more in the same steps (BENCHMARKS.md), and with `sampling.merge_lora`
+    # 4 points more in the same steps (BENCHMARKS.md), and with `sampling.merge_lora`
     # it costs no time in the gradient-free steps. The SD 1.5 configs keep attention
     # only, as the paper did.
     target_modules: tuple[str, ...] = (

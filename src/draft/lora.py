@@ -2,9 +2,8 @@
 
 The saved adapter is what diffusers' `save_lora_weights` writes
 (`pytorch_lora_weights.safetensors`, "unet."-prefixed peft keys, the LoRA config as
-metadata), so
-`pipe.load_lora_weights(run_dir / "lora")` works in plain diffusers and the file loads in
-other tools that read diffusers LoRAs.
+metadata), so `pipe.load_lora_weights(run_dir / "lora")` works in plain diffusers and the
+file loads in other tools that read diffusers LoRAs.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ An adapter exposes exactly what reward fine-tuning needs:
 - `decode(latents)` -> images in [0, 1], differentiable, with frozen weights;
 - `latent_shape`, `resolution`, `scheduler_config` (for `Schedule.from_scheduler_config`);
 - `denoiser` (the trainable network, where LoRA goes) and `adapters_disabled()` (the base
-  model's prediction without a second copy in memory, for DRaFT+).
+  model's prediction without a second copy in memory, for DRaFT+);
+- `adapters_merged()` (the LoRA folded into the weights for gradient-free sampling, the
+  base weights restored exactly afterwards).
 
 `StableDiffusion` serves every diffusers Stable Diffusion 1.x/2.x pipeline, `shapes-sd`
 included; SDXL and flow-matching families get their own adapters.

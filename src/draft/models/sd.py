@@ -134,14 +134,13 @@ class StableDiffusion:
         finally:
             unet.enable_adapters()
 
-
     @contextlib.contextmanager
     def adapters_merged(self):
         """Fold the active LoRA adapters into the UNet's weights for gradient-free sampling.
 
         peft runs an adapted layer as the base layer plus two small LoRA products; in the
-        T - 1 steps that carry no gradient, that is pure overhead (40% of a shapes-sd step
-        with LoRA on the convolutions too). Inside this block the adapted layers run as
+        T - 1 steps that carry no gradient, that is pure overhead (about 45% of a shapes-sd
+        step with LoRA on the convolutions too). Inside this block the adapted layers run as
         plain layers with W + ΔW. On exit the saved base weights are copied back, so they
         come out bit for bit as they went in (subtracting ΔW again would not, and in bf16
         would drift visibly). Costs one copy of the adapted layers' weights while inside.
