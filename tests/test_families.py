@@ -22,13 +22,15 @@ from draft.models.tiny import PROMPTS, build_tiny
 from draft.rewards import FunctionReward
 from draft.sampling import SampleNoise, Schedule, guided, predict_x0_eps, renoise, sample, sampler_step
 
-# family -> (tiny builder kwargs, the diffusers pipeline class that loads it)
+# name -> (tiny builder kwargs, or None for a model shipped in the package; the diffusers
+# pipeline class that loads it)
 FAMILIES = {
     "sd": ({}, "StableDiffusionPipeline"),
     "sd3": ({}, "StableDiffusion3Pipeline"),
     "sd3-t5": ({"family": "sd3", "t5": True}, "StableDiffusion3Pipeline"),
     "flux": ({}, "FluxPipeline"),
     "flux-schnell": ({}, "FluxPipeline"),
+    "shapes-sd": (None, "StableDiffusionPipeline"),
 }
 # Families sampled without an unconditional pass: guidance is an input of the model
 # (FLUX.1-dev's guidance embedding) or absent (schnell).
@@ -37,9 +39,13 @@ NO_CFG = {"flux", "flux-schnell"}
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
-    """(family name, path of its tiny pipeline folder, diffusers pipeline class name)."""
+    """(name, path of its pipeline folder, diffusers pipeline class name)."""
+    from draft.models import EMBEDDED
+
     name = request.param
     kwargs, pipeline = FAMILIES[name]
+    if kwargs is None:
+        return name, EMBEDDED[name].path, pipeline
     kwargs = {"family": name, **kwargs}
     path = build_tiny(tmp_path_factory.mktemp(name), kwargs.pop("family"), **kwargs)
     return name, path, pipeline
@@ -286,3 +292,32 @@ def test_unsupported_pipeline_class_is_refused(tmp_path):
     with pytest.raises(UserError, match="supported: .*StableDiffusion3Pipeline"):
         load_model(str(tmp_path))
 
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_on_a_flow_model(tmp_path_factory, tmp_path):
+    """Under `accelerate launch` on the CPU, 2 processes at batch 1 train the LoRA that 1 process
+    at batch 2 trains, on SD3 (rectified flow, transformer, dict conditioning) as on SD."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from draft.cli import main
+
+    path = build_tiny(tmp_path_factory.mktemp("sd3-ddp"), "sd3")
+    common = [f"model={path}", "reward=brightness", f"prompts={'|'.join(PROMPTS)}", f"eval_prompts={PROMPTS[0]}",
+              "method=draft-lv", "batch_size=1", "lr=1e-2", "kl_coeff=0", "steps=2", "sampling.num_steps=3",
+              "sampling.guidance_scale=3", "log.sample_prompts=1", "log.sample_seeds=1", "log.eval_samples=0",
+              "log.trackers=[]", f"output_dir={tmp_path}", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "draft.cli"]
+    two = subprocess.run([*launch, "train", *common, "name=two"], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert main(["train", *common, "name=one", "batch_size=2"]) == 0
+    one, both = (load_file(tmp_path / n / "lora" / "pytorch_lora_weights.safetensors") for n in ("one", "two"))
+    assert one.keys() == both.keys() and all(k.startswith("transformer.") for k in one)
+    for k in one:
+        torch.testing.assert_close(one[k], both[k], rtol=0, atol=1e-6)
