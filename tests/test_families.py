@@ -316,5 +316,7 @@ def test_two_processes_equal_one_on_a_flow_model(tmp_path_factory, tmp_path):
     assert main(["train", *common, "name=one", "batch_size=2"]) == 0
     one, both = (load_file(tmp_path / n / "lora" / "pytorch_lora_weights.safetensors") for n in ("one", "two"))
     assert one.keys() == both.keys() and all(k.startswith("transformer.") for k in one)
+    # Round-off of the gradient all-reduce (1.5e-6 seen), against updates of ~1e-2: another
+    # sample or noise would move a weight by a whole update.
     for k in one:
-        torch.testing.assert_close(one[k], both[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(one[k], both[k], rtol=0, atol=1e-5)
