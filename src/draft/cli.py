@@ -75,35 +75,18 @@ def cmd_train(args) -> int:
         if resume and not config.name:
             raise UserError("--resume needs the run: pass --resume RUN_DIR, or name=... of the run")
     if args.dry_run:
-        return _dry_run(config)
+        return _dry_run(config, resume, args.overwrite)
     from draft.trainer import train
 
     train(config, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
     return 0
 
 
-def _dry_run(config) -> int:
-    """Validate everything that can be checked without loading weights, and print it."""
-    import yaml
+def _dry_run(config, resume: bool = False, overwrite: bool = False) -> int:
+    """Check everything that can be checked without loading weights (draft.preflight), and print it."""
+    from draft.preflight import dry_run
 
-    from draft import rewards
-    from draft.errors import unknown
-    from draft.models import resolve
-    from draft.prompts import load_prompts
-
-    resolve(config.model)
-    for name in rewards._parse(config.reward):
-        if name not in rewards.available() and ":" not in name:
-            raise unknown("reward", name, rewards.available())
-    prompts = load_prompts(config.prompts, config.model)
-    load_prompts(config.eval_prompts, config.model)
-    procs = int(os.environ.get("WORLD_SIZE", "1"))
-    per_sample = config.lv_n if config.method == "draft-lv" else 1
-    batch = config.batch_size * config.grad_accum * procs
-    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-    print(f"# {len(prompts)} training prompts; effective batch {batch} = {config.batch_size} x "
-          f"{config.grad_accum} accumulation x {procs} process(es); reward queries per step {batch * per_sample}; "
-          f"reward queries in total {batch * per_sample * config.steps}")
+    print(dry_run(config, resume=resume, overwrite=overwrite), end="")
     return 0
 
 
