@@ -1,0 +1,95 @@
+"""The memory estimate: exact weights from configs on the meta device, no weights loaded."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from draft.config import load_config
+from draft.estimate import estimate, lora_parameters, peak_activations
+
+
+@pytest.fixture(scope="module")
+def configs_only(tiny_sd, tmp_path_factory):
+    """The tiny pipeline folder with every weight file removed: only configs and tokenizer."""
+    folder = tmp_path_factory.mktemp("configs") / "pipe"
+    shutil.copytree(tiny_sd, folder)
+    for f in folder.rglob("*.safetensors"):
+        f.unlink()
+    return folder
+
+
+@pytest.mark.parametrize("precision,dtype", [("no", torch.float32), ("bf16", torch.bfloat16)])
+def test_weight_memory_is_the_real_parameter_bytes(tiny_sd, configs_only, precision, dtype):
+    from draft.lora import add_lora
+    from draft.models import load_model
+
+    config = load_config(None, []).replace(mixed_precision=precision)
+    est = estimate(config, configs_only)  # would fail if it needed a weight file
+    model = load_model(str(tiny_sd), dtype=dtype)
+    for name, module in [("unet", model.unet), ("vae", model.vae), ("text_encoder", model.text_encoder)]:
+        real = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+        assert est.parts[name] == real, name
+    assert est.weights == sum(est.parts.values())
+    params = add_lora(model.unet, config.lora)
+    assert est.lora_params == sum(p.numel() for p in params)  # convolutions and linear layers alike
+    assert est.lora == 16 * est.lora_params  # float32 weights, gradients and two AdamW moments
+    assert est.activations > 0 and est.peak == est.weights + est.lora + est.reward + est.activations
+
+
+def test_activations_follow_the_method_table(configs_only):
+    run = lambda *o: estimate(load_config(None, ["batch_size=2", "sampling.num_steps=10", *o]), configs_only)  # noqa: E731
+    one, no_ckpt = run("method=draft-k", "k=1"), run("method=draft-k", "k=1", "sampling.checkpointing=false")
+    full, full_no_ckpt = run("method=draft"), run("method=draft", "sampling.checkpointing=false")
+    assert no_ckpt.activations > one.activations  # the UNet's activations live beside the decode's
+    assert full.activations - one.activations < 0.05 * one.activations  # checkpointed: flat in T
+    assert full_no_ckpt.activations > 5 * no_ckpt.activations / 2  # unchecked: grows with T
+    assert run("method=draft-lv", "lv_n=2").activations > 1.8 * run("method=draft-lv", "lv_n=1").activations
+    bigger = estimate(load_config(None, ["batch_size=4", "sampling.num_steps=10", "method=draft-k", "k=1"]),
+                      configs_only)
+    assert 1.8 < bigger.activations / one.activations < 2.2  # linear in the batch
+
+
+def test_peak_activations_table():
+    u, d, s = 8, 20, 1
+    assert peak_activations("draft-k", True, u, d, s, 10) == 20 + 10
+    assert peak_activations("draft-k", False, u, d, s, 10) == 80 + 20
+    assert peak_activations("refl", True, u, d, s, 1) == 28  # ReFL's step is never checkpointed
+    assert peak_activations("ddpo", True, u, d, s, 50) == 8 + 50
+    assert peak_activations("ddpo", False, u, d, s, 50) == 400
+
+
+def test_fits_and_printout(configs_only):
+    est = estimate(load_config(None, []), configs_only)
+    yes, no = est.fits()
+    assert yes == [24, 40, 48, 80] and no == []
+    text = "\n".join(est.lines())
+    assert "estimated peak accelerator memory per process" in text and "fits 24 GB" in text
+    est.activations = 70 * 2**30
+    assert est.fits() == ([80], [24, 40, 48])
+    assert "too large for 24 GB, 40 GB, 48 GB" in est.lines()[0]
+
+
+def test_lora_parameter_count_matches_peft_on_a_transformer_denoiser(tmp_path):
+    """The count also holds for an SD3-style transformer, built on the meta device from its config."""
+    from diffusers import SD3Transformer2DModel
+
+    from draft.config import LoraConfig
+    from draft.lora import add_lora
+    from draft.models import meta
+
+    kwargs = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                  joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4)
+    real = SD3Transformer2DModel(**kwargs)
+    real.save_config(tmp_path / "transformer")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "X", "transformer": ["diffusers", "SD3Transformer2DModel"]}')
+    built = meta.components(tmp_path)["transformer"]
+    assert next(built.parameters()).is_meta
+    assert sum(p.numel() for p in built.parameters()) == sum(p.numel() for p in real.parameters())
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "ff.net.2")
+    params = add_lora(real, LoraConfig(rank=4, target_modules=targets))
+    assert lora_parameters(built, targets, 4) == sum(p.numel() for p in params)
+    saved = meta.denoiser_saved_bytes(built.to(torch.bfloat16), 2, (4, 8, 8), torch.bfloat16, text_tokens=5)
+    assert saved and saved > 0
