@@ -45,8 +45,9 @@ GIB = 2**30
 # Measured peak / counted activations on SD 1.5's architecture (BENCHMARKS.md): the
 # allocator's rounding and the transient buffers of the backward pass.
 CALIBRATION = 1.05
-# Common accelerator sizes, in GB as sold, and what a process can use of them: the CUDA
-# context and allocator slack take about 1 GiB.
+# Common accelerator sizes as sold ("24 GB": RTX 3090/4090, A10, L4; 40: A100-40GB; 48: A6000,
+# L40S; 80: A100/H100-80GB). Their memory is about that many GiB (24564 MiB on a 4090, 81559 on
+# an H100), of which the CUDA context and allocator slack take about 1 GiB.
 CARDS = (24, 40, 48, 80)
 RESERVED = 1.0 * GIB
 _DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,7 +72,7 @@ class Estimate:
 
     def fits(self) -> tuple[list[int], list[int]]:
         """(card sizes in GB it fits, those it does not)."""
-        yes = [c for c in CARDS if self.peak + RESERVED <= c * 1e9]
+        yes = [c for c in CARDS if self.peak + RESERVED <= c * GIB]
         return yes, [c for c in CARDS if c not in yes]
 
     def lines(self) -> list[str]:

@@ -90,8 +90,8 @@ class _SavedLikeFusedAttention(torch.autograd.Function):
 def _fused_attention():
     original = torch.nn.functional.scaled_dot_product_attention
 
-    def sdpa(q, k, v, *args, **kwargs):
-        return _SavedLikeFusedAttention.apply(q, k, v, lambda a, b, c: original(a, b, c, *args, **kwargs))
+    def sdpa(query, key, value, *args, **kwargs):  # diffusers passes them by name or by position
+        return _SavedLikeFusedAttention.apply(query, key, value, lambda q, k, v: original(q, k, v, *args, **kwargs))
 
     torch.nn.functional.scaled_dot_product_attention = sdpa
     try:
