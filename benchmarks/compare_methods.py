@@ -140,7 +140,7 @@ def part_gradnorm(args, out: Path) -> None:
     from draft.sampling import Schedule
 
     model = load_model(args.model)
-    params = add_lora(model.unet, LoraConfig())
+    params = add_lora(model, LoraConfig())
     with torch.no_grad():  # a LoRA that has moved a little, so A receives gradient too
         g = torch.Generator().manual_seed(0)
         for p in params:
