@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,29 +12,46 @@ from draft.config import load_config
 from draft.estimate import estimate, lora_parameters, peak_activations
 
 
+def without_weights(folder, tmp_path_factory):
+    """A copy of a pipeline folder with every weight file removed: only configs and tokenizers."""
+    copy = tmp_path_factory.mktemp("configs") / "pipe"
+    shutil.copytree(folder, copy)
+    for f in copy.rglob("*.safetensors"):
+        f.unlink()
+    return copy
+
+
 @pytest.fixture(scope="module")
 def configs_only(tiny_sd, tmp_path_factory):
-    """The tiny pipeline folder with every weight file removed: only configs and tokenizer."""
-    folder = tmp_path_factory.mktemp("configs") / "pipe"
-    shutil.copytree(tiny_sd, folder)
-    for f in folder.rglob("*.safetensors"):
-        f.unlink()
-    return folder
+    return without_weights(tiny_sd, tmp_path_factory)
 
 
-@pytest.mark.parametrize("precision,dtype", [("no", torch.float32), ("bf16", torch.bfloat16)])
-def test_weight_memory_is_the_real_parameter_bytes(tiny_sd, configs_only, precision, dtype):
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    from draft.models.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("sd3"), "sd3", t5=True)
+
+
+@pytest.mark.parametrize("family,precision,dtype", [("sd", "no", torch.float32), ("sd", "bf16", torch.bfloat16),
+                                                    ("sd3", "bf16", torch.bfloat16)])
+def test_weight_memory_is_the_real_parameter_bytes(family, precision, dtype, tiny_sd, tiny_sd3, tmp_path_factory):
     from draft.lora import add_lora
     from draft.models import load_model
 
+    folder = tiny_sd if family == "sd" else tiny_sd3
     config = load_config(None, []).replace(mixed_precision=precision)
-    est = estimate(config, configs_only)  # would fail if it needed a weight file
-    model = load_model(str(tiny_sd), dtype=dtype)
-    for name, module in [("unet", model.unet), ("vae", model.vae), ("text_encoder", model.text_encoder)]:
+    est = estimate(config, without_weights(folder, tmp_path_factory))  # would fail if it needed a weight file
+    model = load_model(str(folder), dtype=dtype)
+    expected = {"unet", "vae", "text_encoder"} if family == "sd" else {
+        "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"}
+    assert set(est.parts) == expected
+    for name in est.parts:
+        module = getattr(model.pipe, name)
         real = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
         assert est.parts[name] == real, name
     assert est.weights == sum(est.parts.values())
-    params = add_lora(model.unet, config.lora)
+    params = add_lora(model, config.lora)
     assert est.lora_params == sum(p.numel() for p in params)  # convolutions and linear layers alike
     assert est.lora == 16 * est.lora_params  # float32 weights, gradients and two AdamW moments
     assert est.activations > 0 and est.peak == est.weights + est.lora + est.reward + est.activations
@@ -89,7 +107,7 @@ def test_lora_parameter_count_matches_peft_on_a_transformer_denoiser(tmp_path):
     assert next(built.parameters()).is_meta
     assert sum(p.numel() for p in built.parameters()) == sum(p.numel() for p in real.parameters())
     targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "ff.net.2")
-    params = add_lora(real, LoraConfig(rank=4, target_modules=targets))
+    params = add_lora(SimpleNamespace(denoiser=real), LoraConfig(rank=4, target_modules=targets))
     assert lora_parameters(built, targets, 4) == sum(p.numel() for p in params)
     saved = meta.denoiser_saved_bytes(built.to(torch.bfloat16), 2, (4, 8, 8), torch.bfloat16, text_tokens=5)
     assert saved and saved > 0
@@ -101,7 +119,7 @@ def test_meta_count_equals_the_real_saved_bytes(tiny_sd):
     from draft.models import meta
     from draft.models.sd import StableDiffusion
 
-    real = StableDiffusion.from_pretrained(str(tiny_sd))
+    real = StableDiffusion.from_pretrained(str(tiny_sd), True, "tiny").pipe
     built = meta.components(tiny_sd)
 
     def real_bytes(fn, module):

@@ -95,7 +95,7 @@ class Estimate:
 def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> Estimate:
     """The estimate for `config` on the pipeline folder `folder` (configs only, no weights)."""
     from draft.models import meta
-    from draft.models.sd import quiet_diffusers
+    from draft.models.base import quiet_diffusers
 
     quiet_diffusers()
     folder = Path(folder)
@@ -108,7 +108,7 @@ def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> 
         notes.append("no denoiser or VAE in model_index.json: activations not estimated")
         return Estimate(sum(parts.values()), 0, reward_bytes, 0, 0, parts, notes=notes)
     den, vae = comps[den_name].to(dtype), comps["vae"].to(dtype)
-    n_lora = lora_parameters(den, config.lora.target_modules, config.lora.rank)
+    n_lora = lora_parameters(den, lora_targets(config, folder), config.lora.rank)
     s = config.sampling
     latent = latent_shape(den, vae, s.height, s.width)
     procs = int(os.environ.get("WORLD_SIZE", "1"))
@@ -167,6 +167,21 @@ def time_ratio(config: TrainConfig) -> float:
         return (sum(config.refl_range) / 2 + c) / t
     g = (config.alignprop_k_min + config.alignprop_k_max) / 2 if config.method == "alignprop" else grad_steps(config)
     return (t - g + g * c) / t
+
+
+def lora_targets(config: TrainConfig, folder: Path) -> tuple[str, ...]:
+    """The config's LoRA targets, or else the family adapter's defaults (as `draft.lora` picks
+    them); attention projections for a pipeline no adapter serves yet."""
+    if config.lora.target_modules:
+        return tuple(config.lora.target_modules)
+    from draft.errors import UserError
+    from draft.models import ADAPTERS, pipeline_class
+    from draft.models.base import load_callable
+
+    try:
+        return tuple(load_callable(ADAPTERS[pipeline_class(str(folder))]).default_lora_targets)
+    except UserError:
+        return ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def lora_parameters(module: torch.nn.Module, targets, rank: int) -> int:
