@@ -153,3 +153,17 @@ def test_check_raises_user_errors_in_the_api_too(tiny_sd):
 
     with pytest.raises(UserError, match="nosuchmodule"):
         check(load_config(None, [f"model={tiny_sd}", "reward=nosuchmodule:fn"]))
+
+
+def test_a_hub_model_in_the_local_cache_is_estimated_without_download(tiny_sd, tmp_path):
+    """The dry run reads a hub model's configs from the Hugging Face cache, never the network."""
+    import shutil
+
+    from draft.preflight import cached_hub_configs
+
+    snapshot = tmp_path / "models--someone--tiny" / "snapshots" / "0123abc"
+    shutil.copytree(tiny_sd, snapshot, ignore=shutil.ignore_patterns("*.safetensors"))
+    (tmp_path / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny" / "refs" / "main").write_text("0123abc")
+    assert cached_hub_configs("someone/tiny", cache_dir=str(tmp_path)) == snapshot
+    assert cached_hub_configs("someone/not-cached", cache_dir=str(tmp_path)) is None

@@ -4,8 +4,8 @@
 one line, nothing written):
 
 - the config's values (`TrainConfig.validate`: names, ranges, finiteness);
-- the model: a local folder must be a diffusers pipeline of a supported class
-  (`draft.models.resolve`, which reads model_index.json only);
+- the model: a local folder, or a hub model's configs in the local Hugging Face cache, must
+  be a diffusers pipeline of a supported class (model_index.json only is read);
 - the reward spec: every weight a finite number, every registered name known and its module
   importable, every `module:attr` plug-in imported and its attribute found, every
   `reward_args` entry used by a reward in the spec and accepted by that reward's signature,
@@ -33,7 +33,7 @@ from draft.errors import UserError, unknown
 class Checked:
     """What the checks found, for the dry run's printout."""
 
-    model_dir: Path | None
+    model_dir: Path | None  # the pipeline folder, or a hub model's configs in the local cache
     prompts: list[str]
     eval_prompts: list[str]
     reward_bytes: int = 0  # tensor bytes of the local reward weights named in reward_args
@@ -48,14 +48,22 @@ def check(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
 
     config.validate()
     source, local = resolve(config.model)
-    notes = [] if local else [f"model {config.model!r} comes from the Hugging Face hub: checked when it loads"]
+    folder = Path(source) if local else cached_hub_configs(source)
+    notes = []
+    if not local and folder is not None:
+        from draft.models import pipeline_class
+
+        pipeline_class(str(folder))  # the cached model_index.json names a pipeline we serve
+        notes.append(f"model {config.model!r}: configs from the local Hugging Face cache")
+    elif not local:
+        notes.append(f"model {config.model!r} comes from the Hugging Face hub: checked when it loads")
     reward_bytes = check_reward(config.reward, config.reward_args)
     prompts = load_prompts(config.prompts, config.model)
     eval_prompts = load_prompts(config.eval_prompts, config.model)
     check_trackers(config.log.trackers)
     if config.name:
         RunFolder(Path(config.output_dir) / config.name).check_usable(resume, overwrite)
-    return Checked(Path(source) if local else None, prompts, eval_prompts, reward_bytes, notes)
+    return Checked(folder, prompts, eval_prompts, reward_bytes, notes)
 
 
 # --- rewards -----------------------------------------------------------------------------------
@@ -185,6 +193,18 @@ def check_trackers(trackers) -> None:
             raise UserError(f"log.trackers: {name} is not installed (pip install {name}), or drop it from log.trackers")
 
 
+def cached_hub_configs(repo_id: str, cache_dir: str | None = None) -> Path | None:
+    """The folder of a hub model's configs in the local Hugging Face cache (no download), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=["model_index.json", "*/config.json"],
+                                        local_files_only=True, cache_dir=cache_dir))
+    except Exception:  # not cached, or not a valid id: the estimate is skipped, the run will say more
+        return None
+    return folder if (folder / "model_index.json").is_file() else None
+
+
 # --- the dry run ---------------------------------------------------------------------------------
 
 
@@ -209,5 +229,6 @@ def dry_run(config: TrainConfig, resume: bool = False, overwrite: bool = False) 
     if found.model_dir is not None:
         lines += estimate(config, found.model_dir, found.reward_bytes).lines()
     else:
-        lines.append("memory estimate: needs the model's configs in a local folder")
+        lines.append("memory estimate: needs the model's configs, which are neither in a local folder nor in the "
+                     "Hugging Face cache")
     return yaml.safe_dump(config.to_dict(), sort_keys=False) + "".join(f"# {line}\n" for line in lines)
