@@ -124,10 +124,13 @@ def cmd_rewards(args) -> int:
 
 
 def cmd_pretrain_shapes(args) -> int:
-    from draft.models.shapes_pretrain import pretrain
+    if args.model == "shapes-flow":
+        from draft.models.shapes_flow_pretrain import pretrain
+    else:
+        from draft.models.shapes_pretrain import pretrain
 
-    path = pretrain(Path(args.out), seed=args.seed, device=args.device)
-    print(f"wrote the shapes-sd pipeline to {path}")
+    path = pretrain(Path(args.out or args.model), seed=args.seed, device=args.device)
+    print(f"wrote the {args.model} pipeline to {path}")
     return 0
 
 
@@ -158,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate images, optionally with LoRAs mixed in")
-    p.add_argument("--model", default="shapes-sd", help="pipeline folder, hub id, or shapes-sd")
+    p.add_argument("--model", default="shapes-sd", help="pipeline folder, hub id, or an embedded model (shapes-sd, shapes-flow)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -180,8 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rewards", help="list the registered rewards")
     p.set_defaults(func=cmd_rewards)
 
-    p = sub.add_parser("pretrain-shapes", help="rebuild the shipped shapes-sd pipeline from scratch")
-    p.add_argument("--out", default="shapes-sd", help="output folder")
+    p = sub.add_parser("pretrain-shapes", help="rebuild a shipped shapes pipeline (shapes-sd, shapes-flow) from scratch")
+    p.add_argument("--model", default="shapes-sd", choices=["shapes-sd", "shapes-flow"],
+                   help="which family: shapes-sd (Stable Diffusion, DDIM) or shapes-flow (SD3, flow matching)")
+    p.add_argument("--out", default=None, help="output folder (default: the model's name); the pipeline goes into OUT/MODEL")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_pretrain_shapes)
