@@ -211,17 +211,15 @@ def latent_shape(den, vae, height: int = 0, width: int = 0) -> tuple[int, int, i
 
 
 def _text_tokens(folder: Path, den) -> int:
-    """Text tokens the denoiser attends to: the tokenizer's length for a UNet; the pipelines'
-    defaults for SD3 (77 CLIP + 256 T5) and FLUX (512 T5)."""
+    """Text tokens the denoiser attends to: the CLIP tokenizer's length for a UNet, plus the
+    256 T5 positions diffusers' SD3 pipeline appends (zeros without a T5); 512 for FLUX."""
     import json
 
-    name = type(den).__name__
-    if name == "SD3Transformer2DModel":
-        return 333
-    if name == "FluxTransformer2DModel":
+    if type(den).__name__ == "FluxTransformer2DModel":
         return 512
     try:
         length = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text()).get("model_max_length", 77)
     except (OSError, ValueError):
-        return 77
-    return int(length) if isinstance(length, int) and 0 < length <= 4096 else 77
+        length = 77
+    length = length if isinstance(length, int) and 0 < length <= 4096 else 77
+    return length + 256 if type(den).__name__ == "SD3Transformer2DModel" else length
