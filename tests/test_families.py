@@ -29,6 +29,7 @@ FAMILIES = {
     "sd3": ({}, "StableDiffusion3Pipeline"),
     "sd3-t5": ({"family": "sd3", "t5": True}, "StableDiffusion3Pipeline"),
     "shapes-sd": (None, "StableDiffusionPipeline"),
+    "shapes-flow": (None, "StableDiffusion3Pipeline"),
 }
 
 

@@ -28,7 +28,13 @@ def _lora_args(values: list[str] | None) -> list[tuple[str, float]]:
 def _sampling(args):
     from draft.config import SamplingConfig
 
-    return SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta)
+    from draft.models import model_defaults
+
+    # The model's recommended guidance (shapes-flow: 4), else the usual 7.5.
+    guidance = args.guidance
+    if guidance is None:
+        guidance = model_defaults(args.model).get("sampling.guidance_scale", (SamplingConfig.guidance_scale,))[0]
+    return SamplingConfig(num_steps=args.steps, guidance_scale=guidance, eta=args.eta)
 
 
 def _reward_args(items: list[str] | None) -> dict:
@@ -139,7 +145,8 @@ def cmd_pretrain_shapes(args) -> int:
 
 def _add_sampling(p) -> None:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: the model's recommended one, else 7.5)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--lora", action="append", metavar="DIR[:SCALE]",

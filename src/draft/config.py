@@ -337,8 +337,8 @@ def _set_dotted(data: dict, key: str, value) -> None:
 def from_dict(data: dict[str, Any], cls=TrainConfig, prefix: str = ""):
     """Build dataclass `cls` from a nested dict, checking keys and types.
 
-    For a whole TrainConfig, the chosen method's defaults (METHOD_DEFAULTS) fill the keys
-    that `data` does not set.
+    For a whole TrainConfig, the chosen method's and model's defaults fill the keys that
+    `data` does not set.
     """
     if not isinstance(data, dict):
         raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
@@ -366,10 +366,22 @@ def _given(data: dict, key: str) -> bool:
     return True
 
 
+def _defaults_for(method, model) -> dict[str, tuple[Any, str]]:
+    """The defaults that belong to this method and this model, by dotted key: (value, why).
+
+    A model's come from `draft.models.model_defaults` (the embedded models' recommended
+    sampling settings); a method's from METHOD_DEFAULTS, and win over the model's.
+    """
+    from draft.models import model_defaults
+
+    out = dict(model_defaults(model)) if isinstance(model, str) else {}
+    out.update(METHOD_DEFAULTS.get(method, {}) if isinstance(method, str) else {})
+    return out
+
+
 def _with_method_defaults(data: dict) -> dict:
-    """`data` with its method's defaults added where it does not set the key (a new dict)."""
-    method = data.get("method", TrainConfig.method)
-    defaults = METHOD_DEFAULTS.get(method, {}) if isinstance(method, str) else {}
+    """`data` with its method's and model's defaults added where it does not set the key (a new dict)."""
+    defaults = _defaults_for(data.get("method", TrainConfig.method), data.get("model", TrainConfig.model))
     for key, (value, _) in defaults.items():
         if not _given(data, key):
             *parents, last = key.split(".")
@@ -381,14 +393,15 @@ def _with_method_defaults(data: dict) -> dict:
 
 
 def method_defaults(config: TrainConfig) -> list[str]:
-    """One line for each of the method's defaults that the config holds: what and why."""
+    """One line for each of the method's and the model's defaults that the config holds: what and why."""
     notes = []
-    for key, (value, why) in METHOD_DEFAULTS.get(config.method, {}).items():
+    for key, (value, why) in _defaults_for(config.method, config.model).items():
         current: Any = config
         for part in key.split("."):
             current = getattr(current, part)
         if current == value:
-            notes.append(f"{key}={value}: method {config.method}'s default ({why}); set {key} to change it")
+            owner = f"method {config.method}" if key in METHOD_DEFAULTS.get(config.method, {}) else config.model
+            notes.append(f"{key}={value}: {owner}'s default ({why}); set {key} to change it")
     return notes
 
 
