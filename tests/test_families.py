@@ -31,6 +31,7 @@ FAMILIES = {
     "flux": ({}, "FluxPipeline"),
     "flux-schnell": ({}, "FluxPipeline"),
     "shapes-sd": (None, "StableDiffusionPipeline"),
+    "shapes-flow": (None, "StableDiffusion3Pipeline"),
 }
 # Families sampled without an unconditional pass: guidance is an input of the model
 # (FLUX.1-dev's guidance embedding) or absent (schnell).
