@@ -111,7 +111,9 @@ def assert_same_adapter(trained: torch.nn.Module, loaded: torch.nn.Module, adapt
 def test_kohya_file_loads_whole_in_diffusers_and_gives_the_same_images(run_dir, tiny_sd, reference):
     assert main(["export", str(run_dir), "--format", "kohya"]) == 0
     out = run_dir / "lora" / "my-run-kohya.safetensors"
-    assert out.is_file()
+    with safe_open(str(out), framework="pt") as f:  # kohya's ss_* fields, as the UIs list LoRAs by them
+        assert {k: f.metadata()[k] for k in ("ss_network_dim", "ss_network_alpha", "ss_output_name")} == {
+            "ss_network_dim": "4", "ss_network_alpha": "6", "ss_output_name": "my-run-kohya"}
     lora = read_lora(run_dir)
 
     reference, want = reference[0], reference[1][1.0]

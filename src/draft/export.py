@@ -237,9 +237,13 @@ def _check_kohya(lora: Lora) -> None:
 
 def kohya_metadata(lora: Lora, unet_config: dict, name: str) -> dict[str, str]:
     """The few `ss_*` fields kohya's files carry that the UIs show or filter LoRAs by."""
-    ranks = sorted({int(t.shape[0]) for t in lora.down.values()})
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1]),
-            "ss_network_alpha": str(lora.config.get("lora_alpha", ranks[-1])), "ss_output_name": name}
+    from collections import Counter
+
+    # The most common rank and alpha, as kohya's trainer records its network_dim and network_alpha.
+    dim = Counter(int(t.shape[0]) for t in lora.down.values()).most_common(1)[0][0]
+    alpha = Counter(lora.scales[m] * lora.down[m].shape[0] for m in lora.down).most_common(1)[0][0]
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": f"{alpha:g}",
+            "ss_output_name": name}
     if uses_ldm_names(unet_config):
         meta["ss_base_model_version"] = "sdxl_base_v1-0"
     elif unet_config.get("cross_attention_dim") in (768, 1024):  # SD 1.x's CLIP-L, SD 2.x's OpenCLIP-H
