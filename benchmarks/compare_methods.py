@@ -137,16 +137,15 @@ def part_gradnorm(args, out: Path) -> None:
     from draft.methods import Batch, Loop, SampleNoise, sample_seed
     from draft.models import load_model
     from draft.prompts import load_prompts
-    from draft.sampling import Schedule
 
     model = load_model(args.model)
-    params = add_lora(model.unet, LoraConfig())
+    params = add_lora(model, LoraConfig())
     with torch.no_grad():  # a LoRA that has moved a little, so A receives gradient too
         g = torch.Generator().manual_seed(0)
         for p in params:
             p.add_(1e-3 * torch.randn(p.shape, generator=g))
     reward = rewards.get("shapes-alignment")
-    schedule = Schedule.from_scheduler_config(model.scheduler_config, args.sampling_steps)
+    schedule = model.schedule(args.sampling_steps)
     loop = Loop(model, reward, schedule, 7.5)
     prompts = load_prompts("train", args.model)
     table = {}

@@ -56,7 +56,7 @@ def tuned_samples(loras: list[str], n: int, seed: int) -> torch.Tensor:
     for i, lora in enumerate(loras):
         m = len(range(i, n, len(loras)))
         model = load_model("shapes-sd", device="cpu")
-        load_loras(model.unet, [(lora, 1.0)])
+        load_loras(model, [(lora, 1.0)])
         seeds = [seed * 1000 + i * 100 + j for j in range(m)]
         out.append(generate(model, prompts[:m], seeds, SamplingConfig()))
     return torch.cat(out).clamp(0, 1)

@@ -76,7 +76,7 @@ class Bench:
         self.args, self.cuda = args, args.device.startswith("cuda")
         self.dtype = torch.bfloat16 if args.bf16 else torch.float32
         self.model = load(args.preset, folder, args.device, self.dtype)
-        self.params = add_lora(self.model.unet, LoraConfig(rank=8, target_modules=tuple(args.targets.split(","))))
+        self.params = add_lora(self.model, LoraConfig(rank=8, target_modules=tuple(args.targets.split(","))))
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
         self.reward = rewards.get("brightness").to(args.device)
         self.prompts = ["a small red circle on a blue background"] * args.batch

@@ -11,7 +11,7 @@ from draft.config import TrainConfig
 from draft.ddpo import DDPO, advantages, rollout
 from draft.methods import Batch, Loop, SampleNoise, sample_seed
 from draft.rewards import FunctionReward
-from draft.sampling import Schedule, ddim_log_prob, ddim_mean, ddim_sigma, denoised
+from draft.sampling import Schedule, denoised, gaussian_log_prob, step_mean
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                 set_alpha_to_one=False, steps_offset=1)
@@ -21,7 +21,7 @@ def test_log_prob_is_the_gaussian_density_of_the_step():
     mean, x = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     sigma = 0.37
     expected = torch.distributions.Normal(mean, sigma).log_prob(x).mean((1, 2, 3))
-    torch.testing.assert_close(ddim_log_prob(x, mean, sigma), expected)
+    torch.testing.assert_close(gaussian_log_prob(x, mean, sigma), expected)
 
 
 class ToyModel(torch.nn.Module):
@@ -31,7 +31,7 @@ class ToyModel(torch.nn.Module):
         super().__init__()
         self.b = torch.nn.Parameter(torch.zeros(1))
 
-    def conditioning(self, prompts, guidance=True):
+    def conditioning(self, prompts, guidance_scale=1.0):
         c = torch.zeros(len(prompts), 1)
         return c, c
 
@@ -60,8 +60,8 @@ def test_rollout_log_probs_are_those_of_the_recorded_transitions():
     ro = rollout(loop, toy_batch(0, 4), rollout_id=0)
     for i in range(len(loop.schedule)):
         x0, eps = denoised(model.denoise(ro.latents[i], None, None), ro.latents[i], i, loop.schedule)
-        sigma = ddim_sigma(loop.schedule.alpha_bar[i], loop.schedule.alpha_bar_prev[i], loop.eta)
-        mean = ddim_mean(x0, eps, loop.schedule.alpha_bar_prev[i], sigma)
+        sigma = loop.schedule.sigma(i, loop.eta)
+        mean = step_mean(x0, eps, loop.schedule.a_prev[i], loop.schedule.s_prev[i], sigma)
         expected = torch.distributions.Normal(mean, sigma).log_prob(ro.next_latents[i]).mean((1, 2, 3))
         torch.testing.assert_close(ro.log_probs[i], expected)
         if i + 1 < len(loop.schedule):

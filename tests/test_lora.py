@@ -23,7 +23,7 @@ def two_loras(tiny_sd, tmp_path_factory):
     out = []
     for seed in (1, 2):
         model = load_model(str(tiny_sd))
-        params = add_lora(model.unet, LoraConfig(rank=4, alpha=8.0), seed=seed)  # alpha != rank on purpose
+        params = add_lora(model, LoraConfig(rank=4, alpha=8.0), seed=seed)  # alpha != rank on purpose
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in params:
@@ -31,7 +31,7 @@ def two_loras(tiny_sd, tmp_path_factory):
                 # random tiny UNet (LoRA on convolutions too) ends near 0.01.
                 p.add_(0.003 * torch.randn(p.shape, generator=g))
         folder = tmp_path_factory.mktemp(f"lora{seed}")
-        save_lora(model.unet, folder)
+        save_lora(model, folder)
         out.append(str(folder))
     return out
 
@@ -60,7 +60,7 @@ def test_scales_interpolate_and_extrapolate_along_the_adapter(tiny_sd, two_loras
     from draft.lora import load_loras
 
     model = load_model(str(tiny_sd))
-    names = load_loras(model.unet, [(a, 1.0)])
+    names = load_loras(model, [(a, 1.0)])
     x = torch.randn(2, *model.latent_shape(), generator=torch.Generator().manual_seed(0))
     cond, _ = model.conditioning(["a red circle", "a blue star"])
     t = torch.tensor(500)
@@ -79,7 +79,7 @@ def test_scales_interpolate_and_extrapolate_along_the_adapter(tiny_sd, two_loras
 
 
 def test_draft_plus_penalty_is_zero_at_init_and_pulls_back_once_the_lora_moved(tiny_model, prompts):
-    params = add_lora(tiny_model.unet, LoraConfig(rank=4))
+    params = add_lora(tiny_model, LoraConfig(rank=4))
     schedule = Schedule.from_scheduler_config(tiny_model.scheduler_config, 4)
     flat = rewards.FunctionReward(lambda im, p: 0.0 * im.mean((1, 2, 3)), "zero")  # isolates the penalty
     loop = Loop(tiny_model, flat, schedule, guidance_scale=3.0, kl_coeff=1.0)
@@ -120,7 +120,7 @@ def test_merged_sampling_gives_the_same_images_and_restores_the_weights_bit_for_
     from draft.lora import load_loras
 
     model = load_model(str(tiny_sd))
-    load_loras(model.unet, [(two_loras[0], 0.7), (two_loras[1], 1.3)])
+    load_loras(model, [(two_loras[0], 0.7), (two_loras[1], 1.3)])
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     prompts, seeds = ["a small red circle", "a green star"], [3, 4]
     plain = generate(model, prompts, seeds, replace(CFG, merge_lora=False))
@@ -138,7 +138,7 @@ def test_merged_sampling_gives_the_same_images_and_restores_the_weights_bit_for_
 @pytest.mark.parametrize("method,k", [("draft-k", 2), ("draft-lv", 1), ("refl", 1)])
 def test_merging_the_gradient_free_steps_leaves_loss_and_gradient_unchanged(tiny_sd, prompts, method, k):
     model = load_model(str(tiny_sd))
-    params = add_lora(model.unet, LoraConfig(rank=4, target_modules=CONV_AND_ATTENTION), seed=0)
+    params = add_lora(model, LoraConfig(rank=4, target_modules=CONV_AND_ATTENTION), seed=0)
     with torch.no_grad():
         for p in params:
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -181,4 +181,4 @@ def test_a_file_mixing_key_forms_is_refused_not_loaded_in_part(tiny_sd, two_lora
     assert mixed.keys() != tensors.keys()
     save_file(mixed, tmp_path / WEIGHT_NAME, metadata=meta)
     with pytest.raises(UserError, match="mixes"):
-        load_loras(load_model(str(tiny_sd)).unet, [(str(tmp_path), 1.0)])
+        load_loras(load_model(str(tiny_sd)), [(str(tmp_path), 1.0)])

@@ -17,7 +17,7 @@ T = 6
 
 @pytest.fixture
 def setup(tiny_model):
-    params = add_lora(tiny_model.unet, LoraConfig(rank=4))
+    params = add_lora(tiny_model, LoraConfig(rank=4))
     with torch.no_grad():  # B = 0 at init would leave A without gradient
         for p in params:
             p.add_(0.02 * torch.randn_like(p))
@@ -86,7 +86,7 @@ def test_draft_lv_renoises_the_final_latent_with_fresh_independent_noise(setup, 
     torch.testing.assert_close(rec.calls[0][0], torch.cat([x_T, x_T]))  # CFG doubles the batch
     x0 = loop.run(x_T, model.conditioning(prompts[:2]), replay)
     x_in = rec.calls[T][0][: 2 * n]  # the conditional half of the CFG batch
-    expected = renoise(x0.repeat(n, 1, 1, 1), loop.schedule.alpha_bar[T - 1], torch.cat(eps))
+    expected = renoise(x0.repeat(n, 1, 1, 1), loop.schedule.a[T - 1], loop.schedule.s[T - 1], torch.cat(eps))
     torch.testing.assert_close(x_in, expected, rtol=1e-5, atol=1e-5)
     assert rec.calls[T][1] == loop.schedule.timesteps[T - 1]
     for a in range(n):  # independent noise for each pass

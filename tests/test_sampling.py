@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from draft.inference import generate, initial_noise
 from draft.config import SamplingConfig
-from draft.sampling import Schedule, ddim_sigma, ddim_step, guided, model_step, predict_x0_eps, renoise, sample
+from draft.sampling import Schedule, guided, model_step, predict_x0_eps, renoise, sample, sampler_step
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                 set_alpha_to_one=False, steps_offset=1)
@@ -29,9 +29,9 @@ def test_each_ddim_step_matches_diffusers(prediction_type, spacing, eta):
         out = torch.randn(x.shape, generator=g)  # a stand-in model output
         z = torch.randn(x.shape, generator=g)
         expected = ddim.step(out, t, x, eta=eta, variance_noise=z).prev_sample
-        x0, eps = predict_x0_eps(out, x, schedule.alpha_bar[i], prediction_type)
-        sigma = ddim_sigma(schedule.alpha_bar[i], schedule.alpha_bar_prev[i], eta)
-        ours = ddim_step(x0, eps, schedule.alpha_bar_prev[i], sigma, z)
+        x0, eps = predict_x0_eps(out, x, schedule.a[i], schedule.s[i], prediction_type)
+        sigma = schedule.sigma(i, eta)
+        ours = sampler_step(x0, eps, schedule.a_prev[i], schedule.s_prev[i], sigma, z)
         # float64 noise levels against diffusers' float32: agreement to ~1e-5 relative.
         torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
         x = expected
@@ -47,7 +47,7 @@ def test_clip_sample_is_applied_like_ddim():
     _, x0, eps = model_step(denoise, x, 0, schedule, None)
     expected = ddim.step(out, ddim.timesteps[0], x, eta=0.0)
     torch.testing.assert_close(x0, expected.pred_original_sample, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ddim_step(x0, eps, schedule.alpha_bar_prev[0]), expected.prev_sample, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sampler_step(x0, eps, schedule.a_prev[0], schedule.s_prev[0]), expected.prev_sample, rtol=1e-4, atol=1e-5)
 
 
 def test_renoise_is_the_forward_process():
@@ -55,7 +55,8 @@ def test_renoise_is_the_forward_process():
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([21])
     expected = ddim.add_noise(x0, noise, t)
-    torch.testing.assert_close(renoise(x0, float(ddim.alphas_cumprod[21]), noise), expected, rtol=1e-5, atol=1e-6)
+    bar = float(ddim.alphas_cumprod[21])
+    torch.testing.assert_close(renoise(x0, bar**0.5, (1 - bar) ** 0.5, noise), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sd_v"])
@@ -117,7 +118,7 @@ def test_checkpointing_does_not_change_gradients(tiny_model, prompts):
     from draft.config import LoraConfig
     from draft.lora import add_lora
 
-    params = add_lora(tiny_model.unet, LoraConfig(rank=4))
+    params = add_lora(tiny_model, LoraConfig(rank=4))
     with torch.no_grad():  # move B off zero so every LoRA parameter gets a gradient
         for p in params:
             p.add_(0.02 * torch.randn_like(p))

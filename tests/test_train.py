@@ -150,10 +150,10 @@ def test_saved_lora_is_the_trained_adapter_layer_for_layer(trained_run, tiny_sd)
     from draft.models import load_model
 
     trained = load_model(str(tiny_sd))
-    add_lora(trained.unet, LoraConfig(rank=4, alpha=4.0))
+    add_lora(trained, LoraConfig(rank=4, alpha=4.0))
     load_adapter_state_dict(trained.unet, load_file(trained_run / "checkpoints" / "step-00000003" / "adapter.safetensors"))
     loaded = load_model(str(tiny_sd))
-    load_loras(loaded.unet, [(str(trained_run), 1.0)])
+    load_loras(loaded, [(str(trained_run), 1.0)])
 
     def adapted(model):
         return {n.rsplit(".", 1)[-1] for n, m in model.unet.named_modules() if isinstance(m, LoraLayer)}

@@ -57,16 +57,14 @@ class LoraConfig:
     alpha: float = 8.0
     # Dropout on the LoRA input (0 keeps training deterministic).
     dropout: float = 0.0
-    # UNet modules that get an adapter. The default adapts the attention projections (what
-    # the paper and diffusers' scripts adapt), the transformer blocks' input/output and
-    # feed-forward projections, and the resnets' convolutions: on shapes-sd this wider
-    # adapter (175k instead of 47k parameters at rank 8) lifts held-out accuracy about
-    # 4 points more in the same steps (BENCHMARKS.md), and with `sampling.merge_lora`
-    # it costs no time in the gradient-free steps. The SD 1.5 configs keep attention
-    # only, as the paper did.
-    target_modules: tuple[str, ...] = (
-        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
-    )
+    # Modules of the denoiser that get an adapter; empty means the model family's default
+    # (recorded in the run's config.yaml): for Stable Diffusion 1.x/2.x/SDXL the attention
+    # projections, the transformer blocks' input/output and feed-forward projections and the
+    # resnets' convolutions (on shapes-sd this wider adapter lifts held-out accuracy about 4
+    # points more than attention alone, BENCHMARKS.md); for SD3 and FLUX the attention
+    # projections of both streams, `add_*` context projections included. The SD 1.5 configs
+    # name attention only, as the paper did.
+    target_modules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,8 +96,8 @@ class LogConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # --- what to train ---
-    # A diffusers Stable Diffusion pipeline: a local folder, a hub id, or "shapes-sd" (the
-    # embedded tiny model).
+    # A diffusers pipeline (Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, FLUX.1): a local folder,
+    # a hub id, or an embedded tiny model ("shapes-sd", "shapes-flow").
     model: str = "shapes-sd"
     # The reward to maximise: a registered name (`draft rewards`), "module:attr", or a
     # weighted sum such as "aesthetic:1.0+hpsv2:0.5".

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from draft.methods import Batch, Loop, MethodOutput
-from draft.sampling import ddim_log_prob, ddim_mean, ddim_sigma, denoised, model_step, sample
+from draft.sampling import denoised, gaussian_log_prob, model_step, sample, step_mean
 
 
 @dataclass
@@ -56,13 +56,18 @@ def advantages(rewards: torch.Tensor, prompts: list[str], eps: float = 1e-8) -> 
 def rollout(loop: Loop, batch: Batch, rollout_id: int) -> Rollout:
     """Sample with η > 0 under no_grad, recording each step's transition and log-probability."""
     schedule, eta = loop.schedule, loop.eta
-    cond = loop.model.conditioning(batch.prompts, loop.guidance_scale != 1)
+    cond = loop.model.conditioning(batch.prompts, loop.guidance_scale)
     xs, xps, logps = [], [], []
 
     def record(i, x_t, out, x_prev):
         x0, eps = denoised(out, x_t, i, schedule)
-        sigma = ddim_sigma(schedule.alpha_bar[i], schedule.alpha_bar_prev[i], eta)
-        logps.append(ddim_log_prob(x_prev, ddim_mean(x0, eps, schedule.alpha_bar_prev[i], sigma), sigma))
+        sigma = schedule.sigma(i, eta)
+        if sigma == 0:  # a deterministic step (a flow's last): no action, no log-probability
+            logps.append(torch.zeros(x_t.shape[0], device=x_t.device))
+            xs.append(x_t)
+            xps.append(x_prev)
+            return
+        logps.append(gaussian_log_prob(x_prev, step_mean(x0, eps, schedule.a_prev[i], schedule.s_prev[i], sigma), sigma))
         xs.append(x_t)
         xps.append(x_prev)
 
@@ -86,16 +91,19 @@ class DDPO:
         if fresh:
             # Resuming in the middle of a reused rollout samples a new one here.
             ro = self._rollouts[batch.micro] = rollout(loop, batch, rid)
-        T = len(loop.schedule)
-        n = max(1, round(cfg.ddpo_timestep_fraction * T))
-        steps = sorted(batch.step_rng.choice(T, size=n, replace=False).tolist()) if n < T else range(T)
+        # Only stochastic steps are actions with a log-probability.
+        actions = [i for i in range(len(loop.schedule)) if loop.schedule.sigma(i, loop.eta) > 0]
+        n = max(1, round(cfg.ddpo_timestep_fraction * len(actions)))
+        picked = batch.step_rng.choice(len(actions), size=n, replace=False) if n < len(actions) else range(n)
+        steps = sorted(actions[j] for j in picked)
         adv = ro.advantages.clamp(-cfg.ddpo_adv_clip, cfg.ddpo_adv_clip)
         denoise = loop.denoiser()
         losses, kls, clipped = [], [], []
         for i in steps:
             out, x0, eps = model_step(denoise, ro.latents[i], i, loop.schedule, ro.cond, loop.use_checkpoint)
-            sigma = ddim_sigma(loop.schedule.alpha_bar[i], loop.schedule.alpha_bar_prev[i], loop.eta)
-            logp = ddim_log_prob(ro.next_latents[i], ddim_mean(x0, eps, loop.schedule.alpha_bar_prev[i], sigma), sigma)
+            s = loop.schedule
+            sigma = s.sigma(i, loop.eta)
+            logp = gaussian_log_prob(ro.next_latents[i], step_mean(x0, eps, s.a_prev[i], s.s_prev[i], sigma), sigma)
             ratio = torch.exp(logp - ro.log_probs[i])
             surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.ddpo_clip, 1 + cfg.ddpo_clip))
             losses.append(surrogate.mean())

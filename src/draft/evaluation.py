@@ -3,7 +3,8 @@
 Every evaluation reports the reward's mean and spread, the real JPEG size of the images
 (Pillow, quality 95), and a diversity figure: the mean pairwise RMS pixel distance between
 images of the same prompt across seeds, so reward hacking and mode collapse show up as a
-falling number. On shapes-sd it also reports the attribute classifier's accuracy.
+falling number. A model may add figures of its own (`model.metrics`: the shapes models
+report the attribute classifier's accuracy).
 """
 
 from __future__ import annotations
@@ -34,19 +35,12 @@ def diversity(images: torch.Tensor, groups: Sequence[int]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def model_metrics(model_name: str) -> Callable[[torch.Tensor, list[str]], dict] | None:
-    """Extra metrics a model defines for its own world (attribute accuracy on shapes-sd)."""
-    if model_name == "shapes-sd":
-        from draft.rewards.shapes import attribute_metrics
-
-        return attribute_metrics
-    return None
-
-
 @torch.no_grad()
-def score(images: torch.Tensor, prompts: list[str], groups: Sequence[int], reward, model_name: str = "",
-          device="cpu", batch_size: int = 16) -> dict:
-    """The evaluation figures for already generated images (the reward runs on `device`)."""
+def score(images: torch.Tensor, prompts: list[str], groups: Sequence[int], reward,
+          model_metrics: Callable[[torch.Tensor, list[str]], dict] | None = None, device="cpu",
+          batch_size: int = 16) -> dict:
+    """The evaluation figures for already generated images (the reward runs on `device`),
+    with the model's own metrics (`model.metrics`) where it has any."""
     chunks = range(0, len(prompts), batch_size)
     r = torch.cat([reward(images[i : i + batch_size].to(device), prompts[i : i + batch_size]).float().cpu() for i in chunks])
     out = {
@@ -57,9 +51,8 @@ def score(images: torch.Tensor, prompts: list[str], groups: Sequence[int], rewar
         "jpeg_kb": float(jpeg_bytes(images, quality=95).mean()) / 1024,
         "diversity": diversity(images, groups),
     }
-    extra = model_metrics(model_name)
-    if extra is not None:
-        out.update(extra(images, prompts))
+    if model_metrics is not None:
+        out.update(model_metrics(images, prompts))
     return out
 
 
@@ -91,13 +84,13 @@ def evaluate(
     if max_prompts:
         prompt_list = prompt_list[:max_prompts]
     m = load_model(model, device=device)
-    load_loras(m.unet, list(loras))
+    load_loras(m, list(loras))
     all_prompts = [p for p in prompt_list for _ in range(seeds)]
     all_seeds = [s for _ in prompt_list for s in range(seeds)]
     groups = [g for g in range(len(prompt_list)) for _ in range(seeds)]
     images = generate(m, all_prompts, all_seeds, sampling)
     result = {"model": model, "loras": [list(x) for x in loras], "reward": str(reward), "prompts": prompts,
-              "seeds": seeds, **score(images, all_prompts, groups, r, model, device)}
+              "seeds": seeds, **score(images, all_prompts, groups, r, m.metrics, device)}
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))

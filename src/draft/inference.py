@@ -1,6 +1,7 @@
 """Fixed-seed image generation with the training sampler, and `draft sample`.
 
-Image k of a call uses seed `seeds[k]` for its initial noise, drawn exactly as
+Image k of a call draws all its noise from its own stream, seeded with `seeds[k]`
+(`draft.sampling.SampleNoise`, the rule training uses too): x_T is exactly
 `torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed))`, so the same
 (prompt, seed) gives the same image before and after training, here and in a diffusers
 pipeline given those latents.
@@ -15,12 +16,12 @@ from pathlib import Path
 import torch
 
 from draft.config import SamplingConfig
-from draft.sampling import Schedule, guided, sample as run_sampler
+from draft.sampling import SampleNoise, guided, sample as run_sampler
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device) -> torch.Tensor:
-    """x_T for each seed, drawn on the CPU so it is identical on every device."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+    """x_T for each seed: the first draw of its stream, on the CPU so it is identical on every device."""
+    return SampleNoise(seeds, shape, device).draw()
 
 
 @torch.no_grad()
@@ -34,7 +35,7 @@ def generate(
     """Images [N, 3, H, W] in [0, 1] for N (prompt, seed) pairs, batched."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    schedule = Schedule.from_scheduler_config(model.scheduler_config, sampling.num_steps)
+    schedule = model.schedule(sampling.num_steps, sampling.height, sampling.width)
     shape = model.latent_shape(sampling.height, sampling.width)
     denoise = guided(model.denoise, sampling.guidance_scale)
     merged = model.adapters_merged() if sampling.merge_lora else contextlib.nullcontext()
@@ -47,14 +48,9 @@ def generate(
 
 
 def _generate_batch(model, denoise, schedule, shape, prompts, seeds, sampling) -> torch.Tensor:
-    cond = model.conditioning(list(prompts), sampling.guidance_scale != 1)
-    x = initial_noise(seeds, shape, model.device)
-    step_noise = None
-    if sampling.eta > 0:
-        # Stochastic DDIM: step noise continues each image's own stream.
-        gens = [torch.Generator().manual_seed(int(seed) + 1) for seed in seeds]
-        step_noise = lambda i: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(x.device)  # noqa: E731
-    x0 = run_sampler(denoise, x, schedule, cond, eta=sampling.eta, step_noise=step_noise)
+    cond = model.conditioning(list(prompts), sampling.guidance_scale)
+    noise = SampleNoise(seeds, shape, model.device)
+    x0 = run_sampler(denoise, noise.draw(), schedule, cond, eta=sampling.eta, step_noise=lambda i: noise.draw())
     return model.decode(x0).float().cpu()
 
 
@@ -79,7 +75,7 @@ def sample(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     m = load_model(model, device=device)
-    load_loras(m.unet, list(loras))
+    load_loras(m, list(loras))
     all_prompts = [p for p in prompts for _ in range(num_images)]
     seeds = [seed + j for _ in prompts for j in range(num_images)]
     images = generate(m, all_prompts, seeds, sampling)

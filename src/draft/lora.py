@@ -1,9 +1,11 @@
 """LoRA through peft: add, save and load in diffusers format, scale and mix.
 
-The saved adapter is what diffusers' `save_lora_weights` writes
-(`pytorch_lora_weights.safetensors`, "unet."-prefixed peft keys, the LoRA config as
-metadata), so `pipe.load_lora_weights(run_dir / "lora")` works in plain diffusers and the
-file loads in other tools that read diffusers LoRAs.
+The saved adapter is what the model family's diffusers `save_lora_weights` writes
+(`pytorch_lora_weights.safetensors`, peft keys prefixed with "unet." or "transformer.", the
+LoRA config as metadata), so `pipe.load_lora_weights(run_dir / "lora")` works in plain
+diffusers and the file loads in other tools that read diffusers LoRAs.
+
+Every function here takes a model adapter (`draft.models`) and works on its `denoiser`.
 """
 
 from __future__ import annotations
@@ -20,48 +22,56 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TRAIN_ADAPTER = "default"  # peft's default name, which diffusers' save helpers expect
 
 
-def add_lora(unet: torch.nn.Module, cfg: LoraConfig, seed: int = 0) -> list[torch.nn.Parameter]:
-    """Add a trainable LoRA (B = 0, so the model is unchanged at first); return its parameters.
+def lora_targets(model, cfg: LoraConfig) -> tuple[str, ...]:
+    """The modules that get an adapter: the config's, or else the model family's default."""
+    return tuple(cfg.target_modules) or tuple(model.default_lora_targets)
+
+
+def add_lora(model, cfg: LoraConfig, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Add a trainable LoRA to the model's denoiser (B = 0, so the model is unchanged at
+    first); return its parameters.
 
     Base weights are frozen; LoRA parameters are float32 whatever the base dtype, so the
     optimizer works in full precision under mixed-precision training.
     """
     from peft import LoraConfig as PeftLoraConfig
 
-    unet.requires_grad_(False)
+    net = model.denoiser
+    targets = lora_targets(model, cfg)
+    net.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the A matrices' init, identical on every process
         try:
-            unet.add_adapter(
+            net.add_adapter(
                 PeftLoraConfig(
                     r=cfg.rank,
                     lora_alpha=cfg.alpha,
                     lora_dropout=cfg.dropout,
                     init_lora_weights="gaussian",
-                    target_modules=list(cfg.target_modules),
+                    target_modules=list(targets),
                 ),
                 adapter_name=TRAIN_ADAPTER,
             )
         except ValueError as e:
-            raise UserError(f"cannot add LoRA with lora.target_modules={list(cfg.target_modules)}: {e}") from None
-    params = [p for p in unet.parameters() if p.requires_grad]
+            raise UserError(f"cannot add LoRA with lora.target_modules={list(targets)}: {e}") from None
+    params = [p for p in net.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     return params
 
 
-def adapter_state_dict(unet: torch.nn.Module, adapter: str = TRAIN_ADAPTER) -> dict[str, torch.Tensor]:
+def adapter_state_dict(net: torch.nn.Module, adapter: str = TRAIN_ADAPTER) -> dict[str, torch.Tensor]:
     """The adapter's weights with peft's key names (for checkpoints)."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter).items()}
+    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(net, adapter_name=adapter).items()}
 
 
-def load_adapter_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor], adapter: str = TRAIN_ADAPTER) -> None:
+def load_adapter_state_dict(net: torch.nn.Module, state: dict[str, torch.Tensor], adapter: str = TRAIN_ADAPTER) -> None:
     """Copy checkpointed weights into the existing adapter, in place (optimizer state stays valid)."""
     from peft.utils import get_peft_model_state_dict
 
-    current = get_peft_model_state_dict(unet, adapter_name=adapter)
+    current = get_peft_model_state_dict(net, adapter_name=adapter)
     if set(current) != set(state) or any(current[k].shape != state[k].shape for k in state):
         raise UserError("the checkpoint's adapter does not match this model and lora config")
     # get_peft_model_state_dict returns the live parameters (keys without the adapter
@@ -71,22 +81,17 @@ def load_adapter_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor
             current[k].copy_(v)
 
 
-def save_lora(unet: torch.nn.Module, directory: str | Path, adapter: str = TRAIN_ADAPTER) -> Path:
+def save_lora(model, directory: str | Path, adapter: str = TRAIN_ADAPTER) -> Path:
     """Write the adapter in diffusers format to directory/pytorch_lora_weights.safetensors."""
-    from diffusers import StableDiffusionPipeline
+    from draft.models.base import unwrap
 
+    net = unwrap(model.denoiser)
     # peft's key names ("lora_A"/"lora_B"), which diffusers' loaders read natively. Not
     # through diffusers' convert_state_dict_to_diffusers: it renames only the attention
     # projections to the old "lora.down"/"lora.up" form, and a file mixing both forms (an
     # adapter on convolutions or feed-forward layers too) loads with its attention layers
     # silently dropped.
-    layers = adapter_state_dict(unet, adapter)
-    StableDiffusionPipeline.save_lora_weights(
-        directory,
-        unet_lora_layers=layers,
-        unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict(),
-        safe_serialization=True,
-    )
+    model.save_lora(directory, adapter_state_dict(net, adapter), net.peft_config[adapter].to_dict())
     return Path(directory) / WEIGHT_NAME
 
 
@@ -124,32 +129,34 @@ def lora_file(path: str | Path) -> Path:
     raise UserError(f"LoRA {str(path)!r} not found")
 
 
-def load_loras(unet: torch.nn.Module, loras: list[tuple[str, float]]) -> list[str]:
-    """Load several LoRAs as named adapters and activate them with their scales.
+def load_loras(model, loras: list[tuple[str, float]]) -> list[str]:
+    """Load several LoRAs into the model's denoiser as named adapters and activate them with
+    their scales.
 
     Scale 0 reproduces the base model exactly, 1 the trained adapter, and scales above 1
     extrapolate along it. Returns the adapter names.
     """
+    net, prefix = model.denoiser, model.lora_prefix
     names = []
     for i, (path, _) in enumerate(loras):
         file = lora_file(path)
         name = f"lora{i}"
-        layers = _check_lora_matches(unet, file)
+        layers = _check_lora_matches(net, file, prefix)
         try:
             with warnings.catch_warnings():
                 # peft warns that a second adapter joins the first: here that is the point.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                unet.load_lora_adapter(str(file.parent), weight_name=file.name, prefix="unet", adapter_name=name)
+                net.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=prefix, adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as e:
             raise UserError(f"LoRA {path!r} does not fit this model: {str(e).splitlines()[0]}") from None
-        _check_all_loaded(unet, file, layers, name)
+        _check_all_loaded(net, file, layers, name)
         names.append(name)
     if names:
-        unet.set_adapters(names, [float(scale) for _, scale in loras])
+        net.set_adapters(names, [float(scale) for _, scale in loras])
     return names
 
 
-def _check_all_loaded(unet: torch.nn.Module, file: Path, layers: set[str], adapter: str) -> None:
+def _check_all_loaded(net: torch.nn.Module, file: Path, layers: set[str], adapter: str) -> None:
     """Refuse a load that left some of the file's layers out.
 
     diffusers picks one key format per file; a file that mixes the old ("lora.down") and
@@ -158,28 +165,28 @@ def _check_all_loaded(unet: torch.nn.Module, file: Path, layers: set[str], adapt
     """
     from peft.tuners.lora import LoraLayer
 
-    modules = dict(unet.named_modules())
+    modules = dict(net.named_modules())
     missing = sorted(n for n in layers if not (isinstance(modules[n], LoraLayer) and adapter in modules[n].lora_A))
     if missing:
         raise UserError(f"LoRA {file}: diffusers loaded only {len(layers) - len(missing)} of its {len(layers)} layers "
                         f"(not e.g. {missing[0]!r}); the file probably mixes 'lora.down' and 'lora_A' key names")
 
 
-def _check_lora_matches(unet: torch.nn.Module, file: Path) -> set[str]:
-    """Refuse a LoRA whose layers are absent from this UNet or have other shapes; return its layers.
+def _check_lora_matches(net: torch.nn.Module, file: Path, prefix: str) -> set[str]:
+    """Refuse a LoRA whose layers are absent from this denoiser or have other shapes; return its layers.
 
     diffusers only warns about unexpected keys and would otherwise load nothing silently.
     """
     from safetensors import safe_open
 
-    modules = dict(unet.named_modules())
+    modules = dict(net.named_modules())
     layers = set()
     with safe_open(str(file), framework="pt") as f:
-        keys = [k for k in f.keys() if k.startswith("unet.")]
+        keys = [k for k in f.keys() if k.startswith(prefix + ".")]
         if not keys:
-            raise UserError(f"{file} holds no UNet LoRA weights (keys must start with 'unet.')")
+            raise UserError(f"{file} holds no LoRA weights for this model (keys must start with '{prefix}.')")
         for key in keys:
-            name = key[len("unet.") :]
+            name = key[len(prefix) + 1 :]
             for marker in (".lora.down.weight", ".lora.up.weight", ".lora_A.weight", ".lora_B.weight"):
                 if name.endswith(marker):
                     base_name = name[: -len(marker)]

@@ -25,25 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from draft.sampling import Schedule, guided, model_step, renoise, sample
-
-
-class SampleNoise:
-    """Per-sample random streams: sample j of optimizer step n always draws the same noise.
-
-    Each sample has its own generator seeded from (seed, step, j), so a batch of B and two
-    micro-batches of B/2 (or two processes) see identical noise for identical samples.
-    """
-
-    def __init__(self, seeds: list[int], shape: tuple[int, ...], device):
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.shape = tuple(shape)
-        self.device = device
-
-    def draw(self) -> torch.Tensor:
-        """The next [B, *shape] standard normal draw, one row per sample's stream."""
-        rows = [torch.randn(self.shape, generator=g) for g in self.generators]
-        return torch.stack(rows).to(self.device)
+from draft.sampling import SampleNoise, Schedule, guided, model_step, renoise, sample
 
 
 def sample_seed(seed: int, step: int, index: int) -> int:
@@ -135,7 +117,7 @@ def _finish(loop: Loop, r: torch.Tensor, penalty: list, stats: dict) -> MethodOu
 def truncated(loop: Loop, batch: Batch, k: int) -> MethodOutput:
     """Gradient through the last k sampling steps (k = T is full DRaFT)."""
     T = len(loop.schedule)
-    cond = loop.model.conditioning(batch.prompts, loop.guidance_scale != 1)
+    cond = loop.model.conditioning(batch.prompts, loop.guidance_scale)
     penalty: list = []
     x = batch.noise.draw()
     if k < T:
@@ -167,10 +149,10 @@ def draft_lv(loop: Loop, batch: Batch, cfg) -> MethodOutput:
     mean over all n·B rewards, i.e. the average of the n per-pass losses.
     """
     T, n = len(loop.schedule), cfg.lv_n
-    cond = loop.model.conditioning(batch.prompts, loop.guidance_scale != 1)
+    cond = loop.model.conditioning(batch.prompts, loop.guidance_scale)
     x0 = loop.run_no_grad(batch.noise.draw(), cond, batch.noise)
     eps = torch.cat([batch.noise.draw() for _ in range(n)])  # [n·B], pass-major
-    x_t = renoise(x0.repeat(n, 1, 1, 1), loop.schedule.alpha_bar[T - 1], eps)
+    x_t = renoise(_repeat(x0, n), loop.schedule.a[T - 1], loop.schedule.s[T - 1], eps)
     cond_n = tuple(_repeat(c, n) for c in cond)
     penalty: list = []
     x0_lv = loop.run(x_t, cond_n, batch.noise, steps=range(T - 1, T), grad_steps=range(T - 1, T), penalty=penalty)
@@ -181,7 +163,7 @@ def refl(loop: Loop, batch: Batch, cfg) -> MethodOutput:
     """ReFL: sample to a random late step s under no_grad, then x̂_0 from one gradient step."""
     lo, hi = cfg.refl_range
     s = int(batch.step_rng.integers(lo, hi + 1))
-    cond = loop.model.conditioning(batch.prompts, loop.guidance_scale != 1)
+    cond = loop.model.conditioning(batch.prompts, loop.guidance_scale)
     x_s = loop.run_no_grad(batch.noise.draw(), cond, batch.noise, steps=range(0, s))
     out, x0_hat, _ = model_step(loop.denoiser(), x_s, s, loop.schedule, cond)
     penalty = [loop._drift(loop.denoiser(), x_s, s, cond, out)] if loop.kl_coeff > 0 else []
@@ -189,6 +171,9 @@ def refl(loop: Loop, batch: Batch, cfg) -> MethodOutput:
 
 
 def _repeat(c, n: int):
+    """n copies of a conditioning along the batch (None, a tensor, or a dict of tensors)."""
+    if c is None:
+        return None
     if isinstance(c, dict):
         return {k: _repeat(v, n) for k, v in c.items()}
     return c.repeat(n, *([1] * (c.ndim - 1)))

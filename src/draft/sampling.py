@@ -1,4 +1,4 @@
-"""A differentiable DDIM sampler with an explicit gradient window.
+"""A differentiable sampler (DDIM, and Euler for rectified flow) with an explicit gradient window.
 
 Every off-the-shelf sampler (the diffusers pipelines included) runs under `no_grad`, so
 reward fine-tuning needs its own loop. This one keeps the scheduler math in small pure
@@ -11,11 +11,11 @@ step with fresh noise.
 Notation (DDIM, Song et al. 2021, eq. 12; DRaFT, Clark et al. 2024, alg. 1):
 
     i         step index, 0 .. T-1 (T = number of sampling steps)
-    t_i       diffusion time of step i, descending from ~1000 towards 0
-    ᾱ_t       cumulative signal level (`alphas_cumprod`) at time t
+    t_i       diffusion time of step i, descending (DDIM: ~1000 towards 0; flow: 1000·σ)
+    a_t, s_t  signal and noise levels: x_t = a_t·x_0 + s_t·ε
     x_t       latent at time t;  x_T ~ N(0, I) is the initial noise
     ε̂, x̂_0    predicted noise and predicted clean latent at the current step
-    σ_t       DDIM step noise; η = 0 makes sampling deterministic
+    σ         the step's own noise; η = 0 makes sampling deterministic
 """
 
 from __future__ import annotations
@@ -33,19 +33,27 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
 # --- scheduler math: pure functions ------------------------------------------------------
+#
+# Both families write the noisy latent as x_t = a_t·x_0 + s_t·ε:
+#   variance-preserving DDPM/DDIM (SD 1.x/2.x, SDXL):  a_t = sqrt(ᾱ_t),  s_t = sqrt(1 - ᾱ_t)
+#   rectified flow (SD3, FLUX):                       a_t = 1 - σ_t,    s_t = σ_t
+# so one deterministic step, x_prev = a_prev·x̂_0 + s_prev·ε̂, is DDIM for the first and the
+# Euler step x + (σ_prev - σ)·v for the second.
 
 
 def predict_x0_eps(
-    model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: float, prediction_type: str
+    model_output: torch.Tensor, x_t: torch.Tensor, a: float, s: float, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x̂_0, ε̂) from the model output at x_t, for each prediction type diffusers knows."""
-    a, s = math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t)
+    """(x̂_0, ε̂) from the model output at x_t = a·x_0 + s·ε, for each prediction type."""
     if prediction_type == "epsilon":
         eps = model_output
         x0 = (x_t - s * eps) / a
-    elif prediction_type == "v_prediction":  # v = a·ε - s·x_0 (Salimans & Ho 2022)
+    elif prediction_type == "v_prediction":  # v = a·ε - s·x_0 (Salimans & Ho 2022), a² + s² = 1
         x0 = a * x_t - s * model_output
         eps = a * model_output + s * x_t
+    elif prediction_type == "flow":  # velocity v = ε - x_0 (rectified flow), a + s = 1
+        x0 = x_t - s * model_output
+        eps = x_t + a * model_output
     elif prediction_type == "sample":
         x0 = model_output
         eps = (x_t - a * x0) / s
@@ -54,42 +62,51 @@ def predict_x0_eps(
     return x0, eps
 
 
-def ddim_sigma(alpha_bar_t: float, alpha_bar_prev: float, eta: float) -> float:
-    """σ_t(η) = η · sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) · sqrt(1 - ᾱ_t / ᾱ_prev)   (DDIM eq. 16)."""
-    variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
-    return eta * math.sqrt(max(variance, 0.0))
+def step_sigma(a: float, s: float, a_prev: float, s_prev: float, eta: float) -> float:
+    """σ(η) = η · s_prev · sqrt(1 - (a·s_prev / (a_prev·s))²): DDIM's step noise (eq. 16).
+
+    For a² + s² = 1 this is DDIM's η·sqrt((1-ᾱ_prev)/(1-ᾱ_t))·sqrt(1-ᾱ_t/ᾱ_prev). DDIM's
+    derivation needs only Gaussian marginals x_t = a·x_0 + s·ε, so the same family of
+    samplers (η = 0 deterministic, η > 0 stochastic with the same marginals) serves
+    rectified flow too, which is what lets DDPO run on a flow model.
+    """
+    if eta == 0 or s_prev == 0:
+        return 0.0
+    ratio = (a * s_prev) / (a_prev * s)
+    return eta * s_prev * math.sqrt(max(1 - ratio**2, 0.0))
 
 
-def ddim_mean(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_prev: float, sigma: float = 0.0) -> torch.Tensor:
-    """μ = sqrt(ᾱ_prev)·x̂_0 + sqrt(1 - ᾱ_prev - σ²)·ε̂: the mean of the DDIM step (eq. 12)."""
-    return math.sqrt(alpha_bar_prev) * x0 + math.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+def step_mean(x0: torch.Tensor, eps: torch.Tensor, a_prev: float, s_prev: float, sigma: float = 0.0) -> torch.Tensor:
+    """μ = a_prev·x̂_0 + sqrt(s_prev² - σ²)·ε̂: the mean of the step (DDIM eq. 12)."""
+    return a_prev * x0 + math.sqrt(max(s_prev**2 - sigma**2, 0.0)) * eps
 
 
-def ddim_step(
+def sampler_step(
     x0: torch.Tensor,
     eps: torch.Tensor,
-    alpha_bar_prev: float,
+    a_prev: float,
+    s_prev: float,
     sigma: float = 0.0,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x_prev = μ + σ·z   (DDIM eq. 12)."""
-    x_prev = ddim_mean(x0, eps, alpha_bar_prev, sigma)
+    x_prev = step_mean(x0, eps, a_prev, s_prev, sigma)
     if sigma > 0:
         if noise is None:
-            raise ValueError("a stochastic DDIM step (eta > 0) needs its noise passed in")
+            raise ValueError("a stochastic step (eta > 0) needs its noise passed in")
         x_prev = x_prev + sigma * noise
     return x_prev
 
 
-def ddim_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, sigma: float) -> torch.Tensor:
+def gaussian_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, sigma: float) -> torch.Tensor:
     """log N(x_prev; μ, σ²I) per sample, averaged over the latent's elements (as DDPO does)."""
     log_density = -((x_prev - mean) ** 2) / (2 * sigma**2) - math.log(sigma) - 0.5 * math.log(2 * math.pi)
     return log_density.mean(dim=tuple(range(1, x_prev.ndim)))
 
 
-def renoise(x0: torch.Tensor, alpha_bar_t: float, noise: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 - ᾱ_t)·ε: the forward process in one jump (DRaFT-LV)."""
-    return math.sqrt(alpha_bar_t) * x0 + math.sqrt(1 - alpha_bar_t) * noise
+def renoise(x0: torch.Tensor, a: float, s: float, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = a·x_0 + s·ε: the forward process in one jump (DRaFT-LV)."""
+    return a * x0 + s * noise
 
 
 # --- the schedule ---------------------------------------------------------------------------
@@ -97,23 +114,43 @@ def renoise(x0: torch.Tensor, alpha_bar_t: float, noise: torch.Tensor) -> torch.
 
 @dataclass(frozen=True)
 class Schedule:
-    """The T steps of one sampling run: step i goes from time t_i (level ᾱ_t) to ᾱ_prev.
+    """The T steps of one sampling run: step i goes from time t_i (levels a, s) to (a_prev, s_prev).
 
-    Built from a diffusers scheduler config through `DDIMScheduler.set_timesteps`, so the
-    timestep spacing, offsets and beta schedule are exactly the pipeline's.
+    Built from a diffusers scheduler config through that scheduler's own `set_timesteps`
+    (`DDIMScheduler` for the DDPM family, `FlowMatchEulerDiscreteScheduler` for rectified
+    flow), so the spacing, offsets, shifts and beta schedule are exactly the pipeline's.
     """
 
-    timesteps: tuple[int, ...]  # t_i for i = 0 .. T-1, descending
-    alpha_bar: tuple[float, ...]  # ᾱ_{t_i}
-    alpha_bar_prev: tuple[float, ...]  # the level step i lands on
+    timesteps: tuple[float, ...]  # t_i as the model takes it, descending (ints for DDIM)
+    a: tuple[float, ...]  # signal level a_{t_i}
+    s: tuple[float, ...]  # noise level s_{t_i}
+    a_prev: tuple[float, ...]  # the levels step i lands on
+    s_prev: tuple[float, ...]
     prediction_type: str = "epsilon"
     clip_sample: float | None = None  # clamp x̂_0 to ±this, as DDIM's `clip_sample` does
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    def sigma(self, i: int, eta: float) -> float:
+        """The step noise of step i at stochasticity η."""
+        return step_sigma(self.a[i], self.s[i], self.a_prev[i], self.s_prev[i], eta)
+
     @classmethod
-    def from_scheduler_config(cls, config, num_steps: int) -> "Schedule":
+    def from_scheduler_config(cls, config, num_steps: int, *, sigmas=None, mu: float | None = None) -> "Schedule":
+        """The schedule a pipeline with this scheduler would sample with.
+
+        `sigmas` and `mu` are passed to a flow scheduler's `set_timesteps` as the flow
+        pipelines pass them (FLUX: a linear sigma grid and the resolution-dependent shift).
+        """
+        name = str(config.get("_class_name", ""))
+        # A config built in code has no _class_name; a flow scheduler's is known by its shift.
+        if "FlowMatch" in name or (not name and "shift" in config and "beta_start" not in config):
+            return cls._flow(config, num_steps, sigmas, mu)
+        return cls._ddim(config, num_steps)
+
+    @classmethod
+    def _ddim(cls, config, num_steps: int) -> "Schedule":
         from diffusers import DDIMScheduler
 
         ddim = DDIMScheduler.from_config(config)
@@ -124,9 +161,52 @@ class Schedule:
         ts = [int(t) for t in ddim.timesteps]
         # The level a step lands on, computed exactly as DDIMScheduler.step does.
         stride = ddim.config.num_train_timesteps // num_steps
+        bar = [float(ac[t]) for t in ts]
         prev = [float(ac[t - stride]) if t - stride >= 0 else float(ddim.final_alpha_cumprod) for t in ts]
         clip = ddim.config.clip_sample_range if ddim.config.clip_sample else None
-        return cls(tuple(ts), tuple(float(ac[t]) for t in ts), tuple(prev), ddim.config.prediction_type, clip)
+        a, s = [math.sqrt(b) for b in bar], [math.sqrt(1 - b) for b in bar]
+        a_prev, s_prev = [math.sqrt(b) for b in prev], [math.sqrt(1 - b) for b in prev]
+        return cls(tuple(ts), tuple(a), tuple(s), tuple(a_prev), tuple(s_prev), ddim.config.prediction_type, clip)
+
+    @classmethod
+    def _flow(cls, config, num_steps: int, sigmas, mu) -> "Schedule":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        flow = FlowMatchEulerDiscreteScheduler.from_config(config)
+        if flow.config.stochastic_sampling:
+            raise ValueError("stochastic_sampling flow schedulers are not supported; use sampling.eta instead")
+        kwargs = {"mu": mu} if flow.config.use_dynamic_shifting else {}
+        if flow.config.use_dynamic_shifting and mu is None:
+            raise ValueError("this flow scheduler shifts by resolution: pass mu")
+        flow.set_timesteps(num_steps, sigmas=None if sigmas is None else list(sigmas), **kwargs)
+        sig = [float(x) for x in flow.sigmas]  # T + 1 values, the last one the terminal level
+        ts = tuple(float(t) for t in flow.timesteps)
+        a = tuple(1 - x for x in sig)
+        return cls(ts, a[:-1], tuple(sig[:-1]), a[1:], tuple(sig[1:]), "flow", None)
+
+
+# --- noise ---------------------------------------------------------------------------------
+
+
+class SampleNoise:
+    """Per-sample random streams: every image's noise comes from its own seed, and only there.
+
+    Sample j's stream is a CPU generator seeded with seeds[j]; its first draw is x_T, the
+    next ones the noise of stochastic steps (η > 0) and DRaFT-LV's re-noising. Training
+    seeds it from (seed, step, j) and `draft sample`/`draft eval` from the image's seed, so
+    a batch of B, two micro-batches of B/2 and two processes see the same noise for the
+    same sample, on any device.
+    """
+
+    def __init__(self, seeds, shape: tuple[int, ...], device):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.shape = tuple(shape)
+        self.device = device
+
+    def draw(self) -> torch.Tensor:
+        """The next [B, *shape] standard normal draw, one row per sample's stream."""
+        rows = [torch.randn(self.shape, generator=g) for g in self.generators]
+        return torch.stack(rows).to(self.device)
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -135,13 +215,14 @@ class Schedule:
 def guided(denoise: Denoiser, scale: float) -> Denoiser:
     """Classifier-free guidance: ε̃ = ε_u + s·(ε_c - ε_u), one batched call for both.
 
-    The conditioning is a pair (cond, uncond) of batched prompt encodings; with s = 1 the
-    unconditional pass is skipped.
+    The conditioning is a pair (cond, uncond) of batched prompt encodings; with s = 1, or
+    when the model takes guidance as an input rather than by two passes (FLUX.1-dev's
+    guidance embedding: its adapter returns uncond = None), the unconditional pass is skipped.
     """
 
     def denoise_cfg(x, t, cond):
         c, u = cond
-        if scale == 1.0:
+        if scale == 1.0 or u is None:
             return denoise(x, t, c)
         out_u, out_c = denoise(torch.cat([x, x]), t, _cat(u, c)).chunk(2)
         return out_u + scale * (out_c - out_u)
@@ -160,7 +241,7 @@ def model_step(
     denoise: Denoiser, x: torch.Tensor, i: int, schedule: Schedule, cond, use_checkpoint: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One model evaluation at step i: (raw model output, x̂_0, ε̂)."""
-    t = torch.tensor(schedule.timesteps[i], device=x.device)
+    t = torch.tensor(schedule.timesteps[i], device=x.device)  # long for DDIM, float32 for flow
     if use_checkpoint:
         # Keep only x for the backward pass and recompute the denoiser's activations there.
         out = checkpoint(denoise, x, t, cond, use_reentrant=False)
@@ -172,7 +253,7 @@ def model_step(
 
 def denoised(out: torch.Tensor, x: torch.Tensor, i: int, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
     """(x̂_0, ε̂) at step i from the model output, with DDIM's optional clipping of x̂_0."""
-    x0, eps = predict_x0_eps(out, x, schedule.alpha_bar[i], schedule.prediction_type)
+    x0, eps = predict_x0_eps(out, x, schedule.a[i], schedule.s[i], schedule.prediction_type)
     if schedule.clip_sample is not None:
         x0 = x0.clamp(-schedule.clip_sample, schedule.clip_sample)
         # DDIM re-derives ε̂ from the clipped x̂_0 only with use_clipped_model_output; the
@@ -207,8 +288,9 @@ def sample(
     for i in steps:
         with torch.set_grad_enabled(i in grad_steps and torch.is_grad_enabled()):
             out, x0, eps = model_step(denoise, x, i, schedule, cond, use_checkpoint and i in grad_steps)
-            sigma = ddim_sigma(schedule.alpha_bar[i], schedule.alpha_bar_prev[i], eta)
-            x_prev = ddim_step(x0, eps, schedule.alpha_bar_prev[i], sigma, step_noise(i) if sigma > 0 else None)
+            sigma = schedule.sigma(i, eta)
+            noise = step_noise(i) if sigma > 0 else None
+            x_prev = sampler_step(x0, eps, schedule.a_prev[i], schedule.s_prev[i], sigma, noise)
         if on_step is not None:
             on_step(i, x, out, x_prev)
         x = x_prev

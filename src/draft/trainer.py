@@ -15,6 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,7 @@ def train(
     )
     main = state.is_main_process
     t = Trainer(config, accelerator, run, reward)
+    config = t.config  # with the model's defaults filled in
     latest = ckpt.latest(run.checkpoints) if resume else None
     if latest is not None:
         t.restore(latest)
@@ -83,11 +85,10 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, accelerator, run: RunFolder, reward_fn: Callable | None):
         from draft import rewards
-        from draft.lora import add_lora
+        from draft.lora import add_lora, lora_targets
         from draft.methods import Loop, make
         from draft.models import load_model
         from draft.prompts import load_prompts
-        from draft.sampling import Schedule
 
         self.config, self.acc, self.run = config, accelerator, run
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
@@ -95,17 +96,19 @@ class Trainer:
         self.reward = rewards.from_config(reward_fn or config.reward, config.reward_args).to(accelerator.device)
         self.prompts = load_prompts(config.prompts, config.model)
         self.eval_prompts = load_prompts(config.eval_prompts, config.model)
-        self.params = add_lora(self.model.unet, config.lora, seed=config.seed)
-        self.raw_unet = self.model.unet
+        # The model family's default LoRA targets, written into the run's config.yaml.
+        self.config = config = config.replace(lora=replace(config.lora, target_modules=lora_targets(self.model, config.lora)))
+        self.params = add_lora(self.model, config.lora, seed=config.seed)
+        self.raw_denoiser = self.model.denoiser
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
         )
         warmup = config.warmup_steps
         # Not prepared by Accelerate, which would step it once per process per step.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
-        self.model.unet, self.optimizer = accelerator.prepare(self.model.unet, self.optimizer)
+        self.model.denoiser, self.optimizer = accelerator.prepare(self.model.denoiser, self.optimizer)
         s = config.sampling
-        self.schedule = Schedule.from_scheduler_config(self.model.scheduler_config, s.num_steps)
+        self.schedule = self.model.schedule(s.num_steps, s.height, s.width)
         self.loop_ = Loop(self.model, self.reward, self.schedule, s.guidance_scale, s.eta, s.checkpointing,
                           s.decode_checkpointing, config.kl_coeff, s.merge_lora)
         self.method = make(config.method)
@@ -139,7 +142,7 @@ class Trainer:
         from draft.lora import load_adapter_state_dict
 
         state = ckpt.load(folder)
-        load_adapter_state_dict(self.raw_unet, state["adapter"])
+        load_adapter_state_dict(self.raw_denoiser, state["adapter"])
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
@@ -237,7 +240,7 @@ class Trainer:
         outs = []
         for micro in range(c.grad_accum):
             batch = self.make_batch(micro)
-            with acc.accumulate(self.model.unet):
+            with acc.accumulate(self.model.denoiser):
                 with acc.autocast():
                     out = self.method(self.loop_, batch, c)
                 acc.backward(out.loss)
@@ -281,7 +284,8 @@ class Trainer:
         Global sample j of step n gets prompt and noise from (seed, n, j) alone, so any split
         into micro-batches and processes trains on the same samples.
         """
-        from draft.methods import Batch, SampleNoise, sample_seed
+        from draft.methods import Batch, sample_seed
+        from draft.sampling import SampleNoise
 
         c, acc = self.config, self.acc
         rng = np.random.default_rng([c.seed, self.step])
@@ -317,7 +321,7 @@ class Trainer:
 
             trainer = {"queries": self.queries, "train_time": self.train_time, "bad_total": self.bad_total,
                        "eval_before": self.eval_before}
-            ckpt.save(self.run.checkpoints, self.step, adapter_state_dict(self.raw_unet), self.optimizer,
+            ckpt.save(self.run.checkpoints, self.step, adapter_state_dict(self.raw_denoiser), self.optimizer,
                       self.scheduler, self.acc.scaler, trainer, self.config.log.keep_checkpoints)
         self.acc.wait_for_everyone()
 
@@ -334,7 +338,7 @@ class Trainer:
         seeds = [10_000 + k for k in range(n)]
         with self._unwrapped():
             images = generate(self.model, prompts, seeds, self.config.sampling)
-        return score(images, prompts, groups, self.reward, self.config.model, self.acc.device)
+        return score(images, prompts, groups, self.reward, self.model.metrics, self.acc.device)
 
     def finish(self) -> None:
         import json
@@ -349,7 +353,7 @@ class Trainer:
         after = self.save_grid()
         if not self.acc.is_main_process:
             return
-        save_lora(self.raw_unet, self.run.lora)
+        save_lora(self.model, self.run.lora)
         eval_after = self.evaluate()
         before = self.run.samples / f"step-{0:08d}.png"
         if before.is_file() and after is not None:
@@ -362,16 +366,16 @@ class Trainer:
         print(f"run folder: {self.run.root}  (LoRA: {self.run.lora})", flush=True)
 
     def _unwrapped(self):
-        """Sample with the bare UNet (no distributed wrapper, so no collectives) on one process."""
+        """Sample with the bare denoiser (no distributed wrapper, so no collectives) on one process."""
         import contextlib
 
         @contextlib.contextmanager
         def swap():
-            wrapped, self.model.unet = self.model.unet, self.raw_unet
+            wrapped, self.model.denoiser = self.model.denoiser, self.raw_denoiser
             try:
                 yield
             finally:
-                self.model.unet = wrapped
+                self.model.denoiser = wrapped
 
         return swap()
 

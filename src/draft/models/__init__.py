@@ -1,38 +1,49 @@
-"""Model adapters: one small protocol between the sampler/methods and a diffusers pipeline.
+"""Model adapters: one protocol (`draft.models.base.DiffusionModel`) between the sampler,
+the methods and the trainer on one side and a diffusers pipeline on the other.
 
-An adapter exposes exactly what reward fine-tuning needs:
-
-- `conditioning(prompts)` -> (cond, uncond) prompt encodings for classifier-free guidance;
-- `denoise(x_t, t, cond)` -> the raw model output (ε, v or x_0), differentiable in the LoRA;
-- `decode(latents)` -> images in [0, 1], differentiable, with frozen weights;
-- `latent_shape`, `resolution`, `scheduler_config` (for `Schedule.from_scheduler_config`);
-- `denoiser` (the trainable network, where LoRA goes) and `adapters_disabled()` (the base
-  model's prediction without a second copy in memory, for DRaFT+);
-- `adapters_merged()` (the LoRA folded into the weights for gradient-free sampling, the
-  base weights restored exactly afterwards).
-
-`StableDiffusion` serves every diffusers Stable Diffusion 1.x/2.x pipeline, `shapes-sd`
-included; SDXL and flow-matching families get their own adapters.
+A registry keyed on the pipeline folder's `_class_name` (its `model_index.json`) picks the
+adapter; every other module works through the protocol and never asks which family runs.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from draft.errors import UserError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-# Models that ship inside the package, by name.
-EMBEDDED = {"shapes-sd": ASSETS / "shapes-sd"}
-# Pipeline classes whose components the StableDiffusion adapter understands.
-SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A model that ships inside the package."""
+
+    path: Path
+    metrics: str | None = None  # "module:attr" of the model's own evaluation metrics
+
+
+# Models that ship inside the package, by name. The shapes world's attribute accuracy is
+# part of their evaluation.
+EMBEDDED = {
+    "shapes-sd": Embedded(ASSETS / "shapes-sd", "draft.rewards.shapes:attribute_metrics"),
+    "shapes-flow": Embedded(ASSETS / "shapes-flow", "draft.rewards.shapes:attribute_metrics"),
+}
+
+# Pipeline class -> "module:adapter class".
+ADAPTERS = {
+    "StableDiffusionPipeline": "draft.models.sd:StableDiffusion",
+    "StableDiffusionImg2ImgPipeline": "draft.models.sd:StableDiffusion",
+    "StableDiffusionInpaintPipeline": "draft.models.sd:StableDiffusion",
+    "StableDiffusion3Pipeline": "draft.models.sd3:StableDiffusion3",
+}
 
 
 def resolve(path_or_id: str) -> tuple[str, bool]:
     """(where to load from, whether it is local). Checks local folders without loading."""
     if path_or_id in EMBEDDED:
-        path = EMBEDDED[path_or_id]
+        path = EMBEDDED[path_or_id].path
         if not (path / "model_index.json").is_file():
             raise UserError(f"the embedded model {path_or_id!r} is missing from this install ({path})")
         return str(path), True
@@ -42,25 +53,49 @@ def resolve(path_or_id: str) -> tuple[str, bool]:
         if not path.is_dir():
             names = ", ".join(sorted(EMBEDDED))
             raise UserError(f"model folder {path_or_id!r} not found (give a pipeline folder, a hub id, or one of: {names})")
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise UserError(f"{path_or_id!r} is not a diffusers pipeline folder (no model_index.json)")
-        try:
-            cls = json.loads(index.read_text()).get("_class_name", "")
-        except json.JSONDecodeError:
-            raise UserError(f"{index} is not valid JSON") from None
-        if cls not in SD_PIPELINES:
-            raise UserError(f"{path_or_id!r} holds a {cls or 'unknown'} pipeline; supported: {', '.join(sorted(SD_PIPELINES))}")
+        pipeline_class(str(path))  # refuses folders no adapter serves
         return str(path), True
     return path_or_id, False
 
 
+def pipeline_class(folder: str) -> str:
+    """The `_class_name` of a local pipeline folder, checked against the adapters."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"{folder!r} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        cls = json.loads(index.read_text()).get("_class_name", "")
+    except (json.JSONDecodeError, AttributeError):
+        raise UserError(f"{index} is not valid JSON") from None
+    if cls not in ADAPTERS:
+        raise UserError(f"{folder!r} holds a {cls or 'unknown'} pipeline; supported: {', '.join(sorted(ADAPTERS))}")
+    return cls
+
+
+def _hub_pipeline_class(repo_id: str) -> str:
+    """The pipeline class of a hub model, from its model_index.json alone."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        cls = DiffusionPipeline.load_config(repo_id).get("_class_name", "")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {repo_id!r}: {str(e).strip().splitlines()[0]}") from None
+    if cls not in ADAPTERS:
+        raise UserError(f"{repo_id!r} holds a {cls or 'unknown'} pipeline; supported: {', '.join(sorted(ADAPTERS))}")
+    return cls
+
+
 def load_model(path_or_id: str = "shapes-sd", device=None, dtype=None):
-    """Load a Stable Diffusion pipeline folder, hub id or embedded model as an adapter.
+    """Load a pipeline folder, hub id or embedded model as its family's adapter.
 
     Weights are read from safetensors only. `dtype` is the dtype of the frozen weights
     (default float32); trainable LoRA parameters are always float32.
     """
-    from draft.models.sd import StableDiffusion
+    from draft.models.base import load_callable
 
-    return StableDiffusion.from_pretrained(path_or_id, device=device, dtype=dtype)
+    source, local = resolve(path_or_id)
+    cls_name = pipeline_class(source) if local else _hub_pipeline_class(source)
+    adapter = load_callable(ADAPTERS[cls_name])
+    embedded = EMBEDDED.get(path_or_id)
+    metrics = load_callable(embedded.metrics) if embedded and embedded.metrics else None
+    return adapter.from_pretrained(source, local, path_or_id, device=device, dtype=dtype, metrics=metrics)

@@ -1,9 +1,11 @@
-"""Tiny, randomly initialised Stable Diffusion pipelines, built in code, for tests and benchmarks.
+"""Tiny, randomly initialised diffusers pipelines of every supported family, built in code,
+for tests and benchmarks.
 
-They have the real architecture classes (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
-CLIPTokenizer, DDIMScheduler) at toy sizes, or at Stable Diffusion 1.5's sizes with random
-weights, and are saved with `save_pretrained` so they load through the same code as real
-checkpoints. Nothing is downloaded.
+They have the real architecture classes (UNet2DConditionModel, SD3Transformer2DModel,
+AutoencoderKL, CLIP and T5 text encoders and tokenizers, DDIM and flow-matching schedulers)
+at toy sizes, or at Stable Diffusion 1.5's sizes with random weights, and are saved with
+`save_pretrained` so they load through the same code as real checkpoints. Nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from draft.models.tokenizer import word_tokenizer
+from draft.models.tokenizer import t5_word_tokenizer, word_tokenizer
 
 WORDS = "a small large red green blue yellow purple orange white black circle square triangle star on background".split()
 PROMPTS = ["a small red circle on a blue background", "a large green square on a white background",
@@ -71,6 +73,72 @@ def sd15_pipeline(folder: Path, seed: int = 0):
 
 
 def build_tiny_pipeline(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Save a tiny pipeline to folder/pipeline and return that path."""
+    """Save a tiny SD pipeline to folder/pipeline and return that path."""
     tiny_pipeline(folder, prediction_type, seed).save_pretrained(folder / "pipeline")
     return folder / "pipeline"
+
+
+def build_tiny(folder: Path, family: str, **kwargs) -> Path:
+    """Save a tiny pipeline of `family` ("sd", "sd3", ...) to folder/pipeline and return that path."""
+    TINY[family](folder, **kwargs).save_pretrained(Path(folder) / "pipeline")
+    return Path(folder) / "pipeline"
+
+
+def _clip_with_projection(tokenizer, seed_offset: int = 0):
+    """A tiny CLIPTextModelWithProjection (hidden 32, projection 32) for `tokenizer`."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=16, projection_dim=32,
+    ))
+
+
+def tiny_t5(folder: Path, max_length: int = 16, d_model: int = 32):
+    """(T5EncoderModel, T5 tokenizer) at toy size over the tiny pipelines' words."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = t5_word_tokenizer(WORDS, max_length=max_length)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=64, num_layers=2,
+                                      num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    return encoder, tokenizer
+
+
+def _tiny_vae(shift_factor: float | None = None, latent_channels: int = 4):
+    from diffusers import AutoencoderKL
+
+    extra = {} if shift_factor is None else {"shift_factor": shift_factor, "scaling_factor": 1.5035}
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
+                         latent_channels=latent_channels, norm_num_groups=8, sample_size=32, **extra)
+
+
+def tiny_sd3_pipeline(folder: Path, seed: int = 0, t5: bool = False, shift: float = 3.0,
+                      dynamic_shift: bool = False):
+    """A toy-sized StableDiffusion3Pipeline (32 px images, 4x8x8 latents, patch 2).
+
+    Two CLIP encoders with projections; a T5 third encoder only with `t5=True` (SD3 runs
+    without one, as in diffusers). `shift`/`dynamic_shift` configure the flow scheduler.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    tok = word_tokenizer(folder / "tokenizer_files", WORDS, max_length=16)
+    tok_2 = word_tokenizer(folder / "tokenizer_2_files", WORDS, max_length=16)
+    text_encoder_3, tok_3 = tiny_t5(folder, d_model=64) if t5 else (None, None)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
+    sched = dict(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64) if dynamic_shift else {}
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift, **sched),
+        vae=_tiny_vae(shift_factor=0.0609), text_encoder=_clip_with_projection(tok), tokenizer=tok,
+        text_encoder_2=_clip_with_projection(tok_2), tokenizer_2=tok_2, text_encoder_3=text_encoder_3,
+        tokenizer_3=tok_3,
+    )
+
+
+# The tiny pipeline of each family, by the name tests use.
+TINY = {"sd": tiny_pipeline, "sd3": tiny_sd3_pipeline}

@@ -64,3 +64,27 @@ def word_tokenizer(
     for word in words:  # the property callers rely on
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
     return tokenizer
+
+
+def t5_word_tokenizer(words: Iterable[str], max_length: int = 32):
+    """A T5 tokenizer (SentencePiece-style unigram, built with the `tokenizers` library) in
+    which every listed word is one token and other text falls back to characters.
+
+    For tiny SD3 and FLUX pipelines, whose third/second text encoder is a T5, without
+    downloading T5's 32k-piece vocabulary. `save_pretrained` writes a tokenizer.json that
+    `T5TokenizerFast.from_pretrained` (and the pipelines' loaders) read back.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = list(dict.fromkeys(words))
+    chars = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz"))
+    # Whole words are far likelier than their spellings, so the unigram model keeps them whole.
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -1.0) for w in words] + [(c, -5.0) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)

@@ -1,0 +1,310 @@
+"""Every model family behind one protocol: the conformance suite every adapter passes, and each
+family's sampler checked against its own diffusers pipeline.
+
+Families are tiny random pipelines of the real architectures built in code
+(`draft.models.tiny`), saved and loaded through the real loading code. Adding a family means
+adding it to `FAMILIES` here and to `draft.models.tiny.TINY`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from draft.config import LogConfig, LoraConfig, SamplingConfig, TrainConfig
+from draft.errors import UserError
+from draft.lora import add_lora, load_loras, save_lora
+from draft.methods import METHODS, Batch, Loop, truncated
+from draft.models import load_model
+from draft.models.base import DiffusionModel
+from draft.models.tiny import PROMPTS, build_tiny
+from draft.rewards import FunctionReward
+from draft.sampling import SampleNoise, Schedule, guided, predict_x0_eps, renoise, sample, sampler_step
+
+# name -> (tiny builder kwargs, or None for a model shipped in the package; the diffusers
+# pipeline class that loads it)
+FAMILIES = {
+    "sd": ({}, "StableDiffusionPipeline"),
+    "sd3": ({}, "StableDiffusion3Pipeline"),
+    "sd3-t5": ({"family": "sd3", "t5": True}, "StableDiffusion3Pipeline"),
+    "shapes-sd": (None, "StableDiffusionPipeline"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, path of its pipeline folder, diffusers pipeline class name)."""
+    from draft.models import EMBEDDED
+
+    name = request.param
+    kwargs, pipeline = FAMILIES[name]
+    if kwargs is None:
+        return name, EMBEDDED[name].path, pipeline
+    kwargs = {"family": name, **kwargs}
+    path = build_tiny(tmp_path_factory.mktemp(name), kwargs.pop("family"), **kwargs)
+    return name, path, pipeline
+
+
+def brightness(images, prompts):
+    return images.mean((1, 2, 3))
+
+
+def _batch(model, n=2, step=0):
+    seeds = [100 * step + j for j in range(n)]
+    return Batch(list(PROMPTS[:n]), SampleNoise(seeds, model.latent_shape(), "cpu"),
+                 np.random.default_rng([0, step, 1]), step, 0)
+
+
+def _with_random_lora(model, seed=0):
+    """A LoRA whose B matrices are non-zero, so the adapter changes the outputs."""
+    params = add_lora(model, LoraConfig(rank=4, alpha=8.0), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return params
+
+
+# --- the flow step against diffusers -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["plain", "shift", "dynamic"])
+def test_each_flow_step_matches_flow_match_euler(case):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    num_steps = 10
+    if case == "plain":
+        config, kwargs = {}, {}
+    elif case == "shift":
+        config, kwargs = {"shift": 3.0}, {}
+    else:  # FLUX: dynamic shift from the token count, a linear sigma grid passed in
+        config = {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+        kwargs = {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps), "mu": 0.83}
+    flow = FlowMatchEulerDiscreteScheduler(**config)
+    flow.set_timesteps(num_steps, **{k: (list(v) if k == "sigmas" else v) for k, v in kwargs.items()})
+    schedule = Schedule.from_scheduler_config(flow.config, num_steps, **kwargs)
+    assert schedule.prediction_type == "flow" and len(schedule) == num_steps
+    torch.testing.assert_close(torch.tensor(schedule.timesteps), flow.timesteps.float())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    for i, t in enumerate(flow.timesteps):
+        out = torch.randn(x.shape, generator=g)  # a stand-in velocity
+        expected = flow.step(out, t, x).prev_sample
+        x0, eps = predict_x0_eps(out, x, schedule.a[i], schedule.s[i], "flow")
+        ours = sampler_step(x0, eps, schedule.a_prev[i], schedule.s_prev[i])
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+        x = expected
+
+
+def test_flow_renoise_is_the_interpolation():
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sigma = 0.3
+    torch.testing.assert_close(renoise(x0, 1 - sigma, sigma, eps), (1 - sigma) * x0 + sigma * eps)
+
+
+# --- the conformance suite -----------------------------------------------------------------------
+
+
+def test_adapter_conforms_to_the_protocol(family):
+    _, path, _ = family
+    model = load_model(str(path))
+    assert isinstance(model, DiffusionModel)
+    C, h, w = model.latent_shape()
+    assert model.resolution > 0 and h * w > 0
+    cond, uncond = model.conditioning(PROMPTS[:2], 5.0)
+    assert uncond is not None and model.conditioning(PROMPTS[:2], 1.0)[1] is None
+    x = SampleNoise([0, 1], model.latent_shape(), "cpu").draw()
+    schedule = model.schedule(4)
+    assert len(schedule) == 4
+    t = torch.tensor(schedule.timesteps[0])
+    out = model.denoise(x, t, cond)
+    assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
+    # decode: images in [0, 1], differentiable in the latents
+    latents = x.clone().requires_grad_(True)
+    images = model.decode(latents)
+    assert images.shape[:2] == (2, 3) and images.shape[-1] == model.resolution
+    assert 0 <= images.min() and images.max() <= 1
+    images.mean().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in model.denoiser.parameters())
+    assert isinstance(model.metrics(images.detach(), PROMPTS[:2]), dict)
+    with pytest.raises(UserError):
+        model.latent_shape(model.resolution + 1, model.resolution)
+
+
+def test_lora_disable_and_merge_keep_the_base_exact(family):
+    _, path, _ = family
+    model = load_model(str(path))
+    cond = model.conditioning(PROMPTS[:2], 1.0)[0]
+    x = SampleNoise([0, 1], model.latent_shape(), "cpu").draw()
+    t = torch.tensor(model.schedule(4).timesteps[1])
+    with torch.no_grad():
+        base = model.denoise(x, t, cond)
+        _with_random_lora(model)
+        adapted = model.denoise(x, t, cond)
+        assert (adapted - base).abs().max() > 1e-4  # the LoRA does something
+        with model.adapters_disabled():
+            torch.testing.assert_close(model.denoise(x, t, cond), base, rtol=0, atol=1e-6)
+        weights = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+        with model.adapters_merged():
+            torch.testing.assert_close(model.denoise(x, t, cond), adapted, rtol=1e-4, atol=1e-5)
+        after = model.denoiser.state_dict()
+        assert all(torch.equal(weights[k], after[k]) for k in weights)  # bit for bit
+
+
+def test_exactly_the_last_k_denoiser_calls_carry_gradient(family):
+    _, path, _ = family
+    model = load_model(str(path))
+    params = _with_random_lora(model)
+    loop = Loop(model, FunctionReward(brightness, "brightness"), model.schedule(6), guidance_scale=3.0,
+                use_checkpoint=True)
+    carried = []
+    inner = model.denoise
+
+    def counting(x, t, cond):
+        out = inner(x, t, cond)
+        carried.append(out.requires_grad)
+        return out
+
+    model.denoise = counting
+    k = 2
+    out = truncated(loop, _batch(model), k)
+    out.loss.backward()
+    # checkpointing re-runs each gradient call in the backward pass: count the forward ones
+    forward = carried[: len(loop.schedule)]
+    assert forward == [False] * (6 - k) + [True] * k
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params if p.requires_grad)
+
+
+def test_draft_lv_renoises_as_replayed(family):
+    _, path, _ = family
+    model = load_model(str(path))
+    _with_random_lora(model)
+    T, n = 5, 2
+    loop = Loop(model, FunctionReward(brightness, "brightness"), model.schedule(T), guidance_scale=1.0,
+                use_checkpoint=False, merge_lora=False)
+    calls = []
+    inner = model.denoise
+    model.denoise = lambda x, t, c: (calls.append(x.detach().clone()), inner(x, t, c))[1]
+
+    class Cfg:
+        lv_n = n
+
+    METHODS["draft-lv"](loop, _batch(model), Cfg)
+    replay = _batch(model).noise
+    x_T = replay.draw()
+    model.denoise = inner
+    with torch.no_grad():
+        x0 = loop.run(x_T, model.conditioning(PROMPTS[:2], 1.0), replay)
+    eps = torch.cat([replay.draw() for _ in range(n)])
+    expected = renoise(x0.repeat(n, 1, 1, 1), loop.schedule.a[T - 1], loop.schedule.s[T - 1], eps)
+    torch.testing.assert_close(calls[T], expected, rtol=1e-5, atol=1e-5)
+
+
+# --- each family against its own diffusers pipeline -------------------------------------------------
+
+
+def _pipeline(path, cls_name):
+    import diffusers
+
+    pipe = getattr(diffusers, cls_name).from_pretrained(path, **(
+        {"safety_checker": None, "requires_safety_checker": False} if cls_name == "StableDiffusionPipeline" else {}))
+    if cls_name == "StableDiffusionPipeline":
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _our_latents(model, prompts, seeds, steps, guidance):
+    x = SampleNoise(seeds, model.latent_shape(), "cpu").draw()
+    cond = model.conditioning(prompts, guidance)
+    with torch.no_grad():
+        return x, sample(guided(model.denoise, guidance), x, model.schedule(steps), cond)
+
+
+def test_sampler_matches_the_family_pipeline(family):
+    """Same initial latents, same prompts: our loop and the family's pipeline agree (float32)."""
+    _, path, cls_name = family
+    model = load_model(str(path))
+    prompts, steps, guidance = PROMPTS[:2], 8, 4.0
+    x_T, ours = _our_latents(model, prompts, [3, 4], steps, guidance)
+    pipe = _pipeline(path, cls_name)
+    theirs = pipe(prompts, latents=x_T, num_inference_steps=steps, guidance_scale=guidance,
+                  output_type="latent").images
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_trained_lora_loads_in_plain_diffusers(family, tmp_path):
+    """`draft train` on the family leaves a LoRA that `load_lora_weights` reads into the plain
+    pipeline, which then samples what our sampler samples with the adapter."""
+    from draft.trainer import train
+
+    _, path, cls_name = family
+    cfg = TrainConfig(model=str(path), reward="brightness", prompts="|".join(PROMPTS), eval_prompts="|".join(PROMPTS),
+                      method="draft-k", k=2, steps=3, batch_size=2, lr=0.05, output_dir=str(tmp_path), name="run",
+                      sampling=SamplingConfig(num_steps=4, guidance_scale=3.0),
+                      log=LogConfig(eval_samples=0, sample_prompts=2, sample_seeds=1, trackers=()))
+    run = train(cfg, progress=False)
+    model = load_model(str(path))
+    load_loras(model, [(str(run), 1.0)])
+    prompts, steps, guidance = PROMPTS[:2], 4, 3.0
+    x_T, ours = _our_latents(model, prompts, [7, 8], steps, guidance)
+    base = load_model(str(path))
+    _, plain = _our_latents(base, prompts, [7, 8], steps, guidance)
+    assert (ours - plain).abs().max() > 1e-4  # training moved the model
+    pipe = _pipeline(path, cls_name)
+    pipe.load_lora_weights(run / "lora")
+    theirs = pipe(prompts, latents=x_T, num_inference_steps=steps, guidance_scale=guidance,
+                  output_type="latent").images
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_lora_save_load_round_trip(family, tmp_path):
+    _, path, _ = family
+    model = load_model(str(path))
+    _with_random_lora(model)
+    save_lora(model, tmp_path / "lora")
+    again = load_model(str(path))
+    load_loras(again, [(str(tmp_path / "lora"), 1.0)])
+    prompts = PROMPTS[:2]
+    _, a = _our_latents(model, prompts, [1, 2], 3, 2.0)
+    _, b = _our_latents(again, prompts, [1, 2], 3, 2.0)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_unsupported_pipeline_class_is_refused(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(UserError, match="supported: .*StableDiffusion3Pipeline"):
+        load_model(str(tmp_path))
+
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_on_a_flow_model(tmp_path_factory, tmp_path):
+    """Under `accelerate launch` on the CPU, 2 processes at batch 1 train the LoRA that 1 process
+    at batch 2 trains, on SD3 (rectified flow, transformer, dict conditioning) as on SD."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from draft.cli import main
+
+    path = build_tiny(tmp_path_factory.mktemp("sd3-ddp"), "sd3")
+    common = [f"model={path}", "reward=brightness", f"prompts={'|'.join(PROMPTS)}", f"eval_prompts={PROMPTS[0]}",
+              "method=draft-lv", "batch_size=1", "lr=1e-2", "kl_coeff=0", "steps=2", "sampling.num_steps=3",
+              "sampling.guidance_scale=3", "log.sample_prompts=1", "log.sample_seeds=1", "log.eval_samples=0",
+              "log.trackers=[]", f"output_dir={tmp_path}", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "draft.cli"]
+    two = subprocess.run([*launch, "train", *common, "name=two"], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert main(["train", *common, "name=one", "batch_size=2"]) == 0
+    one, both = (load_file(tmp_path / n / "lora" / "pytorch_lora_weights.safetensors") for n in ("one", "two"))
+    assert one.keys() == both.keys() and all(k.startswith("transformer.") for k in one)
+    for k in one:
+        torch.testing.assert_close(one[k], both[k], rtol=0, atol=1e-6)
