@@ -43,10 +43,25 @@ def run_dir(tiny_sd, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("export") / "my-run"
     model = load_model(str(tiny_sd))
-    randomise_lora(add_lora(model.unet, LoraConfig(rank=RANK, alpha=ALPHA, target_modules=TARGETS)))
-    save_lora(model.unet, run / "lora")
+    randomise_lora(add_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, target_modules=TARGETS)))
+    save_lora(model, run / "lora")
     (run / "config.yaml").write_text(yaml.safe_dump({"model": str(tiny_sd)}))
     return run
+
+
+def add_unet_lora(unet, **config) -> None:
+    """A LoRA on a bare UNet through peft (as draft's add_lora does for a pipeline's), moved off its init."""
+    from peft import LoraConfig as PeftConfig
+
+    unet.add_adapter(PeftConfig(init_lora_weights="gaussian", **config))
+    randomise_lora([p for n, p in unet.named_parameters() if "lora" in n])
+
+
+def save_unet_lora(unet, folder):
+    """The bare UNet's adapter as draft saves one (diffusers' save_lora_weights, peft keys, config as metadata)."""
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    return folder / "pytorch_lora_weights.safetensors"
 
 
 @contextlib.contextmanager
@@ -185,8 +200,8 @@ def test_kohya_names_on_the_sdxl_layout_load_through_diffusers_sgm_reader(tmp_pa
     from diffusers import StableDiffusionXLPipeline
 
     unet = sdxl_unet()
-    randomise_lora(add_lora(unet, LoraConfig(rank=RANK, alpha=ALPHA, target_modules=TARGETS + ("add_embedding.linear_2",))))
-    lora = read_lora(save_lora(unet, tmp_path / "lora"))
+    add_unet_lora(unet, r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS) + ["add_embedding.linear_2"])
+    lora = read_lora(save_unet_lora(unet, tmp_path / "lora"))
     state = kohya_state_dict(lora, dict(unet.config))
     names = {k.rsplit(".", 2)[0] if k.endswith("weight") else k.rsplit(".", 1)[0] for k in state}
     # kohya's SDXL names: the SGM UNet's input_blocks / middle_block / output_blocks paths.
@@ -233,13 +248,11 @@ def test_scale_and_alpha_patterns_round_trip(run_dir, tiny_sd, reference, tmp_pa
     assert (images(half) - reference[1][0.5]).abs().max() <= 1e-5
 
     from diffusers import UNet2DConditionModel as U
-    from peft import LoraConfig as PeftConfig
 
     unet = U.from_pretrained(str(tiny_sd), subfolder="unet")
-    unet.add_adapter(PeftConfig(r=4, lora_alpha=3, use_rslora=True, target_modules=["to_q", "conv1", "ff.net.2"],
-                                rank_pattern={"conv1": 2}, alpha_pattern={"ff.net.2": 5}, init_lora_weights="gaussian"))
-    randomise_lora([p for n, p in unet.named_parameters() if "lora" in n])
-    lora = read_lora(save_lora(unet, tmp_path / "patterns"))
+    add_unet_lora(unet, r=4, lora_alpha=3, use_rslora=True, target_modules=["to_q", "conv1", "ff.net.2"],
+                  rank_pattern={"conv1": 2}, alpha_pattern={"ff.net.2": 5})
+    lora = read_lora(save_unet_lora(unet, tmp_path / "patterns"))
     for name, layer in loaded_layers(unet, "default").items():
         assert lora.scales[name] == pytest.approx(layer.scaling["default"]), name
     state = kohya_state_dict(lora, dict(unet.config))
@@ -358,3 +371,42 @@ def test_export_errors_are_one_line_user_errors(run_dir, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     assert main(["export", str(run_dir), "--merge", str(tmp_path / "full")]) == 2
+
+
+def test_sd3_run_lora_exports_and_merges(tmp_path):
+    """draft's own SD3 LoRA (transformer keys): the diffusers export and the merged pipeline give its images."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from draft.models import load_model
+    from draft.models.tiny import build_tiny
+
+    base = build_tiny(tmp_path / "sd3", "sd3")
+    run = tmp_path / "sd3-run"
+    model = load_model(str(base))
+    randomise_lora(add_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, target_modules=("to_q", "to_k", "add_q_proj", "ff.net.2"))))
+    save_lora(model, run / "lora")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": str(base)}))
+
+    def sd3_images(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+        return pipe("a small red circle", num_inference_steps=2, guidance_scale=3.0, latents=latents,
+                    output_type="pt").images
+
+    def sd3(path):  # the tiny SD3 has no T5, as SD3 may run in diffusers
+        return StableDiffusion3Pipeline.from_pretrained(str(path), text_encoder_3=None, tokenizer_3=None)
+
+    reference = sd3(base)
+    reference.load_lora_weights(str(run / "lora"), adapter_name="a")
+    want = sd3_images(reference)
+    assert main(["export", str(run), "--format", "diffusers", "--merge", str(tmp_path / "merged")]) == 0
+    exported = sd3(base)
+    with diffusers_warnings() as warned:
+        exported.load_lora_weights(str(run / "lora"), weight_name="sd3-run-diffusers.safetensors", adapter_name="d")
+    assert warned == []
+    assert_same_adapter(reference.transformer, exported.transformer, "d", trained_adapter="a")
+    assert (sd3_images(exported) - want).abs().max() <= 1e-5
+    merged = sd3(tmp_path / "merged")
+    assert not loaded_layers(merged.transformer, "export")
+    assert (sd3_images(merged) - want).abs().max() <= 1e-5
+    assert main(["export", str(run), "--format", "kohya"]) == 2  # kohya names are for UNets

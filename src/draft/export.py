@@ -329,11 +329,13 @@ def export(source: str | Path, fmt: str, out: str | Path | None = None, scale: f
 
 def merge(source: str | Path, out_dir: str | Path, scale: float = 1.0, model: str | None = None,
           device: str | None = None) -> Path:
-    """Save the base pipeline with the LoRA folded into its weights at `scale` (safetensors)."""
-    from diffusers import DiffusionPipeline
+    """Save the base pipeline with the LoRA folded into its weights at `scale` (safetensors).
 
-    from draft.lora import _check_all_loaded, _check_lora_matches
-    from draft.models import resolve
+    The pipeline is loaded as draft loads it (so an SD pipeline comes without its safety
+    checker) and saved with diffusers' `save_pretrained`.
+    """
+    from draft.lora import load_loras
+    from draft.models import load_model
 
     if not math.isfinite(scale):
         raise UserError(f"--scale must be a finite number, got {scale}")
@@ -342,19 +344,13 @@ def merge(source: str | Path, out_dir: str | Path, scale: float = 1.0, model: st
     if base is None:
         raise UserError(f"which base model is {lora.path} for? pass --model (its pipeline folder or hub id)")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"{out_dir} exists and is not empty; choose a new folder for the merged pipeline")
-    path, _ = resolve(base)
-    pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True)
-    if device:
-        pipe.to(device)
-    denoiser = getattr(pipe, lora.prefix, None)
-    if denoiser is None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} exists and is not an empty folder; choose a new folder for the merged pipeline")
+    pipeline = load_model(base, device=device)
+    if pipeline.lora_prefix != lora.prefix:
         raise UserError(f"the LoRA adapts a {lora.prefix}, which the pipeline {base!r} does not have")
-    layers = _check_lora_matches(denoiser, lora.path) if lora.prefix == "unet" else set(lora.down)
-    pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name="export")
-    _check_all_loaded(denoiser, lora.path, layers, "export")
-    pipe.fuse_lora(components=[lora.prefix], lora_scale=scale, adapter_names=["export"])
-    pipe.unload_lora_weights()  # keeps the fused weights, removes the LoRA layers
-    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    names = load_loras(pipeline, [(str(lora.path), 1.0)])  # refuses a LoRA that does not load whole
+    pipeline.denoiser.fuse_lora(lora_scale=scale, adapter_names=names)
+    pipeline.denoiser.unload_lora()  # keeps the fused weights, removes the LoRA layers
+    pipeline.pipe.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
