@@ -44,7 +44,7 @@ def test_run_leaves_a_hub_lora_card(card_run, tiny_sd):
     assert f"`{tiny_sd}`" in body  # base model
     assert "`brightness`" in body and "`draft-k`" in body and "last 2 sampling steps" in body
     assert re.search(r"\| optimizer steps \| 2 \|", body)
-    assert "rank 4, alpha 8.0" in body and "| learning rate | 0.01" in body
+    assert "rank 4, alpha 8.0, on " in body and "`to_q`" in body and "| learning rate | 0.01" in body
     assert r"| training prompts | `a small red circle\|a large blue square\|a green star` |" in body  # '|' escaped
     assert "4 steps, guidance 3.0" in body
     # The held-out table: the evaluation's figures before and after, from report/eval.json.

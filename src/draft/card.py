@@ -43,8 +43,11 @@ def write_card(run_root: str | Path) -> Path:
     has_grid = grid.is_file()
     if has_grid:
         shutil.copyfile(grid, run.lora / GRID)
+    prefix, targets = _lora_file_info(run.lora)
+    if not (config.get("lora") or {}).get("target_modules"):  # the family's default: the file says which
+        config.setdefault("lora", {})["target_modules"] = targets
     text = "---\n" + yaml.safe_dump(front_matter(config), sort_keys=False) + "---\n\n" + body(
-        run.root.name, config, evaluation.get("before"), evaluation.get("after"), last, has_grid, _lora_prefix(run.lora))
+        run.root.name, config, evaluation.get("before"), evaluation.get("after"), last, has_grid, prefix)
     path = run.lora / "README.md"
     path.write_text(text)
     return path
@@ -122,7 +125,7 @@ def settings(config: dict, last: dict) -> dict[str, str]:
         "learning rate": f"{config.get('lr', '?')} (AdamW, weight decay {config.get('weight_decay', 0)}, "
                          f"{config.get('warmup_steps', 0)} warm-up steps, gradient norm clipped to {config.get('max_grad_norm', '?')})",
         "LoRA": f"rank {lora.get('rank', '?')}, alpha {lora.get('alpha', '?')}, on "
-                + ", ".join(f"`{t}`" for t in lora.get("target_modules", [])),
+                + (", ".join(f"`{t}`" for t in lora.get("target_modules") or []) or "the model family's default layers"),
         "sampling": f"{sampling.get('num_steps', '?')} steps, guidance {sampling.get('guidance_scale', '?')}, "
                     f"eta {sampling.get('eta', '?')}",
         "DRaFT+ regulariser (kl_coeff)": str(config.get("kl_coeff", 0)),
@@ -221,14 +224,17 @@ def _last_metrics(path: Path) -> dict:
     return {}
 
 
-def _lora_prefix(folder: Path) -> str:
-    """Which component the saved LoRA adapts ("unet" or "transformer"), from its key names."""
-    from safetensors import safe_open
+def _lora_file_info(folder: Path) -> tuple[str, list[str]]:
+    """Which component the saved LoRA adapts ("unet" or "transformer", from its key names) and
+    the target modules its adapter config lists."""
+    from safetensors import SafetensorError, safe_open
 
     from draft.lora import WEIGHT_NAME
 
     try:
         with safe_open(str(folder / WEIGHT_NAME), framework="pt") as f:
-            return next(iter(f.keys()), "unet").split(".", 1)[0]
-    except Exception:  # no readable file: describe the common case
-        return "unet"
+            prefix = next(iter(f.keys()), "unet").split(".", 1)[0]
+            config = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    except (SafetensorError, OSError, json.JSONDecodeError):  # no readable file: describe the common case
+        return "unet", []
+    return prefix, sorted(config.get(f"{prefix}.target_modules") or [])
