@@ -108,10 +108,12 @@ def _adapter_config(metadata: dict, prefix: str) -> dict:
 
 def _trained_scale(config: dict, module: str, rank: int) -> float:
     """The factor peft multiplied B @ A by for this module in training (its own rule, patterns included)."""
-    from peft.utils.other import get_pattern_key
-
     alphas = config.get("alpha_pattern") or {}
-    alpha = alphas.get(get_pattern_key(list(alphas), module), config.get("lora_alpha", rank))
+    alpha = config.get("lora_alpha", rank)
+    if alphas:
+        from peft.utils.other import get_pattern_key  # peft's own matching of pattern keys to modules
+
+        alpha = alphas.get(get_pattern_key(list(alphas), module), alpha)
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
