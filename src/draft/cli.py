@@ -140,6 +140,22 @@ def cmd_pretrain_shapes(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from draft.export import export, merge
+
+    if args.format is None and args.merge is None:
+        raise UserError("say what to write: --format kohya|diffusers (a LoRA file) and/or --merge OUT_DIR (a pipeline)")
+    if args.format is not None:
+        path = export(args.lora, args.format, out=args.out, scale=args.scale, model=args.model)
+        print(f"wrote {path}")
+    elif args.out is not None:
+        raise UserError("--out names the exported LoRA file; with --merge alone, give the folder to --merge")
+    if args.merge is not None:
+        folder = merge(args.lora, args.merge, scale=args.scale, model=args.model, device=args.device)
+        print(f"wrote the merged pipeline to {folder}")
+    return 0
+
+
 # --- the parser ------------------------------------------------------------------------------
 
 
@@ -189,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rewards", help="list the registered rewards")
     p.set_defaults(func=cmd_rewards)
+
+    p = sub.add_parser("export", help="write a LoRA for ComfyUI/A1111/Forge (kohya) or diffusers, or merge it into the model")
+    p.add_argument("lora", metavar="RUN_OR_LORA", help="a run folder, its lora/ folder, or a LoRA .safetensors file")
+    p.add_argument("--format", choices=("kohya", "diffusers"),
+                   help="kohya: lora_unet_* keys for ComfyUI, AUTOMATIC1111, Forge (SD 1.x/2.x/SDXL); diffusers: peft keys")
+    p.add_argument("--out", metavar="FILE", help="the .safetensors file to write (default: next to the LoRA)")
+    p.add_argument("--scale", type=float, default=1.0, help="strength folded into the export (default 1: the trained update)")
+    p.add_argument("--merge", metavar="OUT_DIR", help="also save the base pipeline with the LoRA fused in, to this folder")
+    p.add_argument("--model", default=None, help="the base pipeline (default: the run's model)")
+    p.add_argument("--device", default=None, help="where to fuse the weights for --merge (default cpu)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("pretrain-shapes", help="rebuild a shipped shapes pipeline (shapes-sd, shapes-flow) from scratch")
     p.add_argument("--model", default="shapes-sd", choices=["shapes-sd", "shapes-flow"],

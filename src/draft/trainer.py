@@ -344,6 +344,7 @@ class Trainer:
     def finish(self) -> None:
         import json
 
+        from draft.card import write_card
         from draft.lora import save_lora
         from draft.report import plot_metrics, save_before_after
 
@@ -360,6 +361,7 @@ class Trainer:
             save_before_after(before, after, self.run.report / "before_after.png", len(self.grid_prompts()))
         (self.run.report / "eval.json").write_text(json.dumps({"before": self.eval_before, "after": eval_after}, indent=2))
         plot_metrics(self.run.metrics, self.run.report)
+        write_card(self.run.root)  # lora/README.md, from the files written above
         if eval_after:
             print(comparison(self.eval_before, eval_after, f"held-out, {eval_after['n']} images"))
         print(f"run folder: {self.run.root}  (LoRA: {self.run.lora})", flush=True)

@@ -1,0 +1,240 @@
+"""The model card of a run's LoRA: `runs/NAME/lora/README.md`, in the Hugging Face Hub's form.
+
+YAML front matter (base_model, library_name, license where known, tags) and a body with the
+base model, reward(s), method, steps and key settings, the before/after grid, the held-out
+evaluation before and after, and how to load the LoRA in diffusers, ComfyUI, AUTOMATIC1111
+and Forge. Everything comes from the run folder's own files (config.yaml, metrics.jsonl,
+report/), so the card can be written again for any finished run. The grid is copied into
+lora/ so the card's image link works when that folder is uploaded on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import yaml
+
+from draft.runs import RunFolder
+
+GRID = "before_after.png"
+# Licenses of the models that ship inside the package (the project's own).
+EMBEDDED_LICENSES = {"shapes-sd": "apache-2.0"}
+METHODS = {
+    "draft": "DRaFT: the reward's gradient through every sampling step (with checkpointing)",
+    "draft-k": "DRaFT-K: the reward's gradient through the last {k} sampling steps",
+    "draft-lv": "DRaFT-LV: the last step's gradient, averaged over {lv_n} re-noised copies of the final sample",
+    "alignprop": "AlignProp: the gradient through a random number ({alignprop_k_min} to {alignprop_k_max}) of final steps",
+    "refl": "ReFL: one gradient step to the predicted image from a random late step",
+    "ddpo": "DDPO: policy gradient on the sampler's log-probabilities (no reward gradient)",
+}
+
+
+def write_card(run_root: str | Path) -> Path:
+    """Write lora/README.md (and copy the before/after grid next to it); return the card's path."""
+    run = RunFolder(Path(run_root))
+    config = yaml.safe_load(run.config.read_text()) or {}
+    evaluation = _read_json(run.report / "eval.json") or {}
+    last = _last_metrics(run.metrics)
+    grid = run.report / GRID
+    has_grid = grid.is_file()
+    if has_grid:
+        shutil.copyfile(grid, run.lora / GRID)
+    prefix, targets = _lora_file_info(run.lora)
+    if not (config.get("lora") or {}).get("target_modules"):  # the family's default: the file says which
+        config.setdefault("lora", {})["target_modules"] = targets
+    text = "---\n" + yaml.safe_dump(front_matter(config), sort_keys=False) + "---\n\n" + body(
+        run.root.name, config, evaluation.get("before"), evaluation.get("after"), last, has_grid, prefix)
+    path = run.lora / "README.md"
+    path.write_text(text)
+    return path
+
+
+def front_matter(config: dict) -> dict:
+    model = str(config.get("model", ""))
+    meta: dict = {}
+    if _is_hub_id(model):
+        meta["base_model"] = model  # local folders and embedded models have no hub id to point to
+    meta["library_name"] = "diffusers"
+    if model in EMBEDDED_LICENSES:
+        meta["license"] = EMBEDDED_LICENSES[model]
+    tags = ["text-to-image", "diffusers", "lora", "template:sd-lora", "draft", "reward-fine-tuning"]
+    tags.append(str(config.get("method", "")))
+    tags += [f"reward-{_slug(name)}" for name in rewards(config)]
+    meta["tags"] = [t for t in dict.fromkeys(tags) if t]
+    meta["pipeline_tag"] = "text-to-image"
+    return meta
+
+
+def rewards(config: dict) -> dict[str, float]:
+    """The run's reward terms and their weights ("a:1.0+b:0.5" -> {"a": 1.0, "b": 0.5})."""
+    from draft.errors import UserError
+    from draft.rewards import _parse
+
+    spec = str(config.get("reward", ""))
+    try:
+        return _parse(spec)
+    except UserError:  # a card is a summary: an odd spec is shown as written
+        return {spec: 1.0}
+
+
+def body(name: str, config: dict, before: dict | None, after: dict | None, last: dict, has_grid: bool,
+         prefix: str) -> str:
+    model = config.get("model", "?")
+    terms = rewards(config)
+    reward_text = " + ".join(f"{w:g} × `{r}`" if len(terms) > 1 else f"`{r}`" for r, w in terms.items())
+    lines = [
+        f"# {name}",
+        "",
+        f"A LoRA for `{model}`{' (the tiny model embedded in draft)' if model in EMBEDDED_LICENSES else ''}, "
+        f"fine-tuned with draft (`pip install draft-diffusion`) to raise the reward {reward_text} by backpropagating "
+        "the reward's gradient through the sampler (DRaFT: Clark et al., [*Directly Fine-Tuning Diffusion Models on "
+        "Differentiable Rewards*](https://arxiv.org/abs/2309.17400), ICLR 2024).",
+        "",
+    ]
+    if has_grid:
+        lines += [f"![Before and after: the base model (top) and with this LoRA (bottom), same prompts and seeds]({GRID})",
+                  "", "*Top: the base model; bottom: with this LoRA. Same prompts (one per column) and seeds.*", ""]
+    lines += ["## Training", "", "| setting | value |", "| --- | --- |"]
+    lines += [f"| {k} | {_cell(v)} |" for k, v in settings(config, last).items()]
+    lines += [""]
+    if after:
+        lines += evaluation_table(config, before, after)
+    run = str(Path(str(config.get("output_dir", "runs"))) / name)
+    lines += usage(run, str(model), prefix, config)
+    return "\n".join(lines) + "\n"
+
+
+def settings(config: dict, last: dict) -> dict[str, str]:
+    """The key hyper-parameters, as table rows."""
+    method = str(config.get("method", "?"))
+    sampling, lora = config.get("sampling", {}), config.get("lora", {})
+    steps = config.get("steps", "?")
+    done = last.get("step", steps)
+    rows = {
+        "base model": f"`{config.get('model', '?')}`",
+        "reward": ", ".join(f"`{r}` (weight {w:g})" for r, w in rewards(config).items()),
+        "method": f"`{method}`: " + METHODS.get(method, "").format_map(_Default(config)),
+        "optimizer steps": f"{done}" + (f" of {steps}" if done != steps else ""),
+        "reward queries": str(last.get("reward_queries", "?")),
+        "training time": f"{last['time']:.0f} s" if isinstance(last.get("time"), (int, float)) else "?",
+        "batch": f"{config.get('batch_size', '?')} per process × {config.get('grad_accum', 1)} accumulation",
+        "learning rate": f"{config.get('lr', '?')} (AdamW, weight decay {config.get('weight_decay', 0)}, "
+                         f"{config.get('warmup_steps', 0)} warm-up steps, gradient norm clipped to {config.get('max_grad_norm', '?')})",
+        "LoRA": f"rank {lora.get('rank', '?')}, alpha {lora.get('alpha', '?')}, on "
+                + (", ".join(f"`{t}`" for t in lora.get("target_modules") or []) or "the model family's default layers"),
+        "sampling": f"{sampling.get('num_steps', '?')} steps, guidance {sampling.get('guidance_scale', '?')}, "
+                    f"eta {sampling.get('eta', '?')}",
+        "DRaFT+ regulariser (kl_coeff)": str(config.get("kl_coeff", 0)),
+        "precision": str(config.get("mixed_precision", "no")),
+        "training prompts": f"`{config.get('prompts', '?')}`",
+        "seed": str(config.get("seed", "?")),
+    }
+    return rows
+
+
+def evaluation_table(config: dict, before: dict | None, after: dict) -> list[str]:
+    """The held-out figures before and after training, as a Markdown table."""
+    before = before or {}
+    lines = ["## Held-out evaluation", "",
+             f"{after.get('n', '?')} images of the held-out prompts `{config.get('eval_prompts', '?')}`, one fixed seed "
+             "each, the same for both columns.", "", "| metric | before | after |", "| --- | ---: | ---: |"]
+    for key, value in after.items():
+        if key == "n" or not isinstance(value, (int, float)):
+            continue
+        old = before.get(key)
+        lines.append(f"| {key} | {f'{old:.4g}' if isinstance(old, (int, float)) else '–'} | {value:.4g} |")
+    return lines + [""]
+
+
+def usage(run: str, model: str, prefix: str, config: dict) -> list[str]:
+    """How to load the LoRA: diffusers, and ComfyUI/A1111/Forge through `draft export` (run: the run folder)."""
+    name = Path(run).name
+    sampling = config.get("sampling", {})
+    steps, guidance = sampling.get("num_steps", 50), sampling.get("guidance_scale", 7.5)
+    lines = ["## Use it", "", "### diffusers", "", "```python", "from diffusers import DiffusionPipeline"]
+    if model in EMBEDDED_LICENSES:  # shipped inside draft: its folder comes from the package
+        lines += ["from draft.models import EMBEDDED", "", f'pipe = DiffusionPipeline.from_pretrained(EMBEDDED["{model}"])']
+    else:
+        lines += ["", f"pipe = DiffusionPipeline.from_pretrained({model!r})"]
+    lines += ['pipe.load_lora_weights("path/to/this/folder")  # or the Hub repository it was uploaded to',
+              f'image = pipe("your prompt", num_inference_steps={steps}, guidance_scale={guidance}).images[0]', "```", ""]
+    if model in EMBEDDED_LICENSES:
+        lines += [f"(`{model}` is embedded in draft: `draft sample --model {model} --lora path/to/this/folder "
+                  '--prompt "..."` samples with it.)', ""]
+    lines += ["### ComfyUI, AUTOMATIC1111, Forge", ""]
+    if prefix == "unet":
+        lines += ["These tools read LoRAs with kohya's key names. Convert this one with draft:", "", "```bash",
+                  f"draft export {shlex.quote(run)} --format kohya   # writes {run}/lora/{name}-kohya.safetensors", "```", "",
+                  "and copy the file into `ComfyUI/models/loras/` (load it with a LoraLoader node) or into "
+                  f"`models/Lora/` of AUTOMATIC1111 or Forge (prompt with `<lora:{name}-kohya:1>`).", ""]
+    else:
+        lines += ["ComfyUI reads this model family's LoRAs with diffusers' key names; write a file with the "
+                  "LoRA's alpha/rank folded into its weights, so ComfyUI applies it at the trained strength:", "", "```bash", f"draft export {shlex.quote(run)} --format diffusers", "```", "",
+                  "and copy the file into `ComfyUI/models/loras/`.", ""]
+    lines += [f"`draft export {shlex.quote(run)} --merge OUT_DIR` saves the base pipeline with the LoRA fused into its "
+              "weights.", ""]
+    return lines
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+class _Default(dict):
+    def __missing__(self, key):
+        return "?"
+
+
+def _is_hub_id(model: str) -> bool:
+    """'org/name' that is not a local path (what the Hub accepts as base_model)."""
+    return (model.count("/") == 1 and not model.startswith((".", "/", "~")) and not Path(model).expanduser().exists()
+            and bool(re.fullmatch(r"[\w.-]+/[\w.-]+", model)))
+
+
+def _cell(text: str) -> str:
+    """A Markdown table cell: '|' (prompt lists use it) would end the cell."""
+    return text.replace("|", "\\|")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _last_metrics(path: Path) -> dict:
+    """The last complete line of metrics.jsonl ({} if none)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return {}
+
+
+def _lora_file_info(folder: Path) -> tuple[str, list[str]]:
+    """Which component the saved LoRA adapts ("unet" or "transformer", from its key names) and
+    the target modules its adapter config lists."""
+    from safetensors import SafetensorError, safe_open
+
+    from draft.lora import WEIGHT_NAME
+
+    try:
+        with safe_open(str(folder / WEIGHT_NAME), framework="pt") as f:
+            prefix = next(iter(f.keys()), "unet").split(".", 1)[0]
+            config = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    except (SafetensorError, OSError, json.JSONDecodeError):  # no readable file: describe the common case
+        return "unet", []
+    return prefix, sorted(config.get(f"{prefix}.target_modules") or [])
