@@ -50,14 +50,14 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_training_steps_change_every_lora_parameter_and_nothing_else(tiny_sd, tmp_path, make_trainer):
     t = make_trainer(tiny_config(tiny_sd, tmp_path, weight_decay=0.0))
     before = {name: snapshot(m) for name, m in
-              [("unet", t.raw_unet), ("vae", t.model.vae), ("text_encoder", t.model.text_encoder)]}
-    lora_names = {k for k, p in t.raw_unet.named_parameters() if p.requires_grad}
+              [("unet", t.raw_denoiser), ("vae", t.model.vae), ("text_encoder", t.model.pipe.text_encoder)]}
+    lora_names = {k for k, p in t.raw_denoiser.named_parameters() if p.requires_grad}
     assert lora_names and all("lora" in k for k in lora_names)
     for _ in range(2):  # B starts at zero, so A first gets a gradient on the second step
         t.optimizer_step()
         t.step += 1
     after = {name: snapshot(m) for name, m in
-             [("unet", t.raw_unet), ("vae", t.model.vae), ("text_encoder", t.model.text_encoder)]}
+             [("unet", t.raw_denoiser), ("vae", t.model.vae), ("text_encoder", t.model.pipe.text_encoder)]}
     for part in before:
         for key, value in before[part].items():
             trainable = part == "unet" and key.replace(".default", "") in {n.replace(".default", "") for n in lora_names}
