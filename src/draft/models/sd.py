@@ -43,6 +43,9 @@ class StableDiffusion:
     @classmethod
     def from_pretrained(cls, path_or_id: str, device=None, dtype=None) -> "StableDiffusion":
         from diffusers import StableDiffusionPipeline
+        from safetensors import SafetensorError
+
+        from draft.safeio import corrupt_in
 
         quiet_diffusers()
         source, local = resolve(path_or_id)
@@ -56,9 +59,10 @@ class StableDiffusion:
                 use_safetensors=True,  # never unpickle downloaded weights
                 local_files_only=local,
             )
-        except (OSError, ValueError, EnvironmentError) as e:
+        except (OSError, ValueError, EnvironmentError, SafetensorError) as e:
+            corrupt = corrupt_in(source, f"model {path_or_id!r}:") if local else None  # name the bad file
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot load model {path_or_id!r}: {first}") from None
+            raise corrupt or UserError(f"cannot load model {path_or_id!r}: {first}") from None
         model = cls(pipe, name=path_or_id)
         if device is not None:
             model.to(device)
