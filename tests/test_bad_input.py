@@ -260,7 +260,7 @@ CORRUPT = [
     ("garbage LoRA file (sample)", ["sample", "--model", "MODEL", "--lora", "BROKEN/garbage.safetensors:0.5", *S],
      "garbage.safetensors is not a readable safetensors file"),
     ("empty LoRA file (eval)", ["eval", "--model", "MODEL", "--lora", "BROKEN/empty.safetensors", "--reward",
-                                "brightness", "--steps", "2", "--seeds", "1", "--prompts", "a"],
+                                "brightness", "--steps", "2", "--seeds", "1", "--prompts", "a|b"],
      "empty.safetensors is not a readable safetensors file"),
     ("truncated checkpoint", ["train", "--resume", "BROKEN/ckpt_truncated", "steps=3", "--no-progress"],
      "optimizer.safetensors is not a readable safetensors file"),

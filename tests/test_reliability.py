@@ -468,3 +468,34 @@ def test_a_failing_config_write_leaves_no_run_folder(tiny_sd, tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder that could be neither resumed nor reused
     monkeypatch.undo()
     assert main(_write_args(tiny_sd, tmp_path, "r")) == 0
+
+
+# --- DDPO: advantages over the whole step ------------------------------------------------------------
+
+# Four samples of two prompts per step, so each prompt's own statistics are used. The LoRAs
+# agree to ~1e-3 against updates of 3e-2 per step: Adam's first steps move every weight by
+# about lr·sign(g), so round-off in gradients near zero shows; advantages from each
+# micro-batch alone (as before) differ by whole updates (0.12 after two steps).
+DDPO_ATOL = 5e-3
+DDPO = ["method=ddpo", "sampling.eta=1.0", "ddpo_rollout_reuse=1", "ddpo_clip=0.2", "steps=2", "lr=3e-2",
+        "prompts=a small red circle|a green star", "lora.target_modules=to_q,to_k,to_v,to_out.0", "kl_coeff=0"]
+
+
+def test_ddpo_two_micro_batches_train_as_one_batch(tiny_sd, tmp_path):
+    common = [f"model={tiny_sd}", *FAST, *DDPO, f"output_dir={tmp_path}", "--no-progress"]
+    assert main(["train", *common, "name=one", "batch_size=4"]) == 0
+    assert main(["train", *common, "name=two", "batch_size=2", "grad_accum=2"]) == 0
+    assert_same_lora(tmp_path / "one", tmp_path / "two", atol=DDPO_ATOL)
+
+
+@pytest.mark.slow
+def test_ddpo_two_processes_train_as_one(tiny_sd, tmp_path):
+    common = [f"model={tiny_sd}", *FAST, *DDPO, f"output_dir={tmp_path}", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "draft.cli"]
+    two = subprocess.run([*launch, "train", *common, "name=two", "batch_size=2"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert main(["train", *common, "name=one", "batch_size=4"]) == 0
+    assert_same_lora(tmp_path / "one", tmp_path / "two", atol=DDPO_ATOL)
