@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler
 
 from draft.config import LoraConfig, SamplingConfig, TrainConfig
 from draft.lora import add_lora
-from draft.methods import METHODS, Batch, Loop, SampleNoise, sample_seed
+from draft.methods import METHODS, Batch, Loop, SampleNoise
 from draft.rewards import FunctionReward
 from draft.sampling import Schedule, ddim_sigma, ddim_step, denoised
 from draft.trainer import Trainer

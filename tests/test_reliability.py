@@ -421,7 +421,8 @@ def test_a_failing_metrics_write_leaves_no_torn_line(code, three_steps, tiny_sd,
     monkeypatch.setattr(safeio, "open", failing_open, raising=False)
     assert main(_write_args(tiny_sd, tmp_path, "r")) == 1
     run = tmp_path / "r"
-    assert _one_line(capsys) == f"stopped: could not write a metrics line to {run / 'metrics.jsonl'}: {os.strerror(code)}"
+    err = _one_line(capsys)
+    assert err == f"stopped: could not write a metrics line to {run / 'metrics.jsonl'}: {os.strerror(code)}"
     assert (run / "metrics.jsonl").read_text().endswith("}\n")
     assert steps_logged(run) == [1]
     monkeypatch.undo()

@@ -257,7 +257,8 @@ class TrainConfig:
             ("lora.rank", lo.rank, 1, big), ("lora.alpha", lo.alpha, (0,), big), ("lora.dropout", lo.dropout, 0, (1,)),
             ("log.every", lg.every, 1, big), ("log.sample_every", lg.sample_every, 1, big),
             ("log.sample_prompts", lg.sample_prompts, 1, big), ("log.sample_seeds", lg.sample_seeds, 1, big),
-            ("log.checkpoint_every", lg.checkpoint_every, 0, big), ("log.keep_checkpoints", lg.keep_checkpoints, 1, big),
+            ("log.checkpoint_every", lg.checkpoint_every, 0, big),
+            ("log.keep_checkpoints", lg.keep_checkpoints, 1, big),
             ("log.eval_samples", lg.eval_samples, 0, big), ("log.eval_every", lg.eval_every, 0, big),
         ]
 

@@ -78,7 +78,7 @@ def rollout(loop: Loop, batch: Batch, rollout_id: int) -> Rollout:
     x0 = sample(loop.denoiser(), batch.noise.draw(), schedule, cond, eta=eta,
                 step_noise=lambda i: batch.noise.draw(), on_step=record)
     r = loop.score(x0, batch.prompts).detach().float()
-    # Advantages are set by DDPO.prepare, once the whole step's rewards are known.
+    # The rollout's own advantages; DDPO.prepare replaces them with those of the whole step.
     return Rollout(rollout_id, list(batch.prompts), cond, torch.stack(xs), torch.stack(xps), torch.stack(logps), r,
                    advantages(r, batch.prompts))
 
@@ -94,7 +94,7 @@ class DDPO:
         """Before a step's first micro-batch: if the rollout is due, sample every micro-batch of
         this process and set the advantages from the rewards of all processes."""
         rid = batches[0].step // cfg.ddpo_rollout_reuse
-        if all(self._fresh(b, rid) is False for b in batches):
+        if not any(self._fresh(b, rid) for b in batches):
             return
         # Resuming in the middle of a reused rollout samples a new one here.
         rollouts = [rollout(loop, b, rid) for b in batches]
@@ -107,7 +107,8 @@ class DDPO:
             first = accelerator.process_index * len(prompts)  # gathered in process order
             prompts = gather_object(prompts)
             rewards = accelerator.gather(rewards)
-        adv = advantages(rewards, prompts, cfg.ddpo_min_prompt_count)[first : first + sum(len(b.prompts) for b in batches)]
+        mine = sum(len(b.prompts) for b in batches)
+        adv = advantages(rewards, prompts, cfg.ddpo_min_prompt_count)[first : first + mine]
         for b, ro in zip(batches, rollouts):
             ro.advantages, adv = adv[: len(ro.prompts)].to(ro.rewards.device), adv[len(ro.prompts) :]
             self._rollouts[b.micro] = ro

@@ -1,11 +1,12 @@
 """The training loop, on Accelerate. Read it top to bottom:
 
-1. check the config and the run folder, set up Accelerate;
+1. check the config and the run folder, lock the folder (one run at a time), set up Accelerate;
 2. load the model, the reward and the prompts; add LoRA; build the optimizer;
 3. try the reward on the first sample grid (bad rewards fail here, before any file is written);
 4. create the run folder, evaluate the base model, and loop: each optimizer step draws
    prompts and per-sample noise from (seed, step), accumulates the method's loss over
-   micro-batches, clips, skips the update if anything is non-finite, steps, logs;
+   micro-batches, clips, skips the update if anything is non-finite, steps, logs; a
+   SIGTERM, SIGINT or SIGUSR1 ends it after the step, with a checkpoint (`draft.stopping`);
 5. save the LoRA, the last checkpoint, the after-grid, the evaluation and the plots.
 """
 
@@ -37,8 +38,8 @@ def train(
     progress: bool = True,
 ) -> Path:
     """Fine-tune `config.model` on `config.reward` (or the `reward` callable); return the run folder."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
 
     config = (config or TrainConfig()).validate()
     if reward is not None:
