@@ -201,8 +201,9 @@ class TrainConfig:
         for key, value, lo, hi in self._numeric_ranges():
             _check_number(key, value, lo, hi)
         for key in ("model", "reward", "prompts", "eval_prompts", "output_dir"):
-            if not getattr(self, key).strip():
-                raise UserError(f"{key} must not be empty")
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value.strip():
+                raise UserError(f"{key} must be a non-empty string, got {value!r}")
         if self.name in (".", "..") or "/" in self.name or "\\" in self.name:
             raise UserError(f"name must be a folder name (no '/'), got {self.name!r}; put the path in output_dir")
         if not self.lora.target_modules or not all(m.strip() for m in self.lora.target_modules):
@@ -233,8 +234,8 @@ class TrainConfig:
     def _numeric_ranges(self):
         """(key, value, lowest, highest) of every number in the config; an open bound is a
         tuple (bound,). Each is checked for finiteness and range, whatever the method."""
-        s, lo, lg = self.sampling, self.lora, self.log
-        big = None
+        s, lora, lg = self.sampling, self.lora, self.log
+        big = None  # no upper bound
         return [
             ("k", self.k, 1, big), ("lv_n", self.lv_n, 1, big),
             ("alignprop_k_min", self.alignprop_k_min, 1, big), ("alignprop_k_max", self.alignprop_k_max, 1, big),
@@ -254,7 +255,8 @@ class TrainConfig:
             # Above 1 the DDIM step's noise outgrows the step and the update takes a square
             # root of a negative number.
             ("sampling.eta", s.eta, 0, 1), ("sampling.height", s.height, 0, big), ("sampling.width", s.width, 0, big),
-            ("lora.rank", lo.rank, 1, big), ("lora.alpha", lo.alpha, (0,), big), ("lora.dropout", lo.dropout, 0, (1,)),
+            ("lora.rank", lora.rank, 1, big), ("lora.alpha", lora.alpha, (0,), big),
+            ("lora.dropout", lora.dropout, 0, (1,)),
             ("log.every", lg.every, 1, big), ("log.sample_every", lg.sample_every, 1, big),
             ("log.sample_prompts", lg.sample_prompts, 1, big), ("log.sample_seeds", lg.sample_seeds, 1, big),
             ("log.checkpoint_every", lg.checkpoint_every, 0, big),
