@@ -148,3 +148,145 @@ def test_pickles_are_never_unpickled(world, monkeypatch):
     with pytest.raises(UserError):
         load_model(str(world / "pickled_pipeline"))
     assert not list(Path(world / "done" / "checkpoints").rglob("*.bin"))  # checkpoints hold no pickles
+
+
+# --- every config value, every kind of bad ------------------------------------------------------
+
+# Keys where an empty value means something (a generated name, no trackers, no arguments).
+EMPTY_IS_VALID = {"name", "log.trackers", "reward_args"}
+
+
+def _config_keys(cls=None, prefix=""):
+    """(dotted key, type hint) of every leaf of TrainConfig, walking the nested dataclasses."""
+    import dataclasses
+    import typing
+
+    from draft.config import TrainConfig
+
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _config_keys(hint, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, hint
+
+
+def _bad_values(key: str, hint) -> list[str]:
+    """Raw `key=value` texts that must be refused: wrong type, out of range, NaN/inf, empty."""
+    import typing
+
+    origin = typing.get_origin(hint)
+    wrong = ["[1, 2]", "{a: 1}"]
+    if hint is bool:
+        return [*wrong, "maybe", "2", "nan", ""]
+    if hint is int:
+        return [*wrong, "abc", "1.5", "nan", "inf", "-inf", "true", "", "-1000000000"]
+    if hint is float:
+        return [*wrong, "abc", "nan", ".nan", "inf", "-inf", ".inf", "true", "", "-1e9"]
+    if hint is str:
+        return [*wrong] + ([] if key in EMPTY_IS_VALID else [""])
+    if origin is tuple:
+        return ["{a: 1}", "[[1]]", "[a, '']"] + ([] if key in EMPTY_IS_VALID else ["[]"])
+    if origin is dict:
+        return ["5", "[1]", "abc", "{x: 5}"]
+    raise AssertionError(f"no bad values for {key}: {hint}")
+
+
+BAD_VALUES = [(key, value) for key, hint in _config_keys() for value in _bad_values(key, hint)]
+# Values that only make sense for some keys: each key's own bounds, above and below.
+BAD_VALUES += [("sampling.eta", "1.5"), ("adam_beta1", "1"), ("adam_beta2", "1.0"), ("lora.dropout", "1"),
+               ("ddpo_timestep_fraction", "1.5"), ("ddpo_timestep_fraction", "0"), ("ddpo_clip", "0"),
+               ("lora.alpha", "0"), ("seed", str(2**64)), ("refl_min_step", "-2"), ("sampling.height", "12"),
+               ("name", "a/b"), ("name", ".."), ("method", "nope"), ("mixed_precision", "fp8")]
+
+
+def test_every_config_key_has_bad_values():
+    keys = {key for key, _ in _config_keys()}
+    assert len(keys) >= 45 and keys == {key for key, _ in BAD_VALUES}
+
+
+@pytest.mark.parametrize("key, value", BAD_VALUES, ids=[f"{k}={v}" for k, v in BAD_VALUES])
+def test_every_bad_config_value_exits_2_before_anything_is_written(key, value, tmp_path, capsys):
+    out = tmp_path / "out"
+    # The value's key last, so `output_dir` and `name` themselves are tested too.
+    args = ["model=shapes-sd", f"output_dir={out}", "name=x", "log.trackers=[]", f"{key}={value}"]
+    for argv in (["train", *args, "--dry-run"], ["train", *args, "--no-progress"]):
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (argv, err)
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+        assert not out.exists() and not any(tmp_path.iterdir())
+
+
+# --- corrupt and truncated safetensors, wherever they are read ----------------------------------
+
+
+def _truncate(path: Path, keep: int | None = None) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if keep is None else keep])
+
+
+@pytest.fixture(scope="module")
+def broken(world, tiny_sd):
+    """Copies of good files, cut short or overwritten."""
+    root = world / "broken"
+    root.mkdir()
+    lora = world / "done" / "lora" / "pytorch_lora_weights.safetensors"
+    (root / "lora_truncated").mkdir()
+    shutil.copy(lora, root / "lora_truncated" / lora.name)
+    _truncate(root / "lora_truncated" / lora.name)
+    (root / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    (root / "empty.safetensors").write_bytes(b"")
+    shutil.copytree(world / "done", root / "ckpt_truncated")
+    _truncate(root / "ckpt_truncated" / "checkpoints" / "step-00000002" / "optimizer.safetensors")
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "vae/diffusion_pytorch_model.safetensors"):
+        pipe = root / f"pipe_{part.split('/')[0]}"
+        shutil.copytree(tiny_sd, pipe)
+        _truncate(next(pipe.rglob(part)), keep=30)
+    from draft.models import shapes
+
+    shutil.copytree(shapes.CLASSIFIER_DIR, root / "classifier")
+    _truncate(root / "classifier" / "model.safetensors")
+    return root
+
+
+S = ["--prompt", "a red circle", "--steps", "2", "--out", "OUT/s"]
+CORRUPT = [
+    ("truncated LoRA (sample)", ["sample", "--model", "MODEL", "--lora", "BROKEN/lora_truncated", *S],
+     "lora_truncated/pytorch_lora_weights.safetensors is not a readable safetensors file"),
+    ("garbage LoRA file (sample)", ["sample", "--model", "MODEL", "--lora", "BROKEN/garbage.safetensors:0.5", *S],
+     "garbage.safetensors is not a readable safetensors file"),
+    ("empty LoRA file (eval)", ["eval", "--model", "MODEL", "--lora", "BROKEN/empty.safetensors", "--reward",
+                                "brightness", "--steps", "2", "--seeds", "1", "--prompts", "a|b"],
+     "empty.safetensors is not a readable safetensors file"),
+    ("truncated checkpoint", ["train", "--resume", "BROKEN/ckpt_truncated", "steps=3", "--no-progress"],
+     "optimizer.safetensors is not a readable safetensors file"),
+    ("truncated UNet weights", ["sample", "--model", "BROKEN/pipe_unet", *S],
+     "diffusion_pytorch_model.safetensors is not a readable safetensors file"),
+    ("truncated text encoder weights", ["sample", "--model", "BROKEN/pipe_text_encoder", *S],
+     "model.safetensors is not a readable safetensors file"),
+    ("truncated VAE weights (train)", ["train", "model=BROKEN/pipe_vae", *FAST, "output_dir=OUT", "name=x"],
+     "diffusion_pytorch_model.safetensors is not a readable safetensors file"),
+    ("truncated reward classifier", T("reward=shapes-alignment", "prompts=a small red circle on a blue background",
+                                      "reward_args.shapes-alignment.classifier=BROKEN/classifier"),
+     "classifier/model.safetensors is not a readable safetensors file"),
+    ("garbage reward head", T("reward=aesthetic", "reward_args.aesthetic.model=BROKEN/garbage.safetensors"),
+     "garbage.safetensors is not a readable safetensors file"),
+]
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in CORRUPT], ids=[c[0] for c in CORRUPT])
+def test_a_corrupt_safetensors_file_exits_2_naming_it(argv, message, broken, tiny_sd, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [a.replace("MODEL", str(tiny_sd)).replace("OUT", str(out)).replace("BROKEN", str(broken)) for a in argv]
+    before = {p: p.read_bytes() for p in broken.rglob("*") if p.is_file()}
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert message in err and "corrupt or truncated" in err, err
+    assert not (out / "x").exists() and not (out / "s").exists()
+    assert {p: p.read_bytes() for p in broken.rglob("*") if p.is_file()} == before

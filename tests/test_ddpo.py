@@ -75,6 +75,16 @@ def test_advantages_are_normalised_per_prompt():
     torch.testing.assert_close(adv[4], (r[4] - r.mean()) / r.std(unbiased=False))
 
 
+def test_advantages_use_a_prompts_own_statistics_only_from_min_count_on():
+    r = torch.tensor([1.0, 3.0, 5.0, 10.0, 30.0])
+    prompts = ["a", "a", "a", "b", "b"]
+    batch = (r - r.mean()) / r.std(unbiased=False)
+    adv = advantages(r, prompts, min_count=3)
+    torch.testing.assert_close(adv[:3], (r[:3] - 3.0) / r[:3].std(unbiased=False))  # "a": 3 samples, its own
+    torch.testing.assert_close(adv[3:], batch[3:])  # "b": 2 < 3 samples, the batch's
+    torch.testing.assert_close(advantages(r, prompts, min_count=10), batch)
+
+
 def test_ddpo_update_raises_a_toy_reward_without_its_gradient():
     model, loop = toy_setup()
     cfg = TrainConfig(method="ddpo", ddpo_rollout_reuse=1, ddpo_clip=0.2).replace(

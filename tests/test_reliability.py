@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -43,9 +44,12 @@ def steps_logged(run: Path) -> list[int]:
 
 # Runs `draft train`, announcing each checkpoint file write on stdout and making writes slow
 # enough that a kill can land in the middle of one.
+# With STEP_SLEEP set, each optimizer step announces itself ("STEP n") and takes that many
+# seconds longer, so a signal can be sent while a known step is in progress.
 DRIVER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     import draft.checkpoint as ckpt
+    import draft.trainer as trainer
     from draft.cli import main
     real = ckpt.save_file
     def slow_save(tensors, path, *a, **k):
@@ -53,12 +57,21 @@ DRIVER = textwrap.dedent("""
         time.sleep(0.3)
         real(tensors, path, *a, **k)
     ckpt.save_file = slow_save
+    if os.environ.get("STEP_SLEEP"):
+        real_step = trainer.Trainer.optimizer_step
+        def slow_step(self):
+            print("STEP", self.step + 1, flush=True)
+            time.sleep(float(os.environ["STEP_SLEEP"]))
+            return real_step(self)
+        trainer.Trainer.optimizer_step = slow_step
     sys.exit(main(sys.argv[1:]))
 """)
 
 
-def _train_process(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def _train_process(args: list[str], step_sleep: float = 0) -> subprocess.Popen:
+    # One thread: on a busy machine OpenMP threads waiting for each other slow a step many times over.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "STEP_SLEEP": str(step_sleep or "")}
     return subprocess.Popen([sys.executable, "-c", DRIVER, "train", *args, "--no-progress"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -221,3 +234,269 @@ def test_two_processes_at_half_batch_equal_one_process(tiny_sd, tmp_path, overri
     # only the main process writes: one line per step, one set of checkpoints
     assert steps_logged(tmp_path / "two") == [1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+
+
+# --- stopping on a signal --------------------------------------------------------------------------
+
+STOP = ["steps=5", "log.checkpoint_every=100"]  # no periodic checkpoint: the one on the signal is the only one
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_sd, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    assert main(["train", f"model={tiny_sd}", *FAST, *STOP, f"output_dir={root}", "name=ref", "--no-progress"]) == 0
+    return root / "ref"
+
+
+def _wait_for(proc: subprocess.Popen, prefix: str) -> list[str]:
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return seen
+    raise AssertionError(f"the run ended before {prefix!r}:\n{''.join(seen)}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+def test_a_signal_finishes_the_step_checkpoints_and_resumes_to_the_same_lora(sig, uninterrupted, tiny_sd, tmp_path):
+    from draft import checkpoint as ckpt
+
+    args = [f"model={tiny_sd}", *FAST, *STOP, f"output_dir={tmp_path}", "name=r"]
+    proc = _train_process(args, step_sleep=1.0)
+    _wait_for(proc, "STEP 3")  # step 3 is in progress
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + sig, out
+    assert f"stopped: {sig.name} at step 3 of 5: checkpoint written; continue with: draft train --resume" in out
+    run = tmp_path / "r"
+    assert steps_logged(run) == [1, 2, 3]  # the step in progress was finished and logged
+    assert ckpt.latest(run / "checkpoints").name == "step-00000003"
+    assert not (run / "lora").exists() and not (tmp_path / ".r.lock").exists()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert steps_logged(run) == [1, 2, 3, 4, 5]
+    assert_same_lora(uninterrupted, run)
+
+
+def test_a_second_signal_stops_at_once(tiny_sd, tmp_path):
+    from draft import checkpoint as ckpt
+
+    proc = _train_process([f"model={tiny_sd}", *FAST, *STOP, f"output_dir={tmp_path}", "name=r"], step_sleep=20)
+    _wait_for(proc, "STEP 2")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert time.monotonic() - start < 10  # not the 20 s the step would take
+    assert proc.returncode == -signal.SIGTERM  # ended by the signal itself
+    assert ckpt.latest(tmp_path / "r" / "checkpoints") is None  # the unfinished step was not saved
+
+
+# --- two runs, one folder ------------------------------------------------------------------------
+
+
+def test_a_second_train_on_a_folder_in_use_is_refused_and_the_first_goes_on(uninterrupted, tiny_sd, tmp_path,
+                                                                            capsys):
+    args = [f"model={tiny_sd}", *FAST, *STOP, f"output_dir={tmp_path}", "--no-progress"]
+    first = _train_process([*args, "name=r"], step_sleep=1.0)
+    _wait_for(first, "STEP 2")
+    for extra in (["--resume"], ["--overwrite"], ["--resume", "steps=9"]):
+        assert main(["train", *args, "name=r", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: run folder") and "is in use by another draft train (process" in err, err
+        assert str(first.pid) in err and "\n" not in err
+    out = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, out
+    assert steps_logged(tmp_path / "r") == [1, 2, 3, 4, 5]
+    assert_same_lora(uninterrupted, tmp_path / "r")
+    assert not (tmp_path / ".r.lock").exists()  # released at the end
+
+
+def test_a_killed_run_leaves_no_lock_behind(tiny_sd, tmp_path):
+    args = [f"model={tiny_sd}", *FAST, "steps=3", "log.checkpoint_every=1", f"output_dir={tmp_path}", "name=r"]
+    proc = _train_process(args, step_sleep=1.0)
+    _wait_for(proc, "STEP 2")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / ".r.lock").exists()  # the file stays, its lock went with the process
+    assert main(["train", "--resume", str(tmp_path / "r"), "--no-progress"]) == 0
+    assert steps_logged(tmp_path / "r") == [1, 2, 3]
+
+
+# --- failing writes ------------------------------------------------------------------------------
+
+ERRORS = [errno.ENOSPC, errno.EACCES, errno.EIO]
+
+
+def _fail(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def _write_args(tiny_sd, root: Path, name: str) -> list[str]:
+    return ["train", f"model={tiny_sd}", *FAST, "steps=3", "log.checkpoint_every=1", f"output_dir={root}",
+            f"name={name}", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def three_steps(tiny_sd, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("three_steps")
+    assert main(_write_args(tiny_sd, root, "ref")) == 0
+    return root / "ref"
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def _no_temporaries(run: Path) -> None:
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name], list(run.rglob("*.tmp*"))
+
+
+@pytest.mark.parametrize("code", ERRORS, ids=errno.errorcode.get)
+def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint(code, three_steps, tiny_sd, tmp_path, monkeypatch,
+                                                                   capsys):
+    from draft import checkpoint as ckpt
+
+    real = ckpt.save_file
+
+    def half_then_fail(tensors, path, *a, **k):
+        real(tensors, path, *a, **k)
+        if "step-00000002" in str(path) and "optimizer" in str(path):
+            Path(path).write_bytes(Path(path).read_bytes()[:100])  # what a full disk leaves
+            raise _fail(code)
+
+    monkeypatch.setattr(ckpt, "save_file", half_then_fail)
+    assert main(_write_args(tiny_sd, tmp_path, "r")) == 1
+    err = _one_line(capsys)
+    run = tmp_path / "r"
+    assert err == (f"stopped: could not write checkpoint step 2 to {run / 'checkpoints' / 'step-00000002'}: "
+                   f"{os.strerror(code)}")
+    assert [p.name for _, p in ckpt.complete_checkpoints(run / "checkpoints")] == ["step-00000001"]
+    ckpt.load(run / "checkpoints" / "step-00000001")  # whole
+    _no_temporaries(run)
+    assert not (run / "lora").exists()
+    monkeypatch.setattr(ckpt, "save_file", real)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert steps_logged(run) == [1, 2, 3]
+    assert_same_lora(three_steps, run)
+
+
+class _FailingFile:
+    """A real file whose next write puts half its bytes on disk and then fails."""
+
+    def __init__(self, f, code):
+        self._f, self._code = f, code
+
+    def write(self, data):
+        self._f.write(data[: len(data) // 2])
+        self._f.flush()
+        raise _fail(self._code)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.mark.parametrize("code", ERRORS, ids=errno.errorcode.get)
+def test_a_failing_metrics_write_leaves_no_torn_line(code, three_steps, tiny_sd, tmp_path, monkeypatch, capsys):
+    from draft import safeio
+
+    calls = {"n": 0}
+
+    def failing_open(path, mode="r", *a, **k):
+        f = open(path, mode, *a, **k)
+        if Path(path).name == "metrics.jsonl" and "a" in mode:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                return _FailingFile(f, code)
+        return f
+
+    monkeypatch.setattr(safeio, "open", failing_open, raising=False)
+    assert main(_write_args(tiny_sd, tmp_path, "r")) == 1
+    run = tmp_path / "r"
+    err = _one_line(capsys)
+    assert err == f"stopped: could not write a metrics line to {run / 'metrics.jsonl'}: {os.strerror(code)}"
+    assert (run / "metrics.jsonl").read_text().endswith("}\n")
+    assert steps_logged(run) == [1]
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert steps_logged(run) == [1, 2, 3]
+    assert_same_lora(three_steps, run)
+
+
+def _failing_replace(monkeypatch, name: str, code: int) -> None:
+    """os.replace onto a file called `name` fails, after the temporary file was written in full."""
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if Path(dst).name == name:
+            raise _fail(code)
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("name, what, code", [("lora", "the LoRA", errno.ENOSPC),
+                                              ("eval.json", "the evaluation", errno.EACCES),
+                                              ("step-00000003.png", "a sample grid", errno.EIO)])
+def test_failing_final_writes_are_reported_and_resume_completes_the_run(name, what, code, three_steps, tiny_sd,
+                                                                         tmp_path, monkeypatch, capsys):
+    run = tmp_path / "r"
+    _failing_replace(monkeypatch, name, code)
+    assert main(_write_args(tiny_sd, tmp_path, "r")) == 1
+    err = _one_line(capsys)
+    assert err.startswith(f"stopped: could not write {what} to {run}") and err.endswith(os.strerror(code)), err
+    assert not (run / "lora").exists() or name != "lora"
+    _no_temporaries(run)
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert_same_lora(three_steps, run)
+    assert (run / "report" / "eval.json").is_file()
+
+
+def test_a_failing_config_write_leaves_no_run_folder(tiny_sd, tmp_path, monkeypatch, capsys):
+    _failing_replace(monkeypatch, "config.yaml", errno.ENOSPC)
+    assert main(_write_args(tiny_sd, tmp_path, "r")) == 1
+    assert _one_line(capsys) == f"stopped: could not write the configuration to {tmp_path / 'r' / 'config.yaml'}: " \
+                                f"{os.strerror(errno.ENOSPC)}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder that could be neither resumed nor reused
+    monkeypatch.undo()
+    assert main(_write_args(tiny_sd, tmp_path, "r")) == 0
+
+
+# --- DDPO: advantages over the whole step ------------------------------------------------------------
+
+# Four samples of two prompts per step, so each prompt's own statistics are used. The LoRAs
+# agree to ~1e-3 against updates of 3e-2 per step: Adam's first steps move every weight by
+# about lr·sign(g), so round-off in gradients near zero shows; advantages from each
+# micro-batch alone (as before) differ by whole updates (0.12 after two steps).
+DDPO_ATOL = 5e-3
+DDPO = ["method=ddpo", "sampling.eta=1.0", "ddpo_rollout_reuse=1", "ddpo_clip=0.2", "steps=2", "lr=3e-2",
+        "prompts=a small red circle|a green star", "lora.target_modules=to_q,to_k,to_v,to_out.0", "kl_coeff=0"]
+
+
+def test_ddpo_two_micro_batches_train_as_one_batch(tiny_sd, tmp_path):
+    common = [f"model={tiny_sd}", *FAST, *DDPO, f"output_dir={tmp_path}", "--no-progress"]
+    assert main(["train", *common, "name=one", "batch_size=4"]) == 0
+    assert main(["train", *common, "name=two", "batch_size=2", "grad_accum=2"]) == 0
+    assert_same_lora(tmp_path / "one", tmp_path / "two", atol=DDPO_ATOL)
+
+
+@pytest.mark.slow
+def test_ddpo_two_processes_train_as_one(tiny_sd, tmp_path):
+    common = [f"model={tiny_sd}", *FAST, *DDPO, f"output_dir={tmp_path}", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "draft.cli"]
+    two = subprocess.run([*launch, "train", *common, "name=two", "batch_size=2"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert main(["train", *common, "name=one", "batch_size=4"]) == 0
+    assert_same_lora(tmp_path / "one", tmp_path / "two", atol=DDPO_ATOL)

@@ -8,8 +8,10 @@ A checkpoint folder `checkpoints/step-N/` holds:
 - `rng.safetensors`       the torch RNG states (CPU and every CUDA device)
 
 It is written under a temporary name and renamed into place once complete, so a crash at
-any moment leaves either the previous checkpoints or the new one, never a torn one. No
-pickle is involved anywhere, so a checkpoint from an untrusted source cannot run code.
+any moment leaves either the previous checkpoints or the new one, never a torn one. A
+write that fails (no space, no permission, an I/O error) removes its temporary folder,
+keeps every earlier checkpoint and raises `draft.safeio.WriteFailed`. No pickle is
+involved anywhere, so a checkpoint from an untrusted source cannot run code.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from draft import safeio
 from draft.errors import UserError
 
 PREFIX = "step-"
@@ -75,22 +77,40 @@ def _fsync_tree(folder: Path) -> None:
     for p in folder.iterdir():
         with open(p, "rb") as f:
             os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    safeio.fsync_dir(folder)
 
 
 def save(root: Path, step: int, adapter: dict, optimizer, scheduler, scaler, trainer: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically; keep only the newest `keep` checkpoints."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write checkpoint `step` atomically; keep only the newest `keep` checkpoints.
+
+    Raises WriteFailed, with every earlier checkpoint intact, if any write fails.
+    """
     final = step_dir(root, step)
-    # Only one process writes checkpoints, so any other temporary folder is a crash's leftover.
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        # Only one process writes checkpoints, so any other temporary folder is a crash's leftover.
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        _write(tmp, adapter, optimizer, scheduler, scaler, trainer, step)
+        if final.exists():  # the same step written again (a resumed run): set the old one aside first
+            old = root / f".tmp-old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        safeio.fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise safeio.write_failed(f"checkpoint step {step}", final, e) from None
+    for _, old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(tmp: Path, adapter: dict, optimizer, scheduler, scaler, trainer: dict, step: int) -> None:
     save_file({k: v.contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter.safetensors")
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
     save_file(opt_tensors, tmp / "optimizer.safetensors")
@@ -108,22 +128,23 @@ def save(root: Path, step: int, adapter: dict, optimizer, scheduler, scaler, tra
     # state.json is written last: its presence marks the folder as complete.
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for _, old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load(folder: Path) -> dict:
     """Read a checkpoint folder; a torn or foreign one is a UserError naming the file."""
+
+    def tensors(name: str) -> dict:
+        return safeio.load_safetensors(folder / name, "checkpoint file")
+
     try:
         state = json.loads((folder / "state.json").read_text())
-        state["adapter"] = load_file(folder / "adapter.safetensors")
-        state["optimizer"] = _join_optimizer(load_file(folder / "optimizer.safetensors"), state["optimizer"])
-        state["rng"] = load_file(folder / "rng.safetensors")
-    except (OSError, json.JSONDecodeError, SafetensorError, KeyError, ValueError) as e:
+        state["adapter"] = tensors("adapter.safetensors")
+        state["optimizer"] = _join_optimizer(tensors("optimizer.safetensors"), state["optimizer"])
+        state["rng"] = tensors("rng.safetensors")
+    except UserError as e:
+        raise UserError(f"checkpoint {folder} is unreadable or incomplete ({e}); "
+                        f"delete it to resume from an earlier one") from None
+    except (OSError, json.JSONDecodeError, KeyError, ValueError) as e:
         raise UserError(f"checkpoint {folder} is unreadable or incomplete ({type(e).__name__}: {e}); "
                         f"delete it to resume from an earlier one") from None
     return state

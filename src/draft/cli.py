@@ -1,7 +1,16 @@
 """The `draft` command: argument parsing and friendly errors only; the work is in the library.
 
-Exit codes: 0 success; 1 a run stopped itself (e.g. non-finite steps); 2 bad input, with a
-one-line message on stderr and no traceback.
+Exit codes:
+
+- 0   success;
+- 1   a run stopped itself: too many non-finite steps, or a write that failed (no space,
+      no permission, an I/O error), with one line on stderr saying what and where; the
+      last complete checkpoint is intact and `draft train --resume RUN` continues;
+- 2   bad input, with a one-line message on stderr and no traceback (including a run
+      folder that another `draft train` is using);
+- 128 + N   `draft train` stopped on signal N (143 SIGTERM, 130 SIGINT/Ctrl-C, 138
+      SIGUSR1) after finishing its step and writing a checkpoint: resumable with
+      `--resume`. A second signal ends it at once, by the signal itself.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from draft.errors import TrainingStopped, UserError
+from draft.errors import Interrupted, TrainingStopped, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -246,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

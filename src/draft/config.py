@@ -159,6 +159,10 @@ class TrainConfig:
     ddpo_adv_clip: float = 5.0
     ddpo_rollout_reuse: int = 2
     ddpo_timestep_fraction: float = 1.0
+    # DDPO: advantages are normalised with a prompt's own reward mean and std over the
+    # optimizer step's whole batch (all processes and micro-batches) once the prompt
+    # appears at least this many times in it; rarer prompts use the batch's mean and std.
+    ddpo_min_prompt_count: int = 2
 
     # --- optimisation ---
     # Optimizer steps to train for (500: the embedded default recipe, under 10 minutes on a
@@ -208,26 +212,21 @@ class TrainConfig:
             raise unknown("method", self.method, METHODS)
         if self.mixed_precision not in PRECISIONS:
             raise unknown("mixed_precision", self.mixed_precision, PRECISIONS)
-        positive = {
-            "steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-            "sampling.num_steps": s.num_steps, "lv_n": self.lv_n, "k": self.k,
-            "lora.rank": self.lora.rank, "log.every": self.log.every,
-            "log.sample_every": self.log.sample_every, "max_bad_steps": self.max_bad_steps,
-            "log.keep_checkpoints": self.log.keep_checkpoints,
-        }
-        for key, value in positive.items():
-            if value <= 0:
-                raise UserError(f"{key} must be positive, got {value}")
-        nonneg = {
-            "lr": self.lr, "weight_decay": self.weight_decay, "warmup_steps": self.warmup_steps,
-            "max_grad_norm": self.max_grad_norm, "kl_coeff": self.kl_coeff, "sampling.eta": s.eta,
-            "lora.dropout": self.lora.dropout, "log.checkpoint_every": self.log.checkpoint_every,
-            "log.eval_samples": self.log.eval_samples, "log.eval_every": self.log.eval_every,
-            "sampling.height": s.height, "sampling.width": s.width,
-        }
-        for key, value in nonneg.items():
-            if value < 0:
-                raise UserError(f"{key} must be >= 0, got {value}")
+        for key, value, lo, hi in self._numeric_ranges():
+            _check_number(key, value, lo, hi)
+        for key in ("model", "reward", "prompts", "eval_prompts", "output_dir"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value.strip():
+                raise UserError(f"{key} must be a non-empty string, got {value!r}")
+        if self.name in (".", "..") or "/" in self.name or "\\" in self.name:
+            raise UserError(f"name must be a folder name (no '/'), got {self.name!r}; put the path in output_dir")
+        if not self.lora.target_modules or not all(m.strip() for m in self.lora.target_modules):
+            raise UserError(f"lora.target_modules must name at least one module, got {list(self.lora.target_modules)}")
+        if not all(t.strip() for t in self.log.trackers):
+            raise UserError(f"log.trackers has an empty name: {list(self.log.trackers)}")
+        for name, args in self.reward_args.items():
+            if not isinstance(args, dict):
+                raise UserError(f"reward_args.{name} must be a mapping of argument names to values, got {args!r}")
         # Method-specific knobs are checked only for the method that uses them, so that
         # e.g. a short sampling.num_steps does not trip over AlignProp's default range.
         if self.method == "draft-k" and self.k > s.num_steps:
@@ -240,16 +239,44 @@ class TrainConfig:
         lo, hi = self.refl_range
         if self.method == "refl" and not 0 <= lo <= hi < s.num_steps:
             raise UserError(f"need 0 <= refl_min_step <= refl_max_step < sampling.num_steps, got {lo}, {hi}")
-        if self.method == "ddpo":
-            if s.eta <= 0:
-                raise UserError("method=ddpo samples stochastically: set sampling.eta > 0 (e.g. sampling.eta=1.0)")
-            if self.ddpo_rollout_reuse < 1 or not 0 < self.ddpo_timestep_fraction <= 1 or self.ddpo_clip <= 0:
-                raise UserError("need ddpo_rollout_reuse >= 1, 0 < ddpo_timestep_fraction <= 1 and ddpo_clip > 0")
+        if self.method == "ddpo" and s.eta <= 0:
+            raise UserError("method=ddpo samples stochastically: set sampling.eta > 0 (e.g. sampling.eta=1.0)")
         if s.height % 8 or s.width % 8:
             raise UserError(f"sampling.height and sampling.width must be multiples of 8, got {s.height}x{s.width}")
-        if not self.reward or not isinstance(self.reward, str):
-            raise UserError("reward must name a reward (see `draft rewards`)")
         return self
+
+    def _numeric_ranges(self):
+        """(key, value, lowest, highest) of every number in the config; an open bound is a
+        tuple (bound,). Each is checked for finiteness and range, whatever the method."""
+        s, lora, lg = self.sampling, self.lora, self.log
+        big = None  # no upper bound
+        return [
+            ("k", self.k, 1, big), ("lv_n", self.lv_n, 1, big),
+            ("alignprop_k_min", self.alignprop_k_min, 1, big), ("alignprop_k_max", self.alignprop_k_max, 1, big),
+            ("refl_min_step", self.refl_min_step, -1, big), ("refl_max_step", self.refl_max_step, -1, big),
+            ("kl_coeff", self.kl_coeff, 0, big), ("ddpo_clip", self.ddpo_clip, (0,), big),
+            ("ddpo_adv_clip", self.ddpo_adv_clip, (0,), big), ("ddpo_rollout_reuse", self.ddpo_rollout_reuse, 1, big),
+            ("ddpo_timestep_fraction", self.ddpo_timestep_fraction, (0,), 1),
+            ("ddpo_min_prompt_count", self.ddpo_min_prompt_count, 1, big),
+            ("steps", self.steps, 1, big), ("batch_size", self.batch_size, 1, big),
+            ("grad_accum", self.grad_accum, 1, big), ("lr", self.lr, 0, big),
+            ("adam_beta1", self.adam_beta1, 0, (1,)), ("adam_beta2", self.adam_beta2, 0, (1,)),
+            ("weight_decay", self.weight_decay, 0, big), ("warmup_steps", self.warmup_steps, 0, big),
+            ("max_grad_norm", self.max_grad_norm, 0, big), ("max_bad_steps", self.max_bad_steps, 1, big),
+            # numpy's SeedSequence takes no negative seeds; torch's generators take 64 bits.
+            ("seed", self.seed, 0, 2**63 - 1),
+            ("sampling.num_steps", s.num_steps, 1, big), ("sampling.guidance_scale", s.guidance_scale, 0, big),
+            # Above 1 the DDIM step's noise outgrows the step and the update takes a square
+            # root of a negative number.
+            ("sampling.eta", s.eta, 0, 1), ("sampling.height", s.height, 0, big), ("sampling.width", s.width, 0, big),
+            ("lora.rank", lora.rank, 1, big), ("lora.alpha", lora.alpha, (0,), big),
+            ("lora.dropout", lora.dropout, 0, (1,)),
+            ("log.every", lg.every, 1, big), ("log.sample_every", lg.sample_every, 1, big),
+            ("log.sample_prompts", lg.sample_prompts, 1, big), ("log.sample_seeds", lg.sample_seeds, 1, big),
+            ("log.checkpoint_every", lg.checkpoint_every, 0, big),
+            ("log.keep_checkpoints", lg.keep_checkpoints, 1, big),
+            ("log.eval_samples", lg.eval_samples, 0, big), ("log.eval_every", lg.eval_every, 0, big),
+        ]
 
     @property
     def refl_range(self) -> tuple[int, int]:
@@ -264,6 +291,24 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _check_number(key: str, value, lo, hi) -> None:
+    """UserError unless `value` is a finite number within [lo, hi]; a bound in a 1-tuple is open."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise UserError(f"{key} must be a finite number, got {value}")
+    (low,), low_open = (lo if isinstance(lo, tuple) else (lo,)), isinstance(lo, tuple)
+    if low is not None and (value <= low if low_open else value < low):
+        need = "positive" if (low, low_open) == (1, False) else f"{'>' if low_open else '>='} {low}"
+        raise UserError(f"{key} must be {need}, got {value}")
+    if hi is not None:
+        (high,), high_open = (hi if isinstance(hi, tuple) else (hi,)), isinstance(hi, tuple)
+        if value >= high if high_open else value > high:
+            raise UserError(f"{key} must be {'<' if high_open else '<='} {high}, got {value}")
 
 
 def _plain(value):
@@ -464,4 +509,6 @@ def _coerce(value, hint, key: str):
 def dump_yaml(config: TrainConfig, path: Path) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    from draft.safeio import write_text
+
+    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False), "the configuration")

@@ -8,6 +8,7 @@ reward is never differentiated, so any score works, including the real JPEG file
 
     per step i:  x_prev ~ N(μ_θ(x_t, t_i), σ_i² I),   log π_θ(x_prev | x_t)
     A = (r - mean_prompt(r)) / (std_prompt(r) + 1e-8), clipped to ±adv_clip
+        (over the optimizer step's whole batch: every micro-batch of every process)
     ratio = exp(log π_θ - log π_old)
     loss = mean_i mean_b max(-A·ratio, -A·clip(ratio, 1 - ε, 1 + ε))
 
@@ -15,6 +16,14 @@ A rollout (the sampled trajectories, their old log-probabilities and advantages)
 for `ddpo_rollout_reuse` optimizer steps; from the second of them on the ratio moves away
 from 1 and the clip matters. The structure follows kvablack/ddpo-pytorch
 (`scripts/train.py`, `ddpo_pytorch/diffusers_patch/ddim_with_logprob.py`).
+
+As there, all samples of a step are drawn before any is trained on, and the rewards are
+gathered from every process before the advantages are computed: a prompt's own mean
+and std are used once it appears `ddpo_min_prompt_count` times, the batch's below that
+(ddpo-pytorch's `PerPromptStatTracker`, `ddpo_pytorch/stat_tracking.py`, which also keeps
+a buffer across steps; here the statistics are the step's own, so a resumed run needs no
+tracker state). So 2 processes at batch B/2, or 2 micro-batches of B/2, train exactly as
+1 process at batch B.
 """
 
 from __future__ import annotations
@@ -40,13 +49,13 @@ class Rollout:
     advantages: torch.Tensor  # [B]
 
 
-def advantages(rewards: torch.Tensor, prompts: list[str], eps: float = 1e-8) -> torch.Tensor:
-    """Rewards normalised per prompt; prompts seen once in the batch use the batch's statistics."""
+def advantages(rewards: torch.Tensor, prompts: list[str], min_count: int = 2, eps: float = 1e-8) -> torch.Tensor:
+    """Rewards normalised per prompt; prompts seen fewer than `min_count` times use the batch's statistics."""
     r = rewards.float()
     adv = (r - r.mean()) / (r.std(unbiased=False) + eps)
     for p in set(prompts):
         idx = torch.tensor([j for j, q in enumerate(prompts) if q == p])
-        if len(idx) > 1:
+        if len(idx) >= max(min_count, 2):  # one sample has no spread of its own
             group = r[idx]
             adv[idx] = (group - group.mean()) / (group.std(unbiased=False) + eps)
     return adv
@@ -74,6 +83,7 @@ def rollout(loop: Loop, batch: Batch, rollout_id: int) -> Rollout:
     x0 = sample(loop.denoiser(), batch.noise.draw(), schedule, cond, eta=eta,
                 step_noise=lambda i: batch.noise.draw(), on_step=record)
     r = loop.score(x0, batch.prompts).detach().float()
+    # The rollout's own advantages; DDPO.prepare replaces them with those of the whole step.
     return Rollout(rollout_id, list(batch.prompts), cond, torch.stack(xs), torch.stack(xps), torch.stack(logps), r,
                    advantages(r, batch.prompts))
 
@@ -83,14 +93,43 @@ class DDPO:
 
     def __init__(self):
         self._rollouts: dict[int, Rollout] = {}
+        self._new: set[int] = set()  # micro-batches whose rollout was sampled this step (reward queries)
+
+    def prepare(self, loop: Loop, batches: list[Batch], cfg, accelerator=None) -> None:
+        """Before a step's first micro-batch: if the rollout is due, sample every micro-batch of
+        this process and set the advantages from the rewards of all processes."""
+        rid = batches[0].step // cfg.ddpo_rollout_reuse
+        if not any(self._fresh(b, rid) for b in batches):
+            return
+        # Resuming in the middle of a reused rollout samples a new one here.
+        rollouts = [rollout(loop, b, rid) for b in batches]
+        rewards = torch.cat([ro.rewards for ro in rollouts])
+        prompts = [p for ro in rollouts for p in ro.prompts]
+        first = 0
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            first = accelerator.process_index * len(prompts)  # gathered in process order
+            prompts = gather_object(prompts)
+            rewards = accelerator.gather(rewards)
+        mine = sum(len(b.prompts) for b in batches)
+        adv = advantages(rewards, prompts, cfg.ddpo_min_prompt_count)[first : first + mine]
+        for b, ro in zip(batches, rollouts):
+            ro.advantages, adv = adv[: len(ro.prompts)].to(ro.rewards.device), adv[len(ro.prompts) :]
+            self._rollouts[b.micro] = ro
+        self._new = {b.micro for b in batches}
+
+    def _fresh(self, batch: Batch, rid: int) -> bool:
+        ro = self._rollouts.get(batch.micro)
+        return ro is None or ro.rollout_id != rid
 
     def __call__(self, loop: Loop, batch: Batch, cfg) -> MethodOutput:
         rid = batch.step // cfg.ddpo_rollout_reuse
-        ro = self._rollouts.get(batch.micro)
-        fresh = ro is None or ro.rollout_id != rid
-        if fresh:
-            # Resuming in the middle of a reused rollout samples a new one here.
-            ro = self._rollouts[batch.micro] = rollout(loop, batch, rid)
+        if self._fresh(batch, rid):  # called without `prepare` (one micro-batch, one process)
+            self.prepare(loop, [batch], cfg)
+        ro = self._rollouts[batch.micro]
+        fresh = batch.micro in self._new
+        self._new.discard(batch.micro)
         # Only stochastic steps are actions with a log-probability.
         actions = [i for i in range(len(loop.schedule)) if loop.schedule.sigma(i, loop.eta) > 0]
         n = max(1, round(cfg.ddpo_timestep_fraction * len(actions)))

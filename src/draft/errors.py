@@ -31,3 +31,19 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> UserError:
 
 class TrainingStopped(Exception):
     """A run stopped itself (e.g. too many non-finite steps); the message says why and what is kept."""
+
+
+class Interrupted(Exception):
+    """A run stopped on a signal after checkpointing its last step; `--resume` continues it.
+
+    The CLI exits with 128 + the signal's number, the shell's convention for a process
+    ended by that signal: 143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

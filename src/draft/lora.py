@@ -17,6 +17,7 @@ import torch
 
 from draft.config import LoraConfig
 from draft.errors import UserError
+from draft.safeio import check_safetensors
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TRAIN_ADAPTER = "default"  # peft's default name, which diffusers' save helpers expect
@@ -114,10 +115,10 @@ def lora_file(path: str | Path) -> Path:
         p = p / "lora"
     if p.is_dir():
         if (p / WEIGHT_NAME).is_file():
-            return p / WEIGHT_NAME
+            return check_safetensors(p / WEIGHT_NAME, "LoRA")
         found = sorted(p.glob("*.safetensors"))
         if len(found) == 1:
-            return found[0]
+            return check_safetensors(found[0], "LoRA")
         pickled = sorted(p.glob("*.bin")) + sorted(p.glob("*.pt")) + sorted(p.glob("*.pth"))
         if pickled:
             raise UserError(f"{p} holds only pickled weights ({pickled[0].name}); draft loads safetensors only")
@@ -125,7 +126,7 @@ def lora_file(path: str | Path) -> Path:
     if p.is_file():
         if p.suffix != ".safetensors":
             raise UserError(f"{p} is not a safetensors file; draft loads safetensors only")
-        return p
+        return check_safetensors(p, "LoRA")
     raise UserError(f"LoRA {str(path)!r} not found")
 
 

@@ -44,9 +44,10 @@ def grid(images: torch.Tensor, ncol: int, pad: int = 2, upscale: int = 0) -> tor
 
 
 def save_grid(images: torch.Tensor, path: Path, ncol: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(grid(images.float().cpu(), ncol)).save(path)
-    return path
+    from draft.safeio import atomic_write
+
+    image = to_pil(grid(images.float().cpu(), ncol))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), "a sample grid")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -112,8 +113,9 @@ def save_before_after(before_png: Path, after: torch.Tensor, path: Path, ncol: i
     canvas.paste(top, (0, label))
     draw.text((4, label + top.height + 1), "after", fill="black")
     canvas.paste(bottom, (0, 2 * label + top.height))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    from draft.safeio import atomic_write
+
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"), "the before/after grid")
 
 
 def summary(result: dict) -> str:

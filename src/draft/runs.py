@@ -8,16 +8,25 @@
       samples/           fixed-seed image grids
       report/            plots, before/after grid, eval.json
       logs/              TensorBoard event files
+
+A run in progress holds a lock (`lock`) on `.<name>.lock` beside its folder, so a second
+`draft train` (or `--resume`, or `--overwrite`) on the same folder is refused while the
+first goes on. The lock is an `fcntl.flock`, which the operating system releases when
+the process ends however it ends, so a crashed or killed run never leaves it behind.
+Every file is written whole or not at all (`draft.safeio`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from draft import safeio
 from draft.errors import UserError
 
 
@@ -68,15 +77,31 @@ class RunFolder:
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             raise UserError(f"cannot write the run folder {self.root}: {parent} is not a writable folder")
 
-    def create(self, overwrite: bool) -> None:
-        if overwrite and self.root.exists():
-            shutil.rmtree(self.root)
-        for folder in (self.root, self.samples, self.report):
-            folder.mkdir(parents=True, exist_ok=True)
+    def create(self, overwrite: bool, write_config: Callable[[], None] = lambda: None) -> None:
+        """Make the folder and write its config; a folder made here is removed again if that fails."""
+        fresh = overwrite or not self.root.exists()
+        try:
+            with safeio.writing("the run folder", self.root):
+                if overwrite and self.root.exists():
+                    shutil.rmtree(self.root)
+                for folder in (self.root, self.samples, self.report):
+                    folder.mkdir(parents=True, exist_ok=True)
+            write_config()
+        except safeio.WriteFailed:
+            if fresh:  # a folder with no config.yaml could be neither resumed nor reused
+                shutil.rmtree(self.root, ignore_errors=True)
+            raise
 
     def append_metrics(self, row: dict) -> None:
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        safeio.append_line(self.metrics, json.dumps(row), "a metrics line")
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root.parent / f".{self.root.name}.lock"
+
+    def lock(self) -> "RunLock":
+        """Hold the run folder for this process; UserError if another process holds it."""
+        return RunLock.acquire(self.lock_file, self.root)
 
     def truncate_metrics(self, last_step: int) -> None:
         """Drop metric lines after `last_step` (a resume restarts from that step's checkpoint)."""
@@ -89,6 +114,51 @@ class RunFolder:
                     keep.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line torn by a crash mid-write
-        tmp = self.metrics.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.metrics)
+        safeio.write_text(self.metrics, "".join(line + "\n" for line in keep), "the metrics")
+
+
+class RunLock:
+    """An exclusive `flock` on a lock file; the file holds the owner's pid for the message."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    @classmethod
+    def acquire(cls, path: Path, run: Path) -> "RunLock":
+        import fcntl
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the output folder {path.parent}: {e.strerror or e}") from None
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"cannot create the lock file {path}: {e.strerror or e}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise UserError(f"run folder {run} is in use by another draft train (process {owner}); "
+                                f"wait for it to end, or stop it (it checkpoints on SIGTERM)") from None
+            # The previous holder may have removed the file between our open and our lock:
+            # then we hold a lock on a file nobody else can see, so start again.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return cls(fd, path)
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # while still holding it, so nobody locks the old file afterwards
+        os.close(self.fd)
+        self.fd = -1

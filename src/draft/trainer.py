@@ -1,11 +1,12 @@
 """The training loop, on Accelerate. Read it top to bottom:
 
-1. check the config and the run folder, set up Accelerate;
+1. check the config and the run folder, lock the folder (one run at a time), set up Accelerate;
 2. load the model, the reward and the prompts; add LoRA; build the optimizer;
 3. try the reward on the first sample grid (bad rewards fail here, before any file is written);
 4. create the run folder, evaluate the base model, and loop: each optimizer step draws
    prompts and per-sample noise from (seed, step), accumulates the method's loss over
-   micro-batches, clips, skips the update if anything is non-finite, steps, logs;
+   micro-batches, clips, skips the update if anything is non-finite, steps, logs; a
+   SIGTERM, SIGINT or SIGUSR1 ends it after the step, with a checkpoint (`draft.stopping`);
 5. save the LoRA, the last checkpoint, the after-grid, the evaluation and the plots.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -23,7 +25,7 @@ import torch
 
 from draft import checkpoint as ckpt
 from draft.config import TrainConfig, dump_yaml, method_defaults
-from draft.errors import TrainingStopped, UserError
+from draft.errors import Interrupted, TrainingStopped, UserError
 from draft.report import comparison, summary
 from draft.runs import RunFolder
 
@@ -37,8 +39,8 @@ def train(
     progress: bool = True,
 ) -> Path:
     """Fine-tune `config.model` on `config.reward` (or the `reward` callable); return the run folder."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
 
     config = (config or TrainConfig()).validate()
     if reward is not None:
@@ -51,6 +53,28 @@ def train(
     broadcast_object_list(name)  # every process writes to the same folder name
     run = RunFolder(Path(config.output_dir) / name[0])
     run.check_usable(resume, overwrite)
+    lock, busy = None, [None]
+    if state.is_main_process:  # one run per folder: a second `draft train` on it is refused
+        try:
+            lock = run.lock()
+        except UserError as e:
+            busy = [str(e)]
+    broadcast_object_list(busy)
+    if busy[0]:
+        raise UserError(busy[0])
+    try:
+        _train_locked(config, reward, resume, overwrite, progress, run, cpu, name[0])
+    finally:
+        if lock is not None:
+            lock.release()
+    return run.root
+
+
+def _train_locked(config: TrainConfig, reward, resume: bool, overwrite: bool, progress: bool, run: RunFolder,
+                  cpu: bool, name: str) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
@@ -58,7 +82,7 @@ def train(
         log_with=list(config.log.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.logs)),
     )
-    main = state.is_main_process
+    main = accelerator.is_main_process
     t = Trainer(config, accelerator, run, reward)
     config = t.config  # with the model's defaults filled in
     latest = ckpt.latest(run.checkpoints) if resume else None
@@ -66,18 +90,16 @@ def train(
         t.restore(latest)
     first_grid = t.sample_grid()  # also checks the reward on real images
     if main:
-        run.create(overwrite and not resume)
-        dump_yaml(config, run.config)
+        run.create(overwrite and not resume, lambda: dump_yaml(config, run.config))
     accelerator.wait_for_everyone()
-    accelerator.init_trackers(name[0], config=_flat_hparams(config.to_dict()))
+    accelerator.init_trackers(name, config=_flat_hparams(config.to_dict()))
     # A run killed before its first checkpoint resumes from the start.
     t.start(first_grid, fresh=latest is None)
     try:
         t.loop(progress and main)
         t.finish()
     finally:
-        accelerator.end_training()  # closes the trackers and the process group
-    return run.root
+        accelerator.end_training()  # closes (and so flushes) the trackers and the process group
 
 
 class Trainer:
@@ -211,27 +233,37 @@ class Trainer:
     def loop(self, show_progress: bool) -> None:
         from tqdm.auto import tqdm
 
+        from draft.stopping import GracefulStop
+
         c = self.config
         bar = tqdm(total=c.steps, initial=self.step, disable=not show_progress, desc="train", dynamic_ncols=True)
-        while self.step < c.steps:
-            row = self.optimizer_step()
-            self.step += 1
-            bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.4g}", loss=f"{row['loss']:.4g}")
-            if c.log.eval_every and self.step % c.log.eval_every == 0:
-                # Held-out figures during training (not counted in `time`), for learning curves.
-                row.update({f"eval_{k}": v for k, v in (self.evaluate() or {}).items() if k != "n"})
-            if self.step % c.log.every == 0 or self.step == c.steps or "eval_reward_mean" in row:
-                self.log(row)
-            if self.bad_run >= c.max_bad_steps:
-                raise TrainingStopped(
-                    f"stopped at step {self.step}: {self.bad_run} consecutive steps with a non-finite "
-                    f"{row['skipped']}; the weights were not updated by them and the last good checkpoint "
-                    f"is in {self.run.checkpoints}"
-                )
-            if self.step % c.log.sample_every == 0 and self.step < c.steps:
-                self.save_grid()
-            self.checkpoint_if_due(force=False)
+        # SIGTERM, SIGINT and SIGUSR1 end the run after the current step, with a checkpoint.
+        with GracefulStop() as stop:
+            while self.step < c.steps:
+                row = self.optimizer_step()
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward_mean']:.4g}", loss=f"{row['loss']:.4g}")
+                if c.log.eval_every and self.step % c.log.eval_every == 0:
+                    # Held-out figures during training (not counted in `time`), for learning curves.
+                    row.update({f"eval_{k}": v for k, v in (self.evaluate() or {}).items() if k != "n"})
+                if self.step % c.log.every == 0 or self.step == c.steps or "eval_reward_mean" in row:
+                    self.log(row)
+                if self.bad_run >= c.max_bad_steps:
+                    raise TrainingStopped(
+                        f"stopped at step {self.step}: {self.bad_run} consecutive steps with a non-finite "
+                        f"{row['skipped']}; the weights were not updated by them and the last good checkpoint "
+                        f"is in {self.run.checkpoints}"
+                    )
+                signum = stop.agreed(self.acc)  # every process stops at the same step
+                if self.step % c.log.sample_every == 0 and self.step < c.steps:
+                    self.save_grid()
+                self.checkpoint_if_due(force=bool(signum))
+                if signum:
+                    bar.close()
+                    raise Interrupted(f"{signal.Signals(signum).name} at step {self.step} of {c.steps}: "
+                                      f"checkpoint written; continue with: draft train --resume {self.run.root}",
+                                      signum)
         bar.close()
 
     def optimizer_step(self) -> dict:
@@ -239,8 +271,11 @@ class Trainer:
         c, acc = self.config, self.acc
         t0 = time.perf_counter()
         outs = []
-        for micro in range(c.grad_accum):
-            batch = self.make_batch(micro)
+        batches = [self.make_batch(micro) for micro in range(c.grad_accum)]
+        if hasattr(self.method, "prepare"):  # DDPO: sample the whole step first, advantages over all of it
+            with acc.autocast():
+                self.method.prepare(self.loop_, batches, c, acc)
+        for batch in batches:
             with acc.accumulate(self.model.denoiser):
                 with acc.autocast():
                     out = self.method(self.loop_, batch, c)
@@ -344,6 +379,7 @@ class Trainer:
     def finish(self) -> None:
         import json
 
+        from draft import safeio
         from draft.card import write_card
         from draft.lora import save_lora
         from draft.report import plot_metrics, save_before_after
@@ -354,14 +390,18 @@ class Trainer:
         after = self.save_grid()
         if not self.acc.is_main_process:
             return
-        save_lora(self.model, self.run.lora)
+        # Written whole into a folder beside lora/, then renamed: never a half-written adapter.
+        safeio.write_dir(self.run.lora, lambda tmp: save_lora(self.model, tmp), "the LoRA")
         eval_after = self.evaluate()
         before = self.run.samples / f"step-{0:08d}.png"
         if before.is_file() and after is not None:
             save_before_after(before, after, self.run.report / "before_after.png", len(self.grid_prompts()))
-        (self.run.report / "eval.json").write_text(json.dumps({"before": self.eval_before, "after": eval_after}, indent=2))
-        plot_metrics(self.run.metrics, self.run.report)
-        write_card(self.run.root)  # lora/README.md, from the files written above
+        safeio.write_text(self.run.report / "eval.json", json.dumps({"before": self.eval_before, "after": eval_after},
+                                                                   indent=2), "the evaluation")
+        with safeio.writing("the plots", self.run.report):
+            plot_metrics(self.run.metrics, self.run.report)
+        with safeio.writing("the model card", self.run.lora):
+            write_card(self.run.root)  # lora/README.md, from the files written above
         if eval_after:
             print(comparison(self.eval_before, eval_after, f"held-out, {eval_after['n']} images"))
         print(f"run folder: {self.run.root}  (LoRA: {self.run.lora})", flush=True)

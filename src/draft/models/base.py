@@ -99,6 +99,9 @@ class PipelineAdapter:
     @classmethod
     def from_pretrained(cls, source: str, local: bool, name: str, device=None, dtype=None, metrics=None):
         import diffusers
+        from safetensors import SafetensorError
+
+        from draft.safeio import corrupt_in
 
         quiet_diffusers()
         pipeline = getattr(diffusers, cls.pipeline_class)
@@ -117,9 +120,10 @@ class PipelineAdapter:
                 local_files_only=local,
                 **{**absent, **cls.load_kwargs},
             )
-        except (OSError, ValueError, EnvironmentError) as e:
+        except (OSError, ValueError, EnvironmentError, SafetensorError) as e:
+            corrupt = corrupt_in(source, f"model {name!r}:") if local else None  # name the bad file
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot load model {name!r}: {first}") from None
+            raise corrupt or UserError(f"cannot load model {name!r}: {first}") from None
         cls.after_load(pipe)
         model = cls(pipe, name=name, metrics=metrics)
         if device is not None:

@@ -71,13 +71,13 @@ class ShapesClassifier(nn.Module):
 
 def load_classifier(directory: str | Path | None = None, device: str | torch.device = "cpu") -> ShapesClassifier:
     """The classifier saved in `directory` (default: the one shipped with the package), in eval mode."""
-    from safetensors.torch import load_file
+    from draft.safeio import load_safetensors
 
     directory = Path(directory) if directory is not None else shapes.CLASSIFIER_DIR
     if not (directory / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"no shapes classifier at {directory} (expected {WEIGHTS_NAME} and {CONFIG_NAME})")
     model = ShapesClassifier(**json.loads((directory / CONFIG_NAME).read_text()))
-    model.load_state_dict(load_file(directory / WEIGHTS_NAME))
+    model.load_state_dict(load_safetensors(directory / WEIGHTS_NAME, "shapes classifier"))
     return model.to(device).eval()
 
 

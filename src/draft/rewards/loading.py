@@ -82,18 +82,20 @@ def _hub_file(repo: str, filenames: list[str], key: str) -> Path:
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from draft.safeio import load_safetensors
 
-    return load_file(str(path))
+    return load_safetensors(path, "reward weights")
 
 
 def from_pretrained(cls, source: str, key: str, what: str = "model.safetensors and config.json", **kwargs):
     """`cls.from_pretrained(source)` for a Hugging Face class, safetensors only, no remote code."""
     if not source:
         raise UserError(f"{key} is not set; point it at a folder or hub id with {what}")
+    from safetensors import SafetensorError
+
     try:
         return cls.from_pretrained(os.path.expanduser(str(source)), use_safetensors=True, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError, EnvironmentError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{key}={source}: cannot load {what} ({first})") from None
 
