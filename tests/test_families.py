@@ -27,6 +27,7 @@ FAMILIES = {
     "sd": ({}, "StableDiffusionPipeline"),
     "sd3": ({}, "StableDiffusion3Pipeline"),
     "sd3-t5": ({"family": "sd3", "t5": True}, "StableDiffusion3Pipeline"),
+    "sdxl": ({}, "StableDiffusionXLPipeline"),
 }
 
 
@@ -204,7 +205,7 @@ def _pipeline(path, cls_name):
 
     pipe = getattr(diffusers, cls_name).from_pretrained(path, **(
         {"safety_checker": None, "requires_safety_checker": False} if cls_name == "StableDiffusionPipeline" else {}))
-    if cls_name == "StableDiffusionPipeline":
+    if cls_name in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):  # we sample the DDPM family with DDIM
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
