@@ -137,7 +137,6 @@ def part_gradnorm(args, out: Path) -> None:
     from draft.methods import Batch, Loop, SampleNoise, sample_seed
     from draft.models import load_model
     from draft.prompts import load_prompts
-    from draft.sampling import Schedule
 
     model = load_model(args.model)
     params = add_lora(model, LoraConfig())
@@ -146,7 +145,7 @@ def part_gradnorm(args, out: Path) -> None:
         for p in params:
             p.add_(1e-3 * torch.randn(p.shape, generator=g))
     reward = rewards.get("shapes-alignment")
-    schedule = Schedule.from_scheduler_config(model.scheduler_config, args.sampling_steps)
+    schedule = model.schedule(args.sampling_steps)
     loop = Loop(model, reward, schedule, 7.5)
     prompts = load_prompts("train", args.model)
     table = {}

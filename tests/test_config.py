@@ -77,3 +77,13 @@ def test_shipped_configs_validate():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_an_embedded_model_brings_its_own_defaults_and_the_user_wins():
+    from draft.config import method_defaults
+
+    flow = load_config(None, ["model=shapes-flow"])
+    assert flow.sampling.guidance_scale == 4.0
+    assert any("sampling.guidance_scale=4.0: shapes-flow's default" in line for line in method_defaults(flow))
+    assert load_config(None, ["model=shapes-flow", "sampling.guidance_scale=6"]).sampling.guidance_scale == 6.0
+    assert load_config(None, []).sampling.guidance_scale == 7.5  # shapes-sd has none

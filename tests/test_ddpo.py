@@ -122,9 +122,10 @@ def test_ddpo_needs_stochastic_sampling():
     from draft.config import load_config
     from draft.errors import UserError
 
+    # η = 1 is DDPO's own default (config.METHOD_DEFAULTS); only an explicit 0 is refused.
     with pytest.raises(UserError, match="sampling.eta"):
-        load_config(None, ["method=ddpo"])
-    assert load_config(None, ["method=ddpo", "sampling.eta=1.0"]).method == "ddpo"
+        load_config(None, ["method=ddpo", "sampling.eta=0"])
+    assert load_config(None, ["method=ddpo"]).sampling.eta == 1.0
 
 
 def test_ddpo_trains_on_a_reward_without_gradient_through_the_cli(tiny_sd, tmp_path, capsys):

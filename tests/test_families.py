@@ -22,20 +22,27 @@ from draft.models.tiny import PROMPTS, build_tiny
 from draft.rewards import FunctionReward
 from draft.sampling import SampleNoise, Schedule, guided, predict_x0_eps, renoise, sample, sampler_step
 
-# family -> (tiny builder kwargs, the diffusers pipeline class that loads it)
+# name -> (tiny builder kwargs, or None for a model shipped in the package; the diffusers
+# pipeline class that loads it)
 FAMILIES = {
     "sd": ({}, "StableDiffusionPipeline"),
     "sd3": ({}, "StableDiffusion3Pipeline"),
     "sd3-t5": ({"family": "sd3", "t5": True}, "StableDiffusion3Pipeline"),
     "sdxl": ({}, "StableDiffusionXLPipeline"),
+    "shapes-sd": (None, "StableDiffusionPipeline"),
+    "shapes-flow": (None, "StableDiffusion3Pipeline"),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
-    """(family name, path of its tiny pipeline folder, diffusers pipeline class name)."""
+    """(name, path of its pipeline folder, diffusers pipeline class name)."""
+    from draft.models import EMBEDDED
+
     name = request.param
     kwargs, pipeline = FAMILIES[name]
+    if kwargs is None:
+        return name, EMBEDDED[name].path, pipeline
     kwargs = {"family": name, **kwargs}
     path = build_tiny(tmp_path_factory.mktemp(name), kwargs.pop("family"), **kwargs)
     return name, path, pipeline
@@ -169,7 +176,10 @@ def test_exactly_the_last_k_denoiser_calls_carry_gradient(family):
     # checkpointing re-runs each gradient call in the backward pass: count the forward ones
     forward = carried[: len(loop.schedule)]
     assert forward == [False] * (6 - k) + [True] * k
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params if p.requires_grad)
+    # Every adapted layer gets a gradient; almost all a non-zero one (SD3's last joint block
+    # discards its context stream, so that block's context query cannot affect the image).
+    assert all(p.grad is not None for p in params)
+    assert sum(bool(p.grad.abs().sum() > 0) for p in params) >= 0.9 * len(params)
 
 
 def test_draft_lv_renoises_as_replayed(family):
@@ -201,10 +211,17 @@ def test_draft_lv_renoises_as_replayed(family):
 
 
 def _pipeline(path, cls_name):
+    """The folder loaded as a diffusers user would: components saved as None passed as None
+    (SD3 without its T5), no safety checker."""
+    import json
+
     import diffusers
 
-    pipe = getattr(diffusers, cls_name).from_pretrained(path, **(
-        {"safety_checker": None, "requires_safety_checker": False} if cls_name == "StableDiffusionPipeline" else {}))
+    index = json.loads((path / "model_index.json").read_text())
+    kwargs = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+    if cls_name == "StableDiffusionPipeline":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, cls_name).from_pretrained(path, **kwargs)
     if cls_name in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):  # we sample the DDPM family with DDIM
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -274,3 +291,34 @@ def test_unsupported_pipeline_class_is_refused(tmp_path):
     with pytest.raises(UserError, match="supported: .*StableDiffusion3Pipeline"):
         load_model(str(tmp_path))
 
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_on_a_flow_model(tmp_path_factory, tmp_path):
+    """Under `accelerate launch` on the CPU, 2 processes at batch 1 train the LoRA that 1 process
+    at batch 2 trains, on SD3 (rectified flow, transformer, dict conditioning) as on SD."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from draft.cli import main
+
+    path = build_tiny(tmp_path_factory.mktemp("sd3-ddp"), "sd3")
+    common = [f"model={path}", "reward=brightness", f"prompts={'|'.join(PROMPTS)}", f"eval_prompts={PROMPTS[0]}",
+              "method=draft-lv", "batch_size=1", "lr=1e-2", "kl_coeff=0", "steps=2", "sampling.num_steps=3",
+              "sampling.guidance_scale=3", "log.sample_prompts=1", "log.sample_seeds=1", "log.eval_samples=0",
+              "log.trackers=[]", f"output_dir={tmp_path}", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "draft.cli"]
+    two = subprocess.run([*launch, "train", *common, "name=two"], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert main(["train", *common, "name=one", "batch_size=2"]) == 0
+    one, both = (load_file(tmp_path / n / "lora" / "pytorch_lora_weights.safetensors") for n in ("one", "two"))
+    assert one.keys() == both.keys() and all(k.startswith("transformer.") for k in one)
+    # Round-off of the gradient all-reduce (1.5e-6 seen), against updates of ~1e-2: another
+    # sample or noise would move a weight by a whole update.
+    for k in one:
+        torch.testing.assert_close(one[k], both[k], rtol=0, atol=1e-5)

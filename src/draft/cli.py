@@ -28,7 +28,13 @@ def _lora_args(values: list[str] | None) -> list[tuple[str, float]]:
 def _sampling(args):
     from draft.config import SamplingConfig
 
-    return SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta)
+    from draft.models import model_defaults
+
+    # The model's recommended guidance (shapes-flow: 4), else the usual 7.5.
+    guidance = args.guidance
+    if guidance is None:
+        guidance = model_defaults(args.model).get("sampling.guidance_scale", (SamplingConfig.guidance_scale,))[0]
+    return SamplingConfig(num_steps=args.steps, guidance_scale=guidance, eta=args.eta)
 
 
 def _reward_args(items: list[str] | None) -> dict:
@@ -75,35 +81,18 @@ def cmd_train(args) -> int:
         if resume and not config.name:
             raise UserError("--resume needs the run: pass --resume RUN_DIR, or name=... of the run")
     if args.dry_run:
-        return _dry_run(config)
+        return _dry_run(config, resume, args.overwrite)
     from draft.trainer import train
 
     train(config, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
     return 0
 
 
-def _dry_run(config) -> int:
-    """Validate everything that can be checked without loading weights, and print it."""
-    import yaml
+def _dry_run(config, resume: bool = False, overwrite: bool = False) -> int:
+    """Check everything that can be checked without loading weights (draft.preflight), and print it."""
+    from draft.preflight import dry_run
 
-    from draft import rewards
-    from draft.errors import unknown
-    from draft.models import resolve
-    from draft.prompts import load_prompts
-
-    resolve(config.model)
-    for name in rewards._parse(config.reward):
-        if name not in rewards.available() and ":" not in name:
-            raise unknown("reward", name, rewards.available())
-    prompts = load_prompts(config.prompts, config.model)
-    load_prompts(config.eval_prompts, config.model)
-    procs = int(os.environ.get("WORLD_SIZE", "1"))
-    per_sample = config.lv_n if config.method == "draft-lv" else 1
-    batch = config.batch_size * config.grad_accum * procs
-    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-    print(f"# {len(prompts)} training prompts; effective batch {batch} = {config.batch_size} x "
-          f"{config.grad_accum} accumulation x {procs} process(es); reward queries per step {batch * per_sample}; "
-          f"reward queries in total {batch * per_sample * config.steps}")
+    print(dry_run(config, resume=resume, overwrite=overwrite), end="")
     return 0
 
 
@@ -141,10 +130,13 @@ def cmd_rewards(args) -> int:
 
 
 def cmd_pretrain_shapes(args) -> int:
-    from draft.models.shapes_pretrain import pretrain
+    if args.model == "shapes-flow":
+        from draft.models.shapes_flow_pretrain import pretrain
+    else:
+        from draft.models.shapes_pretrain import pretrain
 
-    path = pretrain(Path(args.out), seed=args.seed, device=args.device)
-    print(f"wrote the shapes-sd pipeline to {path}")
+    path = pretrain(Path(args.out or args.model), seed=args.seed, device=args.device)
+    print(f"wrote the {args.model} pipeline to {path}")
     return 0
 
 
@@ -153,7 +145,8 @@ def cmd_pretrain_shapes(args) -> int:
 
 def _add_sampling(p) -> None:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: the model's recommended one, else 7.5)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--lora", action="append", metavar="DIR[:SCALE]",
@@ -175,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate images, optionally with LoRAs mixed in")
-    p.add_argument("--model", default="shapes-sd", help="pipeline folder, hub id, or shapes-sd")
+    p.add_argument("--model", default="shapes-sd", help="pipeline folder, hub id, or an embedded model (shapes-sd, shapes-flow)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -197,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rewards", help="list the registered rewards")
     p.set_defaults(func=cmd_rewards)
 
-    p = sub.add_parser("pretrain-shapes", help="rebuild the shipped shapes-sd pipeline from scratch")
-    p.add_argument("--out", default="shapes-sd", help="output folder")
+    p = sub.add_parser("pretrain-shapes", help="rebuild a shipped shapes pipeline (shapes-sd, shapes-flow) from scratch")
+    p.add_argument("--model", default="shapes-sd", choices=["shapes-sd", "shapes-flow"],
+                   help="which family: shapes-sd (Stable Diffusion, DDIM) or shapes-flow (SD3, flow matching)")
+    p.add_argument("--out", default=None, help="output folder (default: the model's name); the pipeline goes into OUT/MODEL")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_pretrain_shapes)

@@ -20,6 +20,16 @@ from draft.errors import UserError, did_you_mean, unknown
 
 METHODS = ("draft", "draft-k", "draft-lv", "refl", "alignprop", "ddpo")
 PRECISIONS = ("no", "bf16", "fp16")
+# Defaults that belong to a method: {method: {dotted key: (value, why)}}. `from_dict` applies
+# them where the config (file, overrides, or a resumed run's config.yaml) does not set the
+# key, so the resolved config.yaml records the value; `method_defaults` says why, for the
+# start-up lines and `--dry-run`. A user's own value always wins.
+METHOD_DEFAULTS: dict[str, dict[str, tuple[Any, str]]] = {
+    "ddpo": {
+        "sampling.eta": (1.0, "DDPO's policy gradient needs stochastic sampling steps; "
+                              "eta 1 (DDPM-like) as in DDPO's own runs"),
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -29,7 +39,8 @@ class SamplingConfig:
     num_steps: int = 50
     # Classifier-free guidance scale s; 1 disables guidance (and halves the UNet cost).
     guidance_scale: float = 7.5
-    # DDIM stochasticity η: 0 is deterministic DDIM, 1 is DDPM-like.
+    # DDIM stochasticity η: 0 is deterministic DDIM, 1 is DDPM-like. method=ddpo makes 1 its
+    # default (METHOD_DEFAULTS).
     eta: float = 0.0
     # Wrap every gradient-carrying UNet call in torch.utils.checkpoint: memory stays flat
     # in the gradient window at the cost of one extra forward per step in it. Even with a
@@ -105,8 +116,10 @@ class TrainConfig:
     # Keyword arguments for each reward, by reward name, e.g.
     # reward_args.aesthetic.model=/path/to/weights
     reward_args: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Training prompts: a prompt set the model ships ("train", "heldout" on shapes-sd), a
-    # text file with one prompt per line, or several prompts separated by "|".
+    # Training prompts: a prompt set the model ships ("train", "heldout" on shapes-sd; a model
+    # that ships none gets the general animal prompts under these names), a text file with
+    # one prompt per line, FILE.csv:COLUMN or FILE.jsonl:FIELD, or prompts separated by "|"
+    # (see `draft.prompts`).
     prompts: str = "train"
     # Prompts for sample grids and the before/after evaluation (same forms as `prompts`).
     eval_prompts: str = "heldout"
@@ -114,7 +127,8 @@ class TrainConfig:
     # --- the method (see `draft.methods`) ---
     # draft: gradient through all steps; draft-k: the last k steps; draft-lv: k=1 with
     # lv_n re-noised passes; refl, alignprop: the neighbours on the same loop; ddpo: the
-    # reinforcement-learning baseline (no reward gradient; needs sampling.eta > 0).
+    # reinforcement-learning baseline (no reward gradient; samples with sampling.eta=1 unless
+    # set, see METHOD_DEFAULTS).
     method: str = "draft-lv"
     # DRaFT-K: how many final sampling steps carry gradient (1 <= k <= num_steps).
     k: int = 1
@@ -321,9 +335,15 @@ def _set_dotted(data: dict, key: str, value) -> None:
 
 
 def from_dict(data: dict[str, Any], cls=TrainConfig, prefix: str = ""):
-    """Build dataclass `cls` from a nested dict, checking keys and types."""
+    """Build dataclass `cls` from a nested dict, checking keys and types.
+
+    For a whole TrainConfig, the chosen method's and model's defaults fill the keys that
+    `data` does not set.
+    """
     if not isinstance(data, dict):
         raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    if cls is TrainConfig and not prefix:
+        data = _with_method_defaults(data)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -332,6 +352,57 @@ def from_dict(data: dict[str, Any], cls=TrainConfig, prefix: str = ""):
             raise UserError(f"unknown config key {prefix + key!r}{did_you_mean(key, fields)}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
+
+
+def _given(data: dict, key: str) -> bool:
+    """Whether the nested dict `data` sets the dotted `key` (a section object sets all its keys)."""
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return True
+        if part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _defaults_for(method, model) -> dict[str, tuple[Any, str]]:
+    """The defaults that belong to this method and this model, by dotted key: (value, why).
+
+    A model's come from `draft.models.model_defaults` (the embedded models' recommended
+    sampling settings); a method's from METHOD_DEFAULTS, and win over the model's.
+    """
+    from draft.models import model_defaults
+
+    out = dict(model_defaults(model)) if isinstance(model, str) else {}
+    out.update(METHOD_DEFAULTS.get(method, {}) if isinstance(method, str) else {})
+    return out
+
+
+def _with_method_defaults(data: dict) -> dict:
+    """`data` with its method's and model's defaults added where it does not set the key (a new dict)."""
+    defaults = _defaults_for(data.get("method", TrainConfig.method), data.get("model", TrainConfig.model))
+    for key, (value, _) in defaults.items():
+        if not _given(data, key):
+            *parents, last = key.split(".")
+            patch: dict = {last: value}
+            for p in reversed(parents):
+                patch = {p: patch}
+            data = _merge(data, patch)
+    return data
+
+
+def method_defaults(config: TrainConfig) -> list[str]:
+    """One line for each of the method's and the model's defaults that the config holds: what and why."""
+    notes = []
+    for key, (value, why) in _defaults_for(config.method, config.model).items():
+        current: Any = config
+        for part in key.split("."):
+            current = getattr(current, part)
+        if current == value:
+            owner = f"method {config.method}" if key in METHOD_DEFAULTS.get(config.method, {}) else config.model
+            notes.append(f"{key}={value}: {owner}'s default ({why}); set {key} to change it")
+    return notes
 
 
 def _coerce(value, hint, key: str):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from draft import checkpoint as ckpt
-from draft.config import TrainConfig, dump_yaml
+from draft.config import TrainConfig, dump_yaml, method_defaults
 from draft.errors import TrainingStopped, UserError
 from draft.report import comparison, summary
 from draft.runs import RunFolder
@@ -133,6 +133,7 @@ class Trainer:
             f"{c.steps} steps, {c.sampling.num_steps} sampling steps, guidance {c.sampling.guidance_scale}, "
             f"LoRA rank {c.lora.rank} ({n:,} trainable parameters), lr {c.lr}, device {self.acc.device}, "
             f"precision {c.mixed_precision}",
+            *method_defaults(c),  # what the method chose for the user, and why
         ]
         return "\n".join(lines)
 

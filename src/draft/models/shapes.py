@@ -66,7 +66,7 @@ SPLITS = ("train", "heldout", "all")
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PIPELINE_DIR = ASSETS / "shapes-sd"
 CLASSIFIER_DIR = ASSETS / "shapes-classifier"
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+PROMPTS_DIR = PIPELINE_DIR / "prompts"  # the model's own prompt sets (draft.prompts)
 SUPERSAMPLE = 4
 COLOUR_JITTER = 10  # max per-channel offset of a drawn colour, in 0..255 units
 DEFAULT_SIZE = 32
@@ -180,11 +180,11 @@ def prompt_file(split: str) -> Path:
     """The shipped text file of a split's prompts ('train' or 'heldout'), one per line."""
     if split not in ("train", "heldout"):
         raise ValueError(f"no prompt file for split {split!r}; choose 'train' or 'heldout'")
-    return PROMPTS_DIR / f"shapes-{split}.txt"
+    return PROMPTS_DIR / f"{split}.txt"
 
 
 def write_prompt_files(directory: str | Path = PROMPTS_DIR) -> list[Path]:
-    """Write `shapes-train.txt` and `shapes-heldout.txt` into `directory`; returns their paths."""
+    """Write `train.txt` and `heldout.txt` into `directory`; returns their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -295,4 +295,5 @@ def _build(sd_dir: Path, clf_dir: Path, recipe: Recipe, seed: int, device: str, 
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(sd_dir, safe_serialization=True)
+    shapes.write_prompt_files(sd_dir / "prompts")  # the model's own `train` and `heldout` sets
     return times

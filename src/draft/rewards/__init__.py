@@ -42,6 +42,7 @@ class RewardInfo:
     target: str  # "package.module:Class", imported only when the reward is built
     description: str  # one line, shown by `draft rewards`
     requires: str = ""  # what to install beyond the core package, if anything
+    needs: tuple[str, ...] = ()  # arguments with no usable default (checked by `draft train --dry-run`)
 
 
 _REGISTRY: dict[str, RewardInfo] = {
@@ -77,19 +78,23 @@ _REGISTRY: dict[str, RewardInfo] = {
         ),
         # Learned reward models (docs/rewards.md); each needs weights the user points at.
         RewardInfo("aesthetic", "draft.rewards.aesthetic:Aesthetic",
-                   "LAION aesthetic predictor (CLIP ViT-L/14 + MLP head), about 1-10; needs model=HEAD.safetensors"),
+                   "LAION aesthetic predictor (CLIP ViT-L/14 + MLP head), about 1-10; needs model=HEAD.safetensors",
+                   needs=("model",)),
         RewardInfo("hpsv2", "draft.rewards.hps:HPSv2",
-                   "Human Preference Score v2/v2.1 (ViT-H-14), cosine about 0.2-0.35; needs model=HPS.safetensors"),
+                   "Human Preference Score v2/v2.1 (ViT-H-14), cosine about 0.2-0.35; needs model=HPS.safetensors",
+                   needs=("model",)),
         RewardInfo("pickscore", "draft.rewards.clip:PickScore",
                    "PickScore v1 human-preference CLIP, logit_scale * cosine, about 18-24"),
         RewardInfo("imagereward", "draft.rewards.imagereward:ImageReward",
-                   "ImageReward v1.0 (BLIP) preference score, about -2..2; needs model=ImageReward.safetensors"),
+                   "ImageReward v1.0 (BLIP) preference score, about -2..2; needs model=ImageReward.safetensors",
+                   needs=("model",)),
         RewardInfo("clipscore", "draft.rewards.clip:ClipScore",
                    "CLIP-S = 2.5 * max(cos(image, prompt), 0) with any Hugging Face CLIP model"),
         RewardInfo("detection", "draft.rewards.detection:Detection",
                    "OWL-ViT/OWLv2 max detection confidence of a text query, in [0, 1]; mode=remove negates"),
         RewardInfo("classifier", "draft.rewards.classifier:Classifier",
-                   "log-probability of target=CLASS under a Hugging Face image classifier, <= 0"),
+                   "log-probability of target=CLASS under a Hugging Face image classifier, <= 0",
+                   needs=("model",)),
     ]
 }
 
@@ -230,6 +235,9 @@ def _parse(spec: str) -> dict[str, float]:
                 value = math.nan
             if math.isfinite(value):  # else 'module:attr' with no weight ('nan' is a name)
                 name, weight = head, value
+            elif head in _REGISTRY or not all(part.isidentifier() for part in head.split(".")):
+                # 'brightness:abc', 'pkg.mod:fn:abc': a weight after a name, and not a number.
+                raise UserError(f"reward weight {tail!r} in {term!r} is not a finite number")
         if not name:
             raise UserError(f"empty reward name in {spec!r}")
         if name in weights:
