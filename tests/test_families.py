@@ -28,10 +28,15 @@ FAMILIES = {
     "sd": ({}, "StableDiffusionPipeline"),
     "sd3": ({}, "StableDiffusion3Pipeline"),
     "sd3-t5": ({"family": "sd3", "t5": True}, "StableDiffusion3Pipeline"),
+    "flux": ({}, "FluxPipeline"),
+    "flux-schnell": ({}, "FluxPipeline"),
     "sdxl": ({}, "StableDiffusionXLPipeline"),
     "shapes-sd": (None, "StableDiffusionPipeline"),
     "shapes-flow": (None, "StableDiffusion3Pipeline"),
 }
+# Families sampled without an unconditional pass: guidance is an input of the model
+# (FLUX.1-dev's guidance embedding) or absent (schnell).
+NO_CFG = {"flux", "flux-schnell"}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -109,13 +114,13 @@ def test_flow_renoise_is_the_interpolation():
 
 
 def test_adapter_conforms_to_the_protocol(family):
-    _, path, _ = family
+    name, path, _ = family
     model = load_model(str(path))
     assert isinstance(model, DiffusionModel)
     C, h, w = model.latent_shape()
     assert model.resolution > 0 and h * w > 0
     cond, uncond = model.conditioning(PROMPTS[:2], 5.0)
-    assert uncond is not None and model.conditioning(PROMPTS[:2], 1.0)[1] is None
+    assert (uncond is None) == (name in NO_CFG) and model.conditioning(PROMPTS[:2], 1.0)[1] is None
     x = SampleNoise([0, 1], model.latent_shape(), "cpu").draw()
     schedule = model.schedule(4)
     assert len(schedule) == 4
@@ -228,6 +233,17 @@ def _pipeline(path, cls_name):
     return pipe
 
 
+def _pipeline_latents(pipe, model, prompts, x_T, steps, guidance):
+    """The pipeline's final latents [B, C, h, w] from x_T, at the model's resolution and T5
+    length. FLUX's pipeline takes and returns latents packed into 2x2 patch tokens."""
+    size, packed = model.resolution, hasattr(pipe, "_pack_latents")
+    latents = pipe._pack_latents(x_T, *x_T.shape) if packed else x_T
+    t5 = {"max_sequence_length": model.max_sequence_length} if hasattr(model, "max_sequence_length") else {}
+    out = pipe(prompts, latents=latents, height=size, width=size, num_inference_steps=steps,
+               guidance_scale=guidance, output_type="latent", **t5).images
+    return pipe._unpack_latents(out, size, size, pipe.vae_scale_factor) if packed else out
+
+
 def _our_latents(model, prompts, seeds, steps, guidance):
     x = SampleNoise(seeds, model.latent_shape(), "cpu").draw()
     cond = model.conditioning(prompts, guidance)
@@ -241,9 +257,7 @@ def test_sampler_matches_the_family_pipeline(family):
     model = load_model(str(path))
     prompts, steps, guidance = PROMPTS[:2], 8, 4.0
     x_T, ours = _our_latents(model, prompts, [3, 4], steps, guidance)
-    pipe = _pipeline(path, cls_name)
-    theirs = pipe(prompts, latents=x_T, num_inference_steps=steps, guidance_scale=guidance,
-                  output_type="latent").images
+    theirs = _pipeline_latents(_pipeline(path, cls_name), model, prompts, x_T, steps, guidance)
     assert (ours - theirs).abs().max() <= 1e-5
 
 
@@ -268,8 +282,7 @@ def test_trained_lora_loads_in_plain_diffusers(family, tmp_path):
     assert (ours - plain).abs().max() > 1e-4  # training moved the model
     pipe = _pipeline(path, cls_name)
     pipe.load_lora_weights(run / "lora")
-    theirs = pipe(prompts, latents=x_T, num_inference_steps=steps, guidance_scale=guidance,
-                  output_type="latent").images
+    theirs = _pipeline_latents(pipe, model, prompts, x_T, steps, guidance)
     assert (ours - theirs).abs().max() <= 1e-5
 
 

@@ -38,6 +38,8 @@ class SamplingConfig:
     # (plus the backward over the gradient window).
     num_steps: int = 50
     # Classifier-free guidance scale s; 1 disables guidance (and halves the UNet cost).
+    # FLUX.1-dev is guidance-distilled: there the value feeds its guidance embedding (one
+    # pass per step whatever the value); FLUX.1-schnell ignores it.
     guidance_scale: float = 7.5
     # DDIM stochasticity η: 0 is deterministic DDIM, 1 is DDPM-like. method=ddpo makes 1 its
     # default (METHOD_DEFAULTS).

@@ -51,6 +51,7 @@ ADAPTERS = {
     "StableDiffusionInpaintPipeline": "draft.models.sd:StableDiffusion",
     "StableDiffusion3Pipeline": "draft.models.sd3:StableDiffusion3",
     "StableDiffusionXLPipeline": "draft.models.sdxl:StableDiffusionXL",
+    "FluxPipeline": "draft.models.flux:Flux",
 }
 
 

@@ -140,8 +140,46 @@ def tiny_sd3_pipeline(folder: Path, seed: int = 0, t5: bool = False, shift: floa
     )
 
 
+def tiny_flux_pipeline(folder: Path, seed: int = 0, guidance: bool = True):
+    """A toy-sized FluxPipeline (32 px images, 4x4x4 latents, so 2x2 packed tokens).
+
+    FLUX.1's layout at toy size: one joint and one single-stream block, a CLIP text encoder
+    for the pooled embedding, a T5 for the sequence, a VAE with FLUX's 8x compression (so
+    sizes are multiples of 16 px, as with the real model) and its shift/scaling factors,
+    and FLUX.1-dev's dynamic shift rescaled to the toy token counts. `guidance=False`
+    builds schnell's layout: no guidance embedding, a plain flow schedule.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    tok = word_tokenizer(folder / "tokenizer_files", WORDS, max_length=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=16,
+    ))
+    text_encoder_2, tok_2 = tiny_t5(folder, d_model=32)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 4, 8))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
+                        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.1159,
+                        scaling_factor=0.3611)
+    if guidance:  # dev: the shift follows the token count (here 1 to 16 tokens, not 256 to 4096)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=1,
+                                                    max_image_seq_len=16, base_shift=0.5, max_shift=1.15)
+    else:  # schnell
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tok_2, transformer=transformer)
+
+
 # The tiny pipeline of each family, by the name tests use.
-TINY = {"sd": tiny_pipeline, "sd3": tiny_sd3_pipeline}
+TINY = {"sd": tiny_pipeline, "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline,
+        "flux-schnell": lambda folder, seed=0: tiny_flux_pipeline(folder, seed, guidance=False)}
 
 
 def tiny_sdxl_pipeline(folder: Path, seed: int = 0):
