@@ -30,6 +30,7 @@ FAMILIES = {
     "sd3-t5": ({"family": "sd3", "t5": True}, "StableDiffusion3Pipeline"),
     "flux": ({}, "FluxPipeline"),
     "flux-schnell": ({}, "FluxPipeline"),
+    "sdxl": ({}, "StableDiffusionXLPipeline"),
     "shapes-sd": (None, "StableDiffusionPipeline"),
     "shapes-flow": (None, "StableDiffusion3Pipeline"),
 }
@@ -226,7 +227,7 @@ def _pipeline(path, cls_name):
     if cls_name == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     pipe = getattr(diffusers, cls_name).from_pretrained(path, **kwargs)
-    if cls_name == "StableDiffusionPipeline":
+    if cls_name in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):  # we sample the DDPM family with DDIM
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe

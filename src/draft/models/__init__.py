@@ -50,6 +50,7 @@ ADAPTERS = {
     "StableDiffusionImg2ImgPipeline": "draft.models.sd:StableDiffusion",
     "StableDiffusionInpaintPipeline": "draft.models.sd:StableDiffusion",
     "StableDiffusion3Pipeline": "draft.models.sd3:StableDiffusion3",
+    "StableDiffusionXLPipeline": "draft.models.sdxl:StableDiffusionXL",
     "FluxPipeline": "draft.models.flux:Flux",
 }
 

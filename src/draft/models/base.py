@@ -115,7 +115,7 @@ class PipelineAdapter:
                       and (not isinstance(index.get(name), (list, tuple)) or index[name][0] is None)}
             pipe = pipeline.from_pretrained(
                 source,
-                dtype=dtype or torch.float32,
+                dtype=cls.load_dtype(dtype or torch.float32),
                 use_safetensors=True,  # never unpickle downloaded weights
                 local_files_only=local,
                 **{**absent, **cls.load_kwargs},
@@ -129,6 +129,11 @@ class PipelineAdapter:
         if device is not None:
             model.to(device)
         return model
+
+    @classmethod
+    def load_dtype(cls, dtype: torch.dtype):
+        """`from_pretrained`'s dtype: one for all components, or a dict by component name."""
+        return dtype
 
     @staticmethod
     def after_load(pipe) -> None:

@@ -180,3 +180,47 @@ def tiny_flux_pipeline(folder: Path, seed: int = 0, guidance: bool = True):
 # The tiny pipeline of each family, by the name tests use.
 TINY = {"sd": tiny_pipeline, "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline,
         "flux-schnell": lambda folder, seed=0: tiny_flux_pipeline(folder, seed, guidance=False)}
+
+
+def tiny_sdxl_pipeline(folder: Path, seed: int = 0):
+    """A toy-sized StableDiffusionXLPipeline (32 px images, 4x8x8 latents).
+
+    SDXL's layout at toy size, after diffusers' own SDXL pipeline tests: a UNet with the
+    "text_time" added embedding (pooled text + six size/crop ids), linear attention
+    projections and two transformer layers in the deeper block; a CLIPTextModel and a
+    CLIPTextModelWithProjection whose hidden states are concatenated (cross-attention
+    width 32 + 32); EulerDiscrete with the scheduler config SDXL ships (which also holds
+    the DDIM keys our sampler reads).
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    tok = word_tokenizer(folder / "tokenizer_files", WORDS, max_length=16)
+    tok_2 = word_tokenizer(folder / "tokenizer_2_files", WORDS, max_length=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=16,
+    ))
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + 32,  # six time ids + the pooled projection
+        cross_attention_dim=64, norm_num_groups=8,
+    )
+    scheduler = EulerDiscreteScheduler.from_config(dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+        clip_sample=False, set_alpha_to_one=False, sample_max_value=1.0, skip_prk_steps=True,
+    ))
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(), text_encoder=text_encoder, text_encoder_2=_clip_with_projection(tok_2), tokenizer=tok,
+        tokenizer_2=tok_2, unet=unet, scheduler=scheduler, add_watermarker=False,
+    )
+
+
+TINY["sdxl"] = tiny_sdxl_pipeline
