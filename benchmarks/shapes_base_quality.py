@@ -39,8 +39,8 @@ def load(model=None, shift=None):
         return StableDiffusionPipeline.from_pretrained(path, local_files_only=True), {}
     # Saved without T5, as diffusers allows: it must be told so, and fed the trained number of zero tokens.
     pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None, local_files_only=True)
-    if shift is not None:
-        pipe.scheduler.register_to_config(shift=shift)
+    if shift is not None:  # the scheduler reads its shift at construction, so build a new one
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=shift)
     recipe = path / "recipe.json"
     length = json.loads(recipe.read_text()).get("max_sequence_length", 256) if recipe.exists() else 256
     return pipe, {"max_sequence_length": length}

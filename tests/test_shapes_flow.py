@@ -19,7 +19,7 @@ def _load(path):
     return p
 
 
-def _images(pipe, prompts, seed=0, steps=20, guidance=5.0):
+def _images(pipe, prompts, seed=0, steps=20, guidance=4.0):
     gen = torch.Generator().manual_seed(seed)
     return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="pt",
                 max_sequence_length=0).images
