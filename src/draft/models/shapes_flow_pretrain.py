@@ -48,7 +48,7 @@ class Recipe:
     """Every knob of the pretraining, with the values that built the shipped model."""
 
     image_size: int = 32  # pixels per side; the reused VAE maps 32x32x3 to 4x8x8 latents
-    pool: int = 60_000  # renders of the train split drawn once and reused (as for shapes-sd)
+    pool: int = 30_000  # renders of the train split drawn once and reused (each seen ~6 times)
     text_width: int = 64  # hidden size (= projection size) of each of the two CLIP text encoders
     text_layers: int = 2  # SD3 reads the penultimate hidden state; the last layer feeds the pooled output
     max_tokens: int = 16  # CLIP context; prompts take 10 tokens with BOS/EOS
@@ -58,9 +58,9 @@ class Recipe:
     layers: int = 4  # joint (MM-DiT) transformer blocks
     patch_size: int = 2  # 8x8 latents -> 4x4 image tokens
     qk_norm: str | None = "rms_norm"  # as SD3.5: keeps attention logits bounded at a high learning rate
-    steps: int = 3000  # optimiser steps of transformer + text encoders
-    batch: int = 64
-    lr: float = 1e-3
+    steps: int = 3600  # optimiser steps of transformer + text encoders
+    batch: int = 48
+    lr: float = 2e-3
     warmup: int = 500  # linear learning-rate warm-up steps, then cosine decay to 0
     prompt_dropout: float = 0.1  # fraction of prompts replaced by "" (for classifier-free guidance)
     logit_mean: float = 0.0  # sigma = sigmoid(N(logit_mean, logit_std)), SD3's logit-normal sampling
