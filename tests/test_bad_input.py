@@ -152,8 +152,9 @@ def test_pickles_are_never_unpickled(world, monkeypatch):
 
 # --- every config value, every kind of bad ------------------------------------------------------
 
-# Keys where an empty value means something (a generated name, no trackers, no arguments).
-EMPTY_IS_VALID = {"name", "log.trackers", "reward_args"}
+# Keys where an empty value means something (a generated name, no trackers, no arguments,
+# the model family's default LoRA targets).
+EMPTY_IS_VALID = {"name", "log.trackers", "reward_args", "lora.target_modules"}
 
 
 def _config_keys(cls=None, prefix=""):

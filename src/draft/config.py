@@ -220,8 +220,9 @@ class TrainConfig:
                 raise UserError(f"{key} must be a non-empty string, got {value!r}")
         if self.name in (".", "..") or "/" in self.name or "\\" in self.name:
             raise UserError(f"name must be a folder name (no '/'), got {self.name!r}; put the path in output_dir")
-        if not self.lora.target_modules or not all(m.strip() for m in self.lora.target_modules):
-            raise UserError(f"lora.target_modules must name at least one module, got {list(self.lora.target_modules)}")
+        # Empty means the model family's default; a blank name is a mistake.
+        if not all(m.strip() for m in self.lora.target_modules):
+            raise UserError(f"lora.target_modules has an empty module name: {list(self.lora.target_modules)}")
         if not all(t.strip() for t in self.log.trackers):
             raise UserError(f"log.trackers has an empty name: {list(self.log.trackers)}")
         for name, args in self.reward_args.items():

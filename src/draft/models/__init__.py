@@ -26,6 +26,8 @@ class Embedded:
     # fill keys the user does not set (`draft.config`), and `draft sample`/`draft eval` use
     # them too.
     defaults: dict = field(default_factory=dict)
+    # Settings of the adapter that the model was trained with (class attributes it overrides).
+    options: dict = field(default_factory=dict)
 
 
 SHAPES_METRICS = "draft.rewards.shapes:attribute_metrics"  # the shapes world's attribute accuracy
@@ -35,7 +37,7 @@ EMBEDDED = {
     "shapes-flow": Embedded(ASSETS / "shapes-flow", SHAPES_METRICS, {
         "sampling.guidance_scale": (4.0, "its held-out accuracy peaks at guidance 3-5 and falls at 7.5, "
                                          "docs/shapes-flow.md"),
-    }),
+    }, {"max_sequence_length": 0}),  # trained without T5's zero tokens (docs/shapes-flow.md)
 }
 
 
@@ -113,4 +115,5 @@ def load_model(path_or_id: str = "shapes-sd", device=None, dtype=None):
     adapter = load_callable(ADAPTERS[cls_name])
     embedded = EMBEDDED.get(path_or_id)
     metrics = load_callable(embedded.metrics) if embedded and embedded.metrics else None
-    return adapter.from_pretrained(source, local, path_or_id, device=device, dtype=dtype, metrics=metrics)
+    options = embedded.options if embedded else {}
+    return adapter.from_pretrained(source, local, path_or_id, device=device, dtype=dtype, metrics=metrics, **options)

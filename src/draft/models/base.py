@@ -82,7 +82,11 @@ class PipelineAdapter:
     # Keyword arguments for `from_pretrained` beyond the shared ones.
     load_kwargs: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, pipe, name: str = "", metrics: Callable | None = None):
+    def __init__(self, pipe, name: str = "", metrics: Callable | None = None, **options):
+        for key, value in options.items():  # e.g. SD3's max_sequence_length for a model trained without T5
+            if not hasattr(type(self), key):
+                raise TypeError(f"{type(self).__name__} has no option {key!r}")
+            setattr(self, key, value)
         self.pipe = pipe
         self.name = name
         self.denoiser = getattr(pipe, self.lora_prefix)
@@ -97,7 +101,7 @@ class PipelineAdapter:
         self.weight_dtype = next(self.denoiser.parameters()).dtype
 
     @classmethod
-    def from_pretrained(cls, source: str, local: bool, name: str, device=None, dtype=None, metrics=None):
+    def from_pretrained(cls, source: str, local: bool, name: str, device=None, dtype=None, metrics=None, **options):
         import diffusers
         from safetensors import SafetensorError
 
@@ -125,7 +129,7 @@ class PipelineAdapter:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise corrupt or UserError(f"cannot load model {name!r}: {first}") from None
         cls.after_load(pipe)
-        model = cls(pipe, name=name, metrics=metrics)
+        model = cls(pipe, name=name, metrics=metrics, **options)
         if device is not None:
             model.to(device)
         return model
