@@ -87,3 +87,10 @@ def test_an_embedded_model_brings_its_own_defaults_and_the_user_wins():
     assert any("sampling.guidance_scale=4.0: shapes-flow's default" in line for line in method_defaults(flow))
     assert load_config(None, ["model=shapes-flow", "sampling.guidance_scale=6"]).sampling.guidance_scale == 6.0
     assert load_config(None, []).sampling.guidance_scale == 7.5  # shapes-sd has none
+
+
+def test_mixed_precision_no_is_read_as_the_word_not_a_boolean(tmp_path):
+    assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"
+    f = tmp_path / "c.yaml"
+    f.write_text("mixed_precision: no\n")
+    assert load_config(f).mixed_precision == "no"

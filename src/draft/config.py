@@ -490,6 +490,8 @@ def _coerce(value, hint, key: str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. name=2024 on the command line
+        if value is False and key == "mixed_precision":
+            return "no"  # YAML 1.1 reads mixed_precision=no, Accelerate's own word, as false
         raise UserError(f"{key} must be a string, got {value!r}")
     if origin is tuple:
         if isinstance(value, str):
