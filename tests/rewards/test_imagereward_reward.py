@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_env import record, reference_pixels, run_reference, split_difference
+from reference_env import check_split, record, reference_pixels, run_reference, split_difference
 from reward_contract import assert_close, check_contract
 from reward_models import (
     PROMPTS,
@@ -134,17 +134,9 @@ def test_imagereward_matches_the_image_reward_package(tmp_path):
         d = split_difference(reward, reward, batch, PROMPTS[: len(batch)], ref, reference_pixels(out, name),
                              OPENAI_CLIP_STD)
         record(f"imagereward {name}", d)
-        # Given the same pixels, our model is the package's (float32 rounding on scores of a few units).
-        assert d["model"] <= 1e-4, d
-        if name == "native":  # nothing is resized: the pixels are identical
-            assert d["levels_max"] == 0 and d["e2e"] <= 1e-4, d
-            continue
-        # The reference resizes the 8-bit PIL image (torchvision's Resize on a PIL image
-        # calls PIL), which rounds to 8 bits after each of its two passes; we keep floats
-        # (and gradients). That moves pixels by about 0.3 levels on average, at most 1.5.
-        assert d["levels_mean"] <= 0.35 and d["levels_max"] <= 2, d
-        # That rounding is the whole gap: its first-order effect on the score predicts the
-        # difference to within 1e-3 (the difference itself is 0.035-0.038 on this tiny
-        # model, whose scores spread by 3.5-6 across images).
-        assert d["residual"] <= 1e-3, d
+        # Given the same pixels our model is the package's (float32 rounding on scores of a
+        # few units); the resized cases differ by 0.035-0.038 on this tiny model, whose
+        # scores spread by 3.5-6 across images, and the 8-bit rounding of the reference's
+        # resize accounts for that gap.
+        check_split(name, d, 1e-4)
         assert d["e2e"] <= 0.05, d

@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from ref_io import inputs, save_pixels, write_result
-from transformers import AutoModel, AutoProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers import (
+    AutoModel,
+    AutoProcessor,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTokenizer,
+)
 
 SIDE = 32
 
@@ -61,7 +69,10 @@ def torchmetrics_clipscore(folder: Path, images, prompts) -> tuple[list[float], 
     from torchmetrics.functional.multimodal.clip_score import _clip_score_update
     from torchmetrics.multimodal.clip_score import CLIPScore
 
-    metric = CLIPScore(model_name_or_path=lambda: (CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)))
+    def load():
+        return CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+
+    metric = CLIPScore(model_name_or_path=load)
     tensors = [torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]  # uint8 [3, H, W], as documented
     clamped = []
     for image, prompt in zip(tensors, prompts):
@@ -82,7 +93,8 @@ def main():
         texts = prompts[: len(images)]
         clamped, raw = torchmetrics_clipscore(folder, images, texts)
         result[name] = dict(pickscore=pickscore(folder, images, texts), clipscore=clamped, clipscore_raw=raw)
-        save_pixels(out, name, AutoProcessor.from_pretrained(folder)(images=images, return_tensors="pt")["pixel_values"])
+        pixels = AutoProcessor.from_pretrained(folder)(images=images, return_tensors="pt")["pixel_values"]
+        save_pixels(out, name, pixels)
     write_result(out, result)
 
 
