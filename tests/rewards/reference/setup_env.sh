@@ -4,7 +4,8 @@
 #     tests/rewards/reference/setup_env.sh [DIR]        # DIR defaults to .venv-reference
 #     DRAFT_REFERENCE_PYTHON=DIR/bin/python python -m pytest -m parity tests/rewards
 #
-# DIR is removed and rebuilt. PYTHON picks the interpreter (default python3, 3.11 as the
+# A virtual environment already at DIR is replaced; any other DIR that exists is refused.
+# PYTHON picks the interpreter (default python3, 3.11 as the
 # pins in requirements.txt). Any failure, including a reference package that does not
 # import, stops the script with a non-zero exit.
 set -euo pipefail
@@ -13,6 +14,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 dir=${1:-$here/../../../.venv-reference}
 python=${PYTHON:-python3}
 
+if [ -e "$dir" ] && [ ! -f "$dir/pyvenv.cfg" ]; then
+    echo "setup_env.sh: $dir exists and is not a virtual environment; not replacing it" >&2
+    exit 2
+fi
 rm -rf "$dir"
 "$python" -m venv "$dir"
 dir=$(cd "$dir" && pwd)
