@@ -5,9 +5,9 @@
 #     DRAFT_REFERENCE_PYTHON=DIR/bin/python python -m pytest -m parity tests/rewards
 #
 # A virtual environment already at DIR is replaced; any other DIR that exists is refused.
-# PYTHON picks the interpreter (default python3, 3.11 as the
-# pins in requirements.txt). Any failure, including a reference package that does not
-# import, stops the script with a non-zero exit.
+# PYTHON picks the interpreter (default python3; 3.11, as the pins in requirements.txt).
+# Any failure, including a reference package that does not import, stops the script
+# with a non-zero exit.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
