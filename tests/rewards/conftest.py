@@ -16,6 +16,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "parity: compares a reward with its original implementation in the "
+                                       "reference environment (DRAFT_REFERENCE_PYTHON; tests/rewards/reference_env.py)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With a reference environment given, a parity test that skips has failed: the
+    comparison it exists for did not run (CI relies on this)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("parity") and os.environ.get("DRAFT_REFERENCE_PYTHON"):
+        report.outcome = "failed"
+        report.longrepr = f"parity test skipped although DRAFT_REFERENCE_PYTHON is set: {report.longrepr}"
+
+
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory) -> Path:
     """A tiny CLIP checkpoint folder: model.safetensors, tokenizer, preprocessor_config.json."""

@@ -165,3 +165,65 @@ def test_missing_hub_weights_are_a_user_error_offline():
         rewards.get("pickscore", model="nobody/no-such-model")
     with pytest.raises(UserError, match=r"reward_args\.hpsv2\.model=nobody/no-such-repo.*HPS_v2"):
         rewards.get("hpsv2", model="nobody/no-such-repo")
+
+
+# The parity tests' images: the model's own size (nothing resized), a downscale, and a
+# non-square image that is resized and cropped.
+PARITY_BATCHES = {"native": (SIDE, SIDE), "down": (64, 64), "wide": (48, 80)}
+
+
+@pytest.mark.parity
+def test_pickscore_and_clipscore_match_transformers_and_torchmetrics(tmp_path):
+    """PickScore against its README scorer (transformers' own CLIPProcessor and CLIPModel)
+    and CLIPScore against torchmetrics' CLIPScore, in the reference environment, on a
+    model saved there by transformers 4.36 and loaded here."""
+    from reference_env import check_split, record, reference_pixels, run_reference, split_difference
+    from reward_models import write_clip_tokenizer
+
+    write_clip_tokenizer(tmp_path / "tokenizer")
+    batches = {name: smooth_images(len(PROMPTS), *size, seed=12) for name, size in PARITY_BATCHES.items()}
+    out = tmp_path / "ref"
+    result = run_reference("clip_transformers.py", out, batches, PROMPTS, tmp_path / "tokenizer")
+    model = str(out / "model")
+    pick = rewards.get("pickscore", model=model, processor=model)
+    clip = rewards.get("clipscore", model=model, scale=100.0)  # torchmetrics reports 100 * max(cos, 0)
+    raw = rewards.get("clipscore", model=model, scale=100.0, clamp=False)
+    scale = pick.clip.model.logit_scale.exp().item()  # 54.6
+    for name, batch in batches.items():
+        ref = {k: torch.tensor(v) for k, v in result[name].items()}
+        pixels = reference_pixels(out, name)
+        d = split_difference(pick, pick.clip, batch, PROMPTS, ref["pickscore"], pixels, OPENAI_CLIP_STD)
+        record(f"pickscore {name}", d)
+        check_split(name, d, 1e-5 * scale)
+        assert d["e2e"] <= COS_TOL * scale, d
+        d = split_difference(raw, raw.clip, batch, PROMPTS, ref["clipscore_raw"], pixels, OPENAI_CLIP_STD)
+        record(f"clipscore {name}", d)
+        check_split(name, d, 1e-5 * 100)
+        assert d["e2e"] <= COS_TOL * 100, d
+        with torch.no_grad():  # the metric's own clamped value
+            assert_close(clip(batch, PROMPTS), ref["clipscore"], COS_TOL * 100, f"clipscore {name} (clamped)")
+        assert ref["clipscore_raw"].std() > 5  # the images are told apart
+
+
+@pytest.mark.parity
+def test_aesthetic_matches_openai_clip_and_simple_inference(tmp_path):
+    """The LAION aesthetic predictor against OpenAI's `clip` package and simple_inference.py,
+    in the reference environment: pickled head -> convert_checkpoint -> our loader, CLIP
+    converted to transformers by transformers' own conversion code."""
+    from reference_env import check_split, record, reference_pixels, run_reference, split_difference
+
+    from draft.rewards.loading import convert_checkpoint
+
+    batches = {name: smooth_images(len(PROMPTS), *size, seed=13) for name, size in PARITY_BATCHES.items()}
+    batches["tall"] = smooth_images(len(PROMPTS), 80, 45, seed=14)
+    out = tmp_path / "ref"
+    result = run_reference("aesthetic_openai_clip.py", out, batches, PROMPTS)
+    head = convert_checkpoint(out / "sac+logos+ava1-l14-linearMSE.pth", trust_pickle=True)
+    reward = rewards.get("aesthetic", model=str(head), clip=str(out / "clip"))
+    for name, batch in batches.items():
+        ref = torch.tensor(result[name])
+        d = split_difference(reward, reward.clip, batch, PROMPTS, ref, reference_pixels(out, name), OPENAI_CLIP_STD)
+        record(f"aesthetic {name}", d)
+        check_split(name, d, 1e-5 * 10)  # scores of ~10-20
+        assert d["e2e"] <= AESTHETIC_TOL, d
+        assert ref.std() > 0.5

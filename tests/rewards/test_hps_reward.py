@@ -129,42 +129,28 @@ def test_hpsv2_rejects_other_checkpoints(tmp_path, hps):
         rewards.get("hpsv2", tokenizer=str(tok_dir))
 
 
-REFERENCE_ENV = "DRAFT_REFERENCE_PYTHON"  # a Python with torch, torchvision, open_clip_torch
-
-
-@pytest.mark.slow
+@pytest.mark.parity
 def test_hpsv2_matches_open_clip(tmp_path):
-    """End to end against open_clip and HPSv2's own preprocessing, run in a reference
+    """End to end against open_clip and HPSv2's own preprocessing, run in the reference
     environment: pickled checkpoint -> convert_checkpoint -> our loader -> same scores."""
-    import json
-    import os
-    import subprocess
-    from pathlib import Path
-
-    import numpy as np
+    from reference_env import record, reference_pixels, run_reference, split_difference
     from transformers import CLIPTokenizer
 
     from draft.rewards.loading import convert_checkpoint
 
-    python = os.environ.get(REFERENCE_ENV)
-    if not python:
-        pytest.skip(f"set {REFERENCE_ENV} to a Python with open_clip_torch and torchvision (docs/rewards.md)")
-    images = torch.cat([smooth_images(2, 32, 32, seed=1), smooth_images(2, 32, 32, seed=2)])
-    wide = smooth_images(2, 40, 72, seed=3)
-    prompts = PROMPTS
-    for batch, name in ((images, "square"), (wide, "wide")):
-        out = tmp_path / name
-        out.mkdir()
-        np.save(out / "images.npy", batch.numpy())
-        (out / "prompts.json").write_text(json.dumps(prompts[: len(batch)]))
-        script = Path(__file__).parent / "reference" / "hps_openclip.py"
-        subprocess.run([python, str(script), str(out / "images.npy"), str(out / "prompts.json"), str(out)],
-                       check=True, capture_output=True)
-        ref = torch.tensor(json.loads((out / "scores.json").read_text()))
-        weights = convert_checkpoint(out / "HPS_v2_compressed.pt", trust_pickle=True)
-        tok = CLIPTokenizer(vocab=str(out / "tokenizer" / "vocab.json"), merges=str(out / "tokenizer" / "merges.txt"))
-        tok.save_pretrained(out / "tokenizer")
-        reward = rewards.get("hpsv2", model=str(weights), tokenizer=str(out / "tokenizer"), **HEADS)
-        with torch.no_grad():
-            assert_close(reward(batch, prompts[: len(batch)]), ref, 1e-5, f"hpsv2 vs open_clip ({name})")
+    batches = {"native": torch.cat([smooth_images(2, 32, 32, seed=1), smooth_images(2, 32, 32, seed=2)]),
+               "wide": smooth_images(2, 40, 72, seed=3), "down": smooth_images(2, 64, 64, seed=4)}
+    out = tmp_path / "ref"
+    result = run_reference("hps_openclip.py", out, batches, PROMPTS)
+    weights = convert_checkpoint(out / "HPS_v2_compressed.pt", trust_pickle=True)
+    tok = CLIPTokenizer(vocab=str(out / "tokenizer" / "vocab.json"), merges=str(out / "tokenizer" / "merges.txt"))
+    tok.save_pretrained(out / "tokenizer")
+    reward = rewards.get("hpsv2", model=str(weights), tokenizer=str(out / "tokenizer"), **HEADS)
+    for name, batch in batches.items():
+        ref = torch.tensor(result[name])
+        d = split_difference(reward, reward.clip, batch, PROMPTS[: len(batch)], ref, reference_pixels(out, name),
+                             OPENAI_CLIP_STD)
+        record(f"hpsv2 {name}", d)
+        # HPSv2 resizes the float image, as we do: no 8-bit rounding anywhere.
+        assert d["e2e"] <= 1e-5 and d["model"] <= 1e-5 and d["levels_max"] <= 1e-3, d
         assert len(set(ref.tolist())) == len(ref)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
+from reference_env import check_split, record, reference_pixels, run_reference, split_difference
 from reward_contract import assert_close, check_contract
 from reward_models import (
     PROMPTS,
@@ -24,7 +20,6 @@ from draft.rewards.imagereward import MEAN, STD
 from draft.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 HEADS = dict(vision_heads=4, text_heads=4)  # the tiny configs'; ImageReward v1.0 has 16 and 12
-REFERENCE_ENV = "DRAFT_REFERENCE_PYTHON"  # a Python with image-reward and its pinned deps
 
 _VIT_NAMES = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
               "self_attn.projection": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
@@ -116,33 +111,32 @@ def test_imagereward_refuses_the_pickle_and_says_how_to_convert(tmp_path, blip):
         rewards.get("imagereward", model=str(tmp_path), tokenizer=str(tok_dir))
 
 
-@pytest.mark.slow
+@pytest.mark.parity
 def test_imagereward_matches_the_image_reward_package(tmp_path):
-    """End to end against the `image-reward` package's own code in a reference
-    environment: ImageReward.pt (pickle) -> convert_checkpoint -> our loader."""
+    """End to end against the `image-reward` package's own code in the reference
+    environment: ImageReward.pt (pickle) -> convert_checkpoint -> our loader.
+
+    Where images are resized, the difference is split in two: the model given the
+    reference's own preprocessed pixels (exact), and the preprocessing (within the 8-bit
+    rounding of the PIL resize that torchvision's Resize runs on a PIL image)."""
     from draft.rewards.loading import convert_checkpoint
 
-    python = os.environ.get(REFERENCE_ENV)
-    if not python:
-        pytest.skip(f"set {REFERENCE_ENV} to a Python with image-reward 1.5 and its pins (docs/rewards.md)")
     write_bert_tokenizer(tmp_path / "tokenizer")
     batches = {"native": smooth_images(2, SIDE, SIDE, seed=8), "down": smooth_images(2, 64, 64, seed=9),
                "wide": smooth_images(2, 40, 72, seed=10)}
+    out = tmp_path / "ref"
+    result = run_reference("imagereward_blip.py", out, batches, PROMPTS, tmp_path / "tokenizer")
+    weights = convert_checkpoint(out / "ImageReward.pt", trust_pickle=True)
+    reward = rewards.get("imagereward", model=str(weights), tokenizer=str(tmp_path / "tokenizer"),
+                         vision_heads=12, text_heads=4)  # ViT-B/16 in the reference script
     for name, batch in batches.items():
-        out = tmp_path / name
-        out.mkdir()
-        import numpy as np
-
-        np.save(out / "images.npy", batch.numpy())
-        (out / "prompts.json").write_text(json.dumps(PROMPTS[: len(batch)]))
-        script = Path(__file__).parent / "reference" / "imagereward_blip.py"
-        subprocess.run([python, str(script), str(out / "images.npy"), str(out / "prompts.json"),
-                        str(tmp_path / "tokenizer"), str(out)], check=True, capture_output=True)
-        ref = torch.tensor(json.loads((out / "scores.json").read_text()))
-        weights = convert_checkpoint(out / "ImageReward.pt", trust_pickle=True)
-        reward = rewards.get("imagereward", model=str(weights), tokenizer=str(tmp_path / "tokenizer"),
-                             vision_heads=12, text_heads=4)  # ViT-B/16 in the reference script
-        with torch.no_grad():
-            ours = reward(batch, PROMPTS[: len(batch)])
-        tol = 1e-4 if name == "native" else 0.05
-        assert_close(ours, ref, tol, f"imagereward vs image-reward ({name})")
+        ref = torch.tensor(result[name])
+        d = split_difference(reward, reward, batch, PROMPTS[: len(batch)], ref, reference_pixels(out, name),
+                             OPENAI_CLIP_STD)
+        record(f"imagereward {name}", d)
+        # Given the same pixels our model is the package's (float32 rounding on scores of a
+        # few units); the resized cases differ by 0.035-0.038 on this tiny model, whose
+        # scores spread by 3.5-6 across images, and the 8-bit rounding of the reference's
+        # resize accounts for that gap.
+        check_split(name, d, 1e-4)
+        assert d["e2e"] <= 0.05, d

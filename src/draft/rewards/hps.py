@@ -9,7 +9,7 @@ Why not open_clip: it imports torchvision at import time, and a torchvision buil
 match the installed torch exactly (on a mismatched pair it fails with "operator
 torchvision::nms does not exist"). The checkpoint is therefore mapped onto transformers'
 `CLIPModel`, which is the same network (pre-LN transformer, class-token pooling,
-arg-max/EOT text pooling, GELU for ViT-H-14); the `slow` parity test checks it against
+arg-max/EOT text pooling, GELU for ViT-H-14); the `parity` test checks it against
 open_clip itself.
 
 The published checkpoints (`HPS_v2_compressed.pt`, `HPS_v2.1_compressed.pt`) are pickles;

@@ -11,7 +11,7 @@ Why our own loader: the `image-reward` package imports helpers that transformers
 (`apply_chunking_to_forward` and friends from `transformers.modeling_utils`), and pins
 timm 0.6 and fairscale. Its network is BLIP's, which transformers ships as
 `BlipVisionModel` and `BlipTextModel`, so the checkpoint's keys are mapped onto those; the
-`slow` parity test checks the result against the package itself.
+`parity` test checks the result against the package itself.
 
 The published `ImageReward.pt` is a pickle; convert it once with
 `python -m draft.rewards.convert ImageReward.pt --trust-pickle`.

@@ -1,9 +1,8 @@
-"""Reference HPSv2 scores from open_clip itself, for test_hps_reward.py's slow test.
+"""Reference HPSv2 scores from open_clip itself, for test_hps_reward.py's parity test.
 
-Runs in a separate environment with torch, a matching torchvision and open_clip_torch
-(see docs/rewards.md, "Reference environments"):
+Runs in the reference environment (setup_env.sh):
 
-    python hps_openclip.py IMAGES.npy PROMPTS.json OUT_DIR
+    python hps_openclip.py OUT_DIR
 
 Builds a tiny open_clip CLIP (same classes as ViT-H-14, toy sizes, GELU), saves it as
 HPSv2 publishes its checkpoints (a pickled {"state_dict": ...}), writes open_clip's BPE
@@ -13,15 +12,12 @@ ResizeMaxSize, Normalize; then diag(image_features @ text_features.T)).
 """
 
 import json
-import sys
-from pathlib import Path
 
-import numpy as np
 import open_clip
 import torch
 import torchvision.transforms.functional as TF
 from open_clip.tokenizer import SimpleTokenizer
-from PIL import Image
+from ref_io import inputs, save_pixels, write_result
 
 SIDE = 32
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -39,8 +35,8 @@ def resize_max_size(x, size, fill=0):
     return x
 
 
-def main(images_path, prompts_path, out_dir):
-    out = Path(out_dir)
+def main():
+    out, batches, prompts, _ = inputs()
     torch.manual_seed(0)
     model = open_clip.model.CLIP(
         embed_dim=16,
@@ -59,16 +55,16 @@ def main(images_path, prompts_path, out_dir):
     merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
     (out / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
 
-    images = np.load(images_path)
-    prompts = json.loads(Path(prompts_path).read_text())
-    pil = [Image.fromarray((im.transpose(1, 2, 0) * 255).round().astype(np.uint8)) for im in images]
-    x = torch.stack([TF.normalize(resize_max_size(TF.to_tensor(im), SIDE), MEAN, STD) for im in pil])
-    with torch.no_grad():
-        img = model.encode_image(x, normalize=True)
-        txt = model.encode_text(tok(prompts), normalize=True)
-        scores = torch.diagonal(img @ txt.T)
-    (out / "scores.json").write_text(json.dumps(scores.tolist()))
+    result = {}
+    for name, images in batches.items():
+        x = torch.stack([TF.normalize(resize_max_size(TF.to_tensor(im), SIDE), MEAN, STD) for im in images])
+        with torch.no_grad():
+            img = model.encode_image(x, normalize=True)
+            txt = model.encode_text(tok(prompts[: len(images)]), normalize=True)
+            result[name] = torch.diagonal(img @ txt.T).tolist()
+        save_pixels(out, name, x)
+    write_result(out, result)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()

@@ -1,14 +1,16 @@
 """Reference ImageReward scores from the `image-reward` package's own code, for
-test_imagereward_reward.py's slow test.
+test_imagereward_reward.py's parity test.
 
-Runs in a separate environment with image-reward 1.5 and the versions it was written
-against (transformers 4.36, timm 0.6.13, fairscale 0.4.13; docs/rewards.md):
+Runs in the reference environment (setup_env.sh: image-reward 1.5 with the versions it
+was written against, transformers 4.36, timm 0.6.13, fairscale 0.4.13):
 
-    python imagereward_blip.py IMAGES.npy PROMPTS.json TOKENIZER_DIR OUT_DIR
+    python imagereward_blip.py OUT_DIR TOKENIZER_DIR
 
 Builds ImageReward's BLIP at toy text sizes (ViT-B/16 at 32 px), saves its state dict as
 `ImageReward.pt` is published, and scores each (image, prompt) pair with
 `ImageReward.score` on PNG files, i.e. PIL -> ImageReward's transform -> BLIP -> MLP.
+Also writes the transform's output (pixels_NAME.npy), so the test can compare the model and
+the resize separately.
 """
 
 import importlib.util
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from ref_io import inputs, save_pixels, write_result
 from transformers import BertTokenizer
 
 SIDE = 32
@@ -39,8 +42,8 @@ def import_imagereward():
     return scorer, blip_pretrain
 
 
-def main(images_path, prompts_path, tokenizer_dir, out_dir):
-    out = Path(out_dir)
+def main():
+    out, batches, prompts, (tokenizer_dir,) = inputs()
     scorer, blip_pretrain = import_imagereward()
 
     def init_tokenizer():  # BLIP's init_tokenizer, on the test's vocabulary instead of bert-base
@@ -72,16 +75,19 @@ def main(images_path, prompts_path, tokenizer_dir, out_dir):
     model.eval()
     torch.save(model.state_dict(), out / "ImageReward.pt")
 
-    images = np.load(images_path)
-    prompts = json.loads(Path(prompts_path).read_text())
-    scores = []
-    for i, (im, prompt) in enumerate(zip(images, prompts)):
-        path = out / f"{i}.png"
-        Image.fromarray((im.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
-        with torch.no_grad():
-            scores.append(model.score(prompt, str(path)))
-    (out / "scores.json").write_text(json.dumps(scores))
+    result = {}
+    for name, images in batches.items():
+        scores, pixels = [], []
+        for i, (im, prompt) in enumerate(zip(images, prompts)):
+            path = out / f"{name}_{i}.png"
+            im.save(path)
+            with torch.no_grad():
+                scores.append(model.score(prompt, str(path)))
+            pixels.append(model.preprocess(Image.open(path)).numpy())  # the step score() takes
+        result[name] = scores
+        save_pixels(out, name, np.stack(pixels))
+    write_result(out, result)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()
