@@ -13,7 +13,7 @@ from draft.lora import add_lora
 from draft.methods import METHODS, Batch, Loop, SampleNoise, sample_seed
 from draft.sampling import Schedule, guided, model_step
 
-T = 6
+T = 4
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_merged_first_pass_gives_the_gradients_of_plain_backpropagation(setup, p
                     kl_coeff=kl, merge_lora=merge)
         for p in params:
             p.grad = None
-        out = METHODS[method](loop, _batch(model, prompts[:2]), TrainConfig(k=3))
+        out = METHODS[method](loop, _batch(model, prompts[:2]), TrainConfig(k=2))
         out.loss.backward()
         results.append((out.loss.detach(), torch.cat([p.grad.flatten() for p in params])))
     plain, checkpointed, merged = results
