@@ -30,7 +30,7 @@ what the C allocator keeps as well as live tensors; on a GPU it would be the all
 peak (`--device cuda`, run on a lent machine).
 
 `--draft key=value` passes extra config overrides to draft's side (the speed levers, e.g.
-`--draft sampling.cfg_checkpoint=false`); `--profile DIR` writes a torch.profiler table
+`--draft sampling.checkpointing=false`); `--profile DIR` writes a torch.profiler table
 and a cProfile listing of a few steps per side instead of timing.
 """
 
