@@ -75,8 +75,10 @@ def test_draft_lv_renoises_the_final_latent_with_fresh_independent_noise(setup, 
     rec = Recorder(model)
     batch = make_batch(model, prompts[:2])
     out = METHODS["draft-lv"](loop, batch, TrainConfig(lv_n=n))
-    # T no-grad sampling calls, then one batched gradient call for the n passes
-    assert [c[2] for c in rec.calls] == [False] * T + [True]
+    # T no-grad sampling calls, one batched call for the n passes whose first pass builds no
+    # graph, and its recompute with gradient in the backward (sampling._Recomputed)
+    out.loss.backward()
+    assert [c[2] for c in rec.calls] == [False] * (T + 1) + [True]
     assert out.queries == 2 * n and out.rewards.shape == (2 * n,)
 
     # Replay the same noise streams: x_T, then n fresh draws.
@@ -87,7 +89,7 @@ def test_draft_lv_renoises_the_final_latent_with_fresh_independent_noise(setup, 
     x0 = loop.run(x_T, model.conditioning(prompts[:2]), replay)
     x_in = rec.calls[T][0][: 2 * n]  # the conditional half of the CFG batch
     expected = renoise(x0.repeat(n, 1, 1, 1), loop.schedule.a[T - 1], loop.schedule.s[T - 1], torch.cat(eps))
-    torch.testing.assert_close(x_in, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_in, expected, rtol=1e-4, atol=3e-5)  # merged vs unmerged LoRA rounding
     assert rec.calls[T][1] == loop.schedule.timesteps[T - 1]
     for a in range(n):  # independent noise for each pass
         for b in range(a + 1, n):
