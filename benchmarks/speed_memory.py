@@ -41,6 +41,14 @@ CASES = [  # (label, method, overrides)
     ("DRaFT full, no checkpointing", "draft", {"checkpointing": False}),
     # Appended, so earlier case numbers in BENCHMARKS.md still mean the same cases.
     ("DRaFT-LV n=2, LoRA not merged", "draft-lv", {"lv_n": 2, "merge_lora": False}),
+    # The DRaFT+ regulariser's base prediction (one more gradient-free call per gradient step).
+    ("DRaFT-1, DRaFT+ kl 0.03", "draft-k", {"k": 1, "kl_coeff": 0.03}),
+    ("DRaFT-LV n=2, DRaFT+ kl 0.03", "draft-lv", {"lv_n": 2, "kl_coeff": 0.03}),
+    ("DRaFT full, DRaFT+ kl 0.03", "draft", {"kl_coeff": 0.03}),
+    # The VAE decoder checkpointed (its activations dominate a one-step window at 512 px).
+    ("DRaFT-1, decoder checkpointed", "draft-k", {"k": 1, "decode_checkpointing": True}),
+    ("DRaFT-LV n=2, decoder checkpointed", "draft-lv", {"lv_n": 2, "decode_checkpointing": True}),
+    ("DRaFT full, decoder checkpointed", "draft", {"decode_checkpointing": True}),
 ]
 
 
@@ -103,11 +111,13 @@ class Bench:
         # Folding the LoRA into the weights applies to the sampling floor too, so the ratio
         # compares like with like either way.
         merge = overrides.pop("merge_lora", True)
+        kl = overrides.pop("kl_coeff", 0.0)
+        decode_checkpoint = overrides.pop("decode_checkpointing", args.decode_checkpoint)
         sampling_cfg = SamplingConfig(num_steps=steps, guidance_scale=7.5, checkpointing=checkpointing,
                                       merge_lora=merge)
         cfg = TrainConfig(method=method, sampling=sampling_cfg, alignprop_k_max=min(10, steps), **overrides)
         schedule = Schedule.from_scheduler_config(model.scheduler_config, steps)
-        loop = Loop(model, self.reward, schedule, 7.5, 0.0, checkpointing, False, 0.0, merge)
+        loop = Loop(model, self.reward, schedule, 7.5, 0.0, checkpointing, decode_checkpoint, kl, merge)
         shape = model.latent_shape()
         autocast = torch.autocast("cuda", dtype=self.dtype, enabled=self.cuda and args.bf16)
 
@@ -162,7 +172,8 @@ def run_case(args, bench: Bench | None, method: str, overrides: dict, steps: int
             return {"error": "out of memory"}
     cmd = [sys.executable, __file__, "--child", "--preset", args.preset, "--method", method, "--steps", str(steps),
            "--overrides", json.dumps(overrides), "--device", args.device, "--batch", str(args.batch),
-           "--repeats", str(args.repeats), "--targets", args.targets] + (["--bf16"] if args.bf16 else [])
+           "--repeats", str(args.repeats), "--targets", args.targets] + (["--bf16"] if args.bf16 else []) + (
+        ["--decode-checkpoint"] if args.decode_checkpoint else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -181,6 +192,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--targets", default="to_q,to_k,to_v,to_out.0",
                    help="UNet modules the LoRA adapts (default: attention only, as every recorded run)")
+    p.add_argument("--decode-checkpoint", action="store_true",
+                   help="checkpoint the VAE decode in every case (sampling.decode_checkpointing)")
     p.add_argument("--cases", default="", help="comma-separated case numbers to run (default: all), e.g. 0,2,7")
     # used by the per-case subprocesses
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -55,6 +55,7 @@ class Loop:
     decode_checkpoint: bool = False
     kl_coeff: float = 0.0
     merge_lora: bool = True  # fold the LoRA into the weights for steps without gradient
+    merged_recompute: bool = False  # see SamplingConfig.merged_recompute
 
     def denoiser(self):
         return guided(self.model.denoise, self.guidance_scale)
@@ -67,17 +68,30 @@ class Loop:
         several copies of the batch, as in DRaFT-LV).
         """
         denoise = self.denoiser()
-        on_step = None
-        if self.kl_coeff > 0 and penalty is not None:
+        with contextlib.ExitStack() as merged:
+            # A checkpointed gradient window needs no graph on its first pass (the backward
+            # recomputes each call, `sampling._Recomputed`), so that pass runs with the LoRA
+            # merged, as the gradient-free steps do; the weights are restored before the
+            # backward. `base` then runs the DRaFT+ base model without unmerging.
+            base, params = None, None
+            if (self.merged_recompute and self.use_checkpoint and self.merge_lora and len(grad_steps)
+                    and torch.is_grad_enabled()):
+                with torch.no_grad():
+                    base = merged.enter_context(self.model.adapters_merged())
+                if base is not None:
+                    params = [p for p in self.model.denoiser.parameters() if p.requires_grad]
+            on_step = None
+            if self.kl_coeff > 0 and penalty is not None:
 
-            def on_step(i, x_t, out, _):
-                if i in grad_steps:
-                    penalty.append(self._drift(denoise, x_t, i, cond, out))
+                def on_step(i, x_t, out, _):
+                    if i in grad_steps:
+                        penalty.append(self._drift(denoise, x_t, i, cond, out, base))
 
-        copies = x.shape[0] // len(noise.generators)
-        step_noise = lambda i: torch.cat([noise.draw() for _ in range(copies)])  # noqa: E731
-        return sample(denoise, x, self.schedule, cond, steps=steps, grad_steps=grad_steps,
-                      use_checkpoint=self.use_checkpoint, eta=self.eta, step_noise=step_noise, on_step=on_step)
+            copies = x.shape[0] // len(noise.generators)
+            step_noise = lambda i: torch.cat([noise.draw() for _ in range(copies)])  # noqa: E731
+            return sample(denoise, x, self.schedule, cond, steps=steps, grad_steps=grad_steps,
+                          use_checkpoint=self.use_checkpoint, eta=self.eta, step_noise=step_noise,
+                          on_step=on_step, params=params)
 
     def run_no_grad(self, x, cond, noise: SampleNoise, steps: range | None = None):
         """Sample over `steps` without gradient, the LoRA merged into the weights (same
@@ -86,9 +100,10 @@ class Loop:
         with torch.no_grad(), merged:
             return self.run(x, cond, noise, steps=steps)
 
-    def _drift(self, denoise, x_t, i, cond, out) -> torch.Tensor:
-        """DRaFT+: ||f_adapted(x_t) - f_base(x_t)||² for one step, the base with LoRA off."""
-        with torch.no_grad(), self.model.adapters_disabled():
+    def _drift(self, denoise, x_t, i, cond, out, base_weights=None) -> torch.Tensor:
+        """DRaFT+: ||f_adapted(x_t) - f_base(x_t)||² for one step, the base with LoRA off
+        (`base_weights`: inside `adapters_merged`, the swap that runs the base model)."""
+        with torch.no_grad(), (base_weights or self.model.adapters_disabled)():
             base, _, _ = model_step(denoise, x_t.detach(), i, self.schedule, cond)
         return (out - base).square().mean()
 

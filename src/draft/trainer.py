@@ -132,7 +132,7 @@ class Trainer:
         s = config.sampling
         self.schedule = self.model.schedule(s.num_steps, s.height, s.width)
         self.loop_ = Loop(self.model, self.reward, self.schedule, s.guidance_scale, s.eta, s.checkpointing,
-                          s.decode_checkpointing, config.kl_coeff, s.merge_lora)
+                          s.decode_checkpointing, config.kl_coeff, s.merge_lora, s.merged_recompute)
         self.method = make(config.method)
         self.latent_shape = self.model.latent_shape(s.height, s.width)
         self.step, self.queries, self.train_time, self.bad_total, self.bad_run = 0, 0, 0.0, 0, 0

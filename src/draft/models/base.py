@@ -11,6 +11,7 @@ call, its latent layout and its schedule.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -222,6 +223,8 @@ class PipelineAdapter:
 
         Only under no_grad; a no-op when the denoiser is sharded (FSDP, DeepSpeed) or
         compiled, whose weights cannot be edited in place, or when adapters are off.
+        Yields None when it merged nothing, else a context manager that runs the base model
+        inside the block (the saved weights swapped in, no copies; for DRaFT+).
         """
         from peft.tuners.lora import LoraLayer
 
@@ -236,11 +239,27 @@ class PipelineAdapter:
         try:
             for m in layers:
                 m.merge()
-            yield
+            yield functools.partial(_base_weights, layers, saved) if layers else None
         finally:
             for m, weight in zip(layers, saved):
                 m.merged_adapters.clear()  # peft's own record; the weights are restored below
                 m.get_base_layer().weight.data.copy_(weight)
+
+
+@contextlib.contextmanager
+def _base_weights(layers, saved) -> Iterator[None]:
+    """Inside `adapters_merged`: point the merged layers at the saved base weights, and back.
+
+    A merged peft layer runs only its base layer, so this runs the base model at the cost
+    of two pointer swaps per layer (instead of unmerging and merging again)."""
+    merged = [m.get_base_layer().weight.data for m in layers]
+    for m, weight in zip(layers, saved):
+        m.get_base_layer().weight.data = weight
+    try:
+        yield
+    finally:
+        for m, weight in zip(layers, merged):
+            m.get_base_layer().weight.data = weight
 
 
 def load_callable(spec: str) -> Callable:
