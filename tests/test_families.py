@@ -310,7 +310,7 @@ def test_unsupported_pipeline_class_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_on_a_flow_model(tmp_path_factory, tmp_path):
+def test_two_processes_equal_one_on_a_flow_model(tmp_path_factory, tmp_path, one_thread):
     """Under `accelerate launch` on the CPU, 2 processes at batch 1 train the LoRA that 1 process
     at batch 2 trains, on SD3 (rectified flow, transformer, dict conditioning) as on SD."""
     import os
@@ -334,7 +334,8 @@ def test_two_processes_equal_one_on_a_flow_model(tmp_path_factory, tmp_path):
     assert main(["train", *common, "name=one", "batch_size=2"]) == 0
     one, both = (load_file(tmp_path / n / "lora" / "pytorch_lora_weights.safetensors") for n in ("one", "two"))
     assert one.keys() == both.keys() and all(k.startswith("transformer.") for k in one)
-    # Round-off of the gradient all-reduce (1.5e-6 seen), against updates of ~1e-2: another
-    # sample or noise would move a weight by a whole update.
+    # Round-off (batch 1 against batch 2 kernels, the gradient all-reduce) that Adam
+    # amplifies: up to 2.5e-5 seen, in 1 weight of 256, against updates of ~1e-2; another
+    # sample or noise would move every weight by a whole update. (SD's own test allows 2e-4.)
     for k in one:
-        torch.testing.assert_close(one[k], both[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(one[k], both[k], rtol=0, atol=1e-4)

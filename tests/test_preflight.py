@@ -4,6 +4,7 @@ method defaults it reports, and the memory estimate it prints."""
 from __future__ import annotations
 
 import pickle
+import sys
 import textwrap
 
 import pytest
@@ -39,7 +40,8 @@ def plugins(tmp_path, monkeypatch):
         not_callable = 3
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
+    yield tmp_path
+    sys.modules.pop("my_rewards", None)  # other tests write a my_rewards.py of their own
 
 
 @pytest.fixture

@@ -243,8 +243,14 @@ STOP = ["steps=5", "log.checkpoint_every=100"]  # no periodic checkpoint: the on
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_sd, tmp_path_factory) -> Path:
+    """The reference run, on one thread like the interrupted runs it is compared with."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    assert main(["train", f"model={tiny_sd}", *FAST, *STOP, f"output_dir={root}", "name=ref", "--no-progress"]) == 0
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", f"model={tiny_sd}", *FAST, *STOP, f"output_dir={root}", "name=ref", "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(n)
     return root / "ref"
 
 
@@ -258,7 +264,8 @@ def _wait_for(proc: subprocess.Popen, prefix: str) -> list[str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
-def test_a_signal_finishes_the_step_checkpoints_and_resumes_to_the_same_lora(sig, uninterrupted, tiny_sd, tmp_path):
+def test_a_signal_finishes_the_step_checkpoints_and_resumes_to_the_same_lora(sig, uninterrupted, tiny_sd, tmp_path,
+                                                                            one_thread):
     from draft import checkpoint as ckpt
 
     args = [f"model={tiny_sd}", *FAST, *STOP, f"output_dir={tmp_path}", "name=r"]
@@ -296,7 +303,7 @@ def test_a_second_signal_stops_at_once(tiny_sd, tmp_path):
 
 
 def test_a_second_train_on_a_folder_in_use_is_refused_and_the_first_goes_on(uninterrupted, tiny_sd, tmp_path,
-                                                                            capsys):
+                                                                            capsys, one_thread):
     args = [f"model={tiny_sd}", *FAST, *STOP, f"output_dir={tmp_path}", "--no-progress"]
     first = _train_process([*args, "name=r"], step_sleep=1.0)
     _wait_for(first, "STEP 2")
@@ -490,7 +497,7 @@ def test_ddpo_two_micro_batches_train_as_one_batch(tiny_sd, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddpo_two_processes_train_as_one(tiny_sd, tmp_path):
+def test_ddpo_two_processes_train_as_one(tiny_sd, tmp_path, one_thread):
     common = [f"model={tiny_sd}", *FAST, *DDPO, f"output_dir={tmp_path}", "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
