@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from draft.models.base import PipelineAdapter
+from draft.models.sd import StableDiffusion
 
 
-class StableDiffusionXL(PipelineAdapter):
+class StableDiffusionXL(StableDiffusion):
+    """SD 1.x/2.x's UNet layout, sizes and default LoRA targets (the attention, transformer
+    in/out and feed-forward projections and the resnets' convolutions; the SDXL config keeps
+    attention only, as diffusers' SDXL LoRA scripts do), with two text encoders, pooled
+    embeddings and the added time ids."""
+
     pipeline_class = "StableDiffusionXLPipeline"
-    lora_prefix = "unet"
-    # As for SD 1.x/2.x: the attention projections, the transformer blocks' input/output
-    # and feed-forward projections, and the resnets' convolutions. The SDXL config keeps
-    # the attention projections only, as diffusers' SDXL LoRA scripts do.
-    default_lora_targets = (
-        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
-    )
     # The invisible watermark applies to decoded images only, which the adapter makes itself.
     load_kwargs = {"add_watermarker": False}
 
@@ -40,15 +38,6 @@ class StableDiffusionXL(PipelineAdapter):
         # does not ask for it runs in the denoiser's dtype, as in the other families.
         if not getattr(pipe.vae.config, "force_upcast", False):
             pipe.vae.to(pipe.unet.dtype)
-
-    @property
-    def resolution(self) -> int:
-        return self.pipe.unet.config.sample_size * self.vae_scale_factor
-
-    def latent_shape(self, height: int = 0, width: int = 0) -> tuple[int, int, int]:
-        f = self.vae_scale_factor
-        h, w = self.check_size(height, width, f)
-        return (self.pipe.unet.config.in_channels, h // f, w // f)
 
     def schedule(self, num_steps: int, height: int = 0, width: int = 0):
         from draft.sampling import Schedule
