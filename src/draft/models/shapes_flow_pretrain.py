@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from draft.models import shapes
-from draft.models.shapes_pretrain import _lr_lambda, _quiet, build_tokenizer, encode_pool, render_pool
+from draft.models.shapes_pretrain import _lr_lambda, _quiet, build_tokenizer, encode_pool, render_pool, update
 
 NAME = "shapes-flow"
 
@@ -154,12 +154,7 @@ def train_flow(pipe, latents, texts: list[str], recipe: Recipe, gen: torch.Gener
             pooled_projections=pooled,
         ).sample
         loss = (pred - (eps - x0).to(device)).square().mean()  # velocity dx_t/dsigma = eps - x_0
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.step(params)
+        update(loss, params, opt, sched, ema)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(params)
     for m in nets:

@@ -183,6 +183,16 @@ def encode_pool(vae, pool: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor
     return mean, std
 
 
+def update(loss: torch.Tensor, params: list, opt, sched, ema) -> None:
+    """One optimiser step of a pretraining loop: backward, clip to norm 1, step, schedule, EMA."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    ema.step(params)
+
+
 def train_unet(unet, text_encoder, latents, ids, empty_ids, scheduler, recipe: Recipe, gen, progress=True):
     """Train UNet and text encoder together on (latent, prompt) pairs; leaves the EMA weights in them.
 
@@ -218,12 +228,7 @@ def train_unet(unet, text_encoder, latents, ids, empty_ids, scheduler, recipe: R
         snr = a / (1 - a)
         w = (snr.clamp(max=recipe.min_snr_gamma) / snr if recipe.min_snr_gamma > 0 else torch.ones_like(snr)).flatten()
         loss = (w.to(device) * (pred - eps.to(device)).square().mean((1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.step(params)
+        update(loss, params, opt, sched, ema)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(params)
     unet.eval().requires_grad_(False)
