@@ -134,3 +134,16 @@ def test_existing_run_folder_is_not_clobbered(cli_run, tiny_sd, capsys):
                  *TINY_RUN])
     assert code == 2 and "--resume" in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_an_unwritable_out_stops_before_sampling_with_one_line(tiny_sd, tmp_path, capsys, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "sub" / ("e.json" if command == "eval" else "images")
+    folder = out.parent if command == "eval" else out
+    what = "the evaluation results" if command == "eval" else "the images"
+    extra = ["--prompt", "a red circle"] if command == "sample" else ["--prompts", "a red circle", "--seeds", "1"]
+    assert main([command, "--model", str(tiny_sd), *extra, "--steps", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"stopped: could not write {what} to {folder}: {os.strerror(20)}"  # ENOTDIR

@@ -77,7 +77,10 @@ def evaluate(
     from draft.lora import load_loras
     from draft.models import load_model
     from draft.prompts import load_prompts
+    from draft.safeio import ensure_folder, write_text
 
+    if out is not None:  # a folder that cannot be written fails now, not after sampling
+        ensure_folder(Path(out).parent, "the evaluation results")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     r = rewards.from_config(reward, reward_args).to(device)
     prompt_list = load_prompts(prompts, model)
@@ -92,6 +95,5 @@ def evaluate(
     result = {"model": model, "loras": [list(x) for x in loras], "reward": str(reward), "prompts": prompts,
               "seeds": seeds, **score(images, all_prompts, groups, r, m.metrics, device)}
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
+        write_text(out, json.dumps(result, indent=2) + "\n", "the evaluation results")
     return result

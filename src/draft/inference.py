@@ -72,7 +72,10 @@ def sample(
     from draft.lora import load_loras
     from draft.models import load_model
     from draft.report import save_grid, save_images
+    from draft.safeio import ensure_folder
 
+    if out is not None:  # a folder that cannot be written fails now, not after sampling
+        ensure_folder(out, "the images")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     m = load_model(model, device=device)
     load_loras(m, list(loras))

@@ -19,9 +19,11 @@ def to_pil(image: torch.Tensor):
 
 
 def save_images(images: torch.Tensor, folder: Path, names: Sequence[str]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    from draft.safeio import atomic_write
+
     for image, name in zip(images, names):
-        to_pil(image).save(folder / f"{name}.png")
+        pil = to_pil(image)
+        atomic_write(folder / f"{name}.png", lambda tmp: pil.save(tmp, format="PNG"), "an image")
 
 
 def grid(images: torch.Tensor, ncol: int, pad: int = 2, upscale: int = 0) -> torch.Tensor:

@@ -102,6 +102,19 @@ def write_dir(final: Path, write: Callable[[Path], None], what: str) -> Path:
     return final
 
 
+def ensure_folder(folder: str | os.PathLike, what: str) -> Path:
+    """Create `folder` if needed and check that files can be created in it; WriteFailed if not."""
+    folder = Path(folder)
+    probe = _temp(folder / "probe")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise write_failed(what, folder, e) from None
+    return folder
+
+
 @contextlib.contextmanager
 def writing(what: str, path: str | os.PathLike) -> Iterator[None]:
     """Turn an OSError in the block into WriteFailed (for writers that manage their own files)."""
