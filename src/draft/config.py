@@ -59,11 +59,10 @@ class SamplingConfig:
     merge_lora: bool = True
     # With checkpointing and merge_lora: run the first pass of each gradient-carrying step
     # without any graph and with the LoRA merged, and recompute it unmerged in the backward
-    # (`sampling._Recomputed`): the gradients of checkpointing, 18% less time for full DRaFT
-    # on shapes-sd's CPU benchmark (BENCHMARKS.md). Off by default until it is measured on
-    # a GPU and under multi-process training; values differ from the default only by the
-    # rounding of merged weights.
-    merged_recompute: bool = False
+    # (`sampling._Recomputed`): the gradients of checkpointing at less cost (BENCHMARKS.md,
+    # against TRL). Values differ from `false` only by the rounding of merged weights.
+    # Sharded or compiled denoisers, which cannot be merged, use torch.utils.checkpoint.
+    merged_recompute: bool = True
     # Image size in pixels; 0 means the model's native size.
     height: int = 0
     width: int = 0

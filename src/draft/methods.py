@@ -55,7 +55,7 @@ class Loop:
     decode_checkpoint: bool = False
     kl_coeff: float = 0.0
     merge_lora: bool = True  # fold the LoRA into the weights for steps without gradient
-    merged_recompute: bool = False  # see SamplingConfig.merged_recompute
+    merged_recompute: bool = True  # see SamplingConfig.merged_recompute
 
     def denoiser(self):
         return guided(self.model.denoise, self.guidance_scale)
