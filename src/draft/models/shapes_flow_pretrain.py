@@ -63,6 +63,9 @@ class Recipe:
     lr: float = 2e-3
     warmup: int = 500  # linear learning-rate warm-up steps, then cosine decay to 0
     prompt_dropout: float = 0.1  # fraction of prompts replaced by "" (for classifier-free guidance)
+    # Fraction of the other prompts whose pooled embedding is replaced by the empty prompt's,
+    # so that the tokens, not one global vector per prompt, have to carry the attributes.
+    pooled_dropout: float = 0.0
     logit_mean: float = 0.0  # sigma = sigmoid(N(logit_mean, logit_std)), SD3's logit-normal sampling
     logit_std: float = 1.0
     ema_decay: float = 0.999  # exponential moving average of the trained weights; the EMA is shipped
@@ -149,6 +152,11 @@ def train_flow(pipe, latents, texts: list[str], recipe: Recipe, gen: torch.Gener
             prompts, prompts, None, device=device, do_classifier_free_guidance=False,
             max_sequence_length=recipe.t5_tokens,
         )
+        if recipe.pooled_dropout > 0:
+            keep = torch.rand(recipe.batch, generator=gen) >= recipe.pooled_dropout
+            _, _, empty, _ = pipe.encode_prompt([""], [""], None, device=device, do_classifier_free_guidance=False,
+                                                max_sequence_length=recipe.t5_tokens)
+            pooled = torch.where(keep.to(device)[:, None], pooled, empty)
         pred = pipe.transformer(
             hidden_states=xt.to(device), timestep=(sigma * 1000).to(device), encoder_hidden_states=cond,
             pooled_projections=pooled,
