@@ -57,12 +57,21 @@ def run(args, name: str, overrides: dict) -> Path:
 
     # Every `eval_stride`-th held-out prompt, each with `eval_samples / len` seeds (diversity needs two).
     eval_prompts = "|".join(load_prompts("heldout", args.model)[:: args.eval_stride])
-    base = {"steps": args.steps, "batch_size": args.batch, "sampling.num_steps": args.sampling_steps,
+    base = {"model": args.model, "steps": args.steps, "batch_size": args.batch, "sampling.num_steps": args.sampling_steps,
             "eval_prompts": eval_prompts,
             "log.eval_every": args.eval_every, "log.eval_samples": args.eval_samples, "log.sample_every": 10**6,
             "log.checkpoint_every": 0, "log.trackers": "[]", "output_dir": args.runs, "name": name}
     config = load_config(None, overrides_list({**base, **overrides}))
     return train(config, overwrite=True, progress=False)
+
+
+def guidance(args) -> float:
+    """The model's recommended guidance (shapes-flow: 4), as its training runs use it."""
+    from draft.config import SamplingConfig
+    from draft.models import model_defaults
+
+    default = model_defaults(args.model).get("sampling.guidance_scale")
+    return default[0] if default else SamplingConfig().guidance_scale
 
 
 def curve(folder: Path) -> dict:
@@ -146,7 +155,7 @@ def part_gradnorm(args, out: Path) -> None:
             p.add_(1e-3 * torch.randn(p.shape, generator=g))
     reward = rewards.get("shapes-alignment")
     schedule = model.schedule(args.sampling_steps)
-    loop = Loop(model, reward, schedule, 7.5)
+    loop = Loop(model, reward, schedule, guidance(args))
     prompts = load_prompts("train", args.model)
     table = {}
     for k in [k for k in (1, 2, 5, 10, 20, 35, 50) if k <= args.sampling_steps]:
@@ -172,7 +181,7 @@ def _eval(args, loras, reward="shapes-alignment") -> dict:
     from draft.evaluation import evaluate
 
     return evaluate(args.model, reward, "heldout", seeds=args.eval_seeds, loras=loras,
-                    sampling=SamplingConfig(num_steps=args.sampling_steps), device="cpu")
+                    sampling=SamplingConfig(num_steps=args.sampling_steps, guidance_scale=guidance(args)), device="cpu")
 
 
 def part_scale(args, out: Path) -> None:

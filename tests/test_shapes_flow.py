@@ -42,6 +42,12 @@ def test_shipped_folder_is_an_sd3_pipeline_without_t5(pipe):
     recipe = json.loads((FLOW_DIR / "recipe.json").read_text())
     assert recipe["seed"] == 0 and not recipe["quick"]
     assert recipe["max_sequence_length"] == recipe["recipe"]["t5_tokens"] == 0
+    # The code's recipe is the one that built the shipped folder (pooled dropout included).
+    from dataclasses import asdict
+
+    from draft.models.shapes_flow_pretrain import Recipe
+
+    assert recipe["recipe"] == asdict(Recipe())
 
 
 def test_shipped_pipeline_samples_reproducibly(pipe):
