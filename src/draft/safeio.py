@@ -103,15 +103,23 @@ def write_dir(final: Path, write: Callable[[Path], None], what: str) -> Path:
 
 
 def ensure_folder(folder: str | os.PathLike, what: str) -> Path:
-    """Create `folder` if needed and check that files can be created in it; WriteFailed if not."""
+    """Check, without creating anything, that `folder` could be created and written; WriteFailed if not.
+
+    (Creating it here would leave an empty folder behind when a later check fails.)
+    """
+    import errno
+
     folder = Path(folder)
-    probe = _temp(folder / "probe")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise write_failed(what, folder, e) from None
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    code = None
+    if not existing.is_dir():
+        code = errno.ENOTDIR
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        code = errno.EACCES
+    if code is not None:
+        raise write_failed(what, folder, OSError(code, os.strerror(code)))
     return folder
 
 
