@@ -37,6 +37,34 @@ def tiny_model(tiny_sd):
 
 
 @pytest.fixture
+def tiny_lora(tiny_model):
+    """(tiny_model, its rank-4 LoRA parameters), the LoRA moved off its zero init: with B = 0
+    A would get no gradient."""
+    import torch
+
+    from draft.config import LoraConfig
+    from draft.lora import add_lora
+
+    params = add_lora(tiny_model, LoraConfig(rank=4))
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.02 * torch.randn_like(p))
+    return tiny_model, params
+
+
+@pytest.fixture
+def launch_two_processes():
+    """(command prefix, env) that runs `draft` as 2 CPU processes under `accelerate launch`,
+    one thread each; append the subcommand and its arguments."""
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "draft.cli"]
+    return launch, env
+
+
+@pytest.fixture
 def prompts():
     return list(PROMPTS)
 

@@ -316,12 +316,10 @@ def test_unsupported_pipeline_class_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_on_a_flow_model(tmp_path_factory, tmp_path, one_thread):
+def test_two_processes_equal_one_on_a_flow_model(tmp_path_factory, tmp_path, one_thread, launch_two_processes):
     """Under `accelerate launch` on the CPU, 2 processes at batch 1 train the LoRA that 1 process
     at batch 2 trains, on SD3 (rectified flow, transformer, dict conditioning) as on SD."""
-    import os
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
@@ -332,9 +330,7 @@ def test_two_processes_equal_one_on_a_flow_model(tmp_path_factory, tmp_path, one
               "method=draft-lv", "batch_size=1", "lr=1e-2", "kl_coeff=0", "steps=2", "sampling.num_steps=3",
               "sampling.guidance_scale=3", "log.sample_prompts=1", "log.sample_seeds=1", "log.eval_samples=0",
               "log.trackers=[]", f"output_dir={tmp_path}", "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "draft.cli"]
+    launch, env = launch_two_processes
     two = subprocess.run([*launch, "train", *common, "name=two"], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert main(["train", *common, "name=one", "batch_size=2"]) == 0

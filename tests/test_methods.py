@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from draft import rewards
-from draft.config import LoraConfig, TrainConfig
-from draft.lora import add_lora
+from draft.config import TrainConfig
 from draft.methods import METHODS, Batch, Loop, SampleNoise, sample_seed
 from draft.sampling import Schedule, renoise
 
@@ -18,14 +17,11 @@ T = 6
 
 
 @pytest.fixture
-def setup(tiny_model):
-    params = add_lora(tiny_model, LoraConfig(rank=4))
-    with torch.no_grad():  # B = 0 at init would leave A without gradient
-        for p in params:
-            p.add_(0.02 * torch.randn_like(p))
-    schedule = Schedule.from_scheduler_config(tiny_model.scheduler_config, T)
-    loop = Loop(tiny_model, rewards.get("brightness"), schedule, guidance_scale=3.0)
-    return tiny_model, params, loop
+def setup(tiny_lora):
+    model, params = tiny_lora
+    schedule = Schedule.from_scheduler_config(model.scheduler_config, T)
+    loop = Loop(model, rewards.get("brightness"), schedule, guidance_scale=3.0)
+    return model, params, loop
 
 
 def make_batch(model, prompts, step=0, seed=0):

@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from draft import rewards
-from draft.config import LoraConfig
-from draft.lora import add_lora
 from draft.methods import METHODS, Batch, Loop, SampleNoise, sample_seed
 from draft.sampling import Schedule, guided, model_step
 
@@ -17,12 +15,9 @@ T = 4
 
 
 @pytest.fixture
-def setup(tiny_model):
-    params = add_lora(tiny_model, LoraConfig(rank=4))
-    with torch.no_grad():  # B = 0 at init would leave A without gradient
-        for p in params:
-            p.add_(0.02 * torch.randn_like(p))
-    return tiny_model, params, Schedule.from_scheduler_config(tiny_model.scheduler_config, T)
+def setup(tiny_lora):
+    model, params = tiny_lora
+    return model, params, Schedule.from_scheduler_config(model.scheduler_config, T)
 
 
 def _batch(model, prompts):

@@ -219,12 +219,10 @@ def test_same_config_and_seed_give_the_same_lora(tiny_sd, tmp_path):
 # gradients are near zero, not other samples (those would differ by a whole update).
 @pytest.mark.parametrize("overrides,atol", [(["lora.target_modules=to_q,to_k,to_v,to_out.0", "kl_coeff=0"], 1e-6),
                                             ([], 2e-4)], ids=["attention", "default"])
-def test_two_processes_at_half_batch_equal_one_process(tiny_sd, tmp_path, overrides, atol):
+def test_two_processes_at_half_batch_equal_one_process(tiny_sd, tmp_path, overrides, atol, launch_two_processes):
     common = [f"model={tiny_sd}", *FAST, "steps=3", "method=draft-lv", "log.checkpoint_every=2", *overrides,
               f"output_dir={tmp_path}", "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "draft.cli"]
+    launch, env = launch_two_processes
     two = subprocess.run([*launch, "train", *common, "name=two", "batch_size=1"], capture_output=True, text=True,
                          env=env, timeout=600)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
@@ -497,11 +495,9 @@ def test_ddpo_two_micro_batches_train_as_one_batch(tiny_sd, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddpo_two_processes_train_as_one(tiny_sd, tmp_path, one_thread):
+def test_ddpo_two_processes_train_as_one(tiny_sd, tmp_path, one_thread, launch_two_processes):
     common = [f"model={tiny_sd}", *FAST, *DDPO, f"output_dir={tmp_path}", "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "draft.cli"]
+    launch, env = launch_two_processes
     two = subprocess.run([*launch, "train", *common, "name=two", "batch_size=2"], capture_output=True, text=True,
                          env=env, timeout=600)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]

@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from draft.models import shapes
-from draft.models.shapes_pretrain import _lr_lambda, _quiet, build_tokenizer, encode_pool, render_pool, update
+from draft.models.shapes_pretrain import Laps, _lr_lambda, _quiet, build_tokenizer, encode_pool, render_pool, update
 
 NAME = "shapes-flow"
 
@@ -212,12 +211,7 @@ def _build(out: Path, recipe: Recipe, seed: int, device: str, progress: bool, va
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    times, start = {}, time.perf_counter()
-
-    def lap(name):
-        nonlocal start
-        times[name] = round(time.perf_counter() - start, 1)
-        start = time.perf_counter()
+    lap = Laps()
 
     tokenizer = build_tokenizer(out / "tokenizer", recipe.max_tokens)
     tokenizer_2 = build_tokenizer(out / "tokenizer_2", recipe.max_tokens)
@@ -238,4 +232,4 @@ def _build(out: Path, recipe: Recipe, seed: int, device: str, progress: bool, va
     train_flow(pipe, (mean.cpu() * k, std.cpu() * k), texts, recipe, gen, progress)
     lap("transformer")
     pipe.to("cpu").save_pretrained(out, safe_serialization=True)
-    return times
+    return lap.times

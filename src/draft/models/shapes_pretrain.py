@@ -263,6 +263,19 @@ def pretrain(
     return sd_dir
 
 
+class Laps:
+    """Seconds each stage of a pretraining run took, by name (`recipe.json`'s "seconds")."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = round(now - self._start, 1)
+        self._start = now
+
+
 def _build(sd_dir: Path, clf_dir: Path, recipe: Recipe, seed: int, device: str, progress: bool) -> dict:
     """Run every stage and save the results; returns the seconds each stage took."""
     from diffusers import StableDiffusionPipeline
@@ -271,12 +284,7 @@ def _build(sd_dir: Path, clf_dir: Path, recipe: Recipe, seed: int, device: str, 
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    times, start = {}, time.perf_counter()
-
-    def lap(name):
-        nonlocal start
-        times[name] = round(time.perf_counter() - start, 1)
-        start = time.perf_counter()
+    lap = Laps()
 
     clf = train_classifier(recipe.classifier_steps, seed=seed, pool=min(30_000, recipe.pool), device=device,
                            progress=progress)
@@ -301,4 +309,4 @@ def _build(sd_dir: Path, clf_dir: Path, recipe: Recipe, seed: int, device: str, 
     )
     pipe.save_pretrained(sd_dir, safe_serialization=True)
     shapes.write_prompt_files(sd_dir / "prompts")  # the model's own `train` and `heldout` sets
-    return times
+    return lap.times
