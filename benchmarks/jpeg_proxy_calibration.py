@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 
 def shapes_sd_samples(model: str | None, n: int, seed: int) -> torch.Tensor:

@@ -139,7 +139,7 @@ def check_weights_path(value: str, key: str) -> int:
     from draft.rewards.loading import PICKLE_SUFFIXES, _looks_local
 
     path = Path(os.path.expanduser(value))
-    hint = f"convert it once, if you trust it: python -m draft.rewards.convert {{}} --trust-pickle"
+    hint = "convert it once, if you trust it: python -m draft.rewards.convert {} --trust-pickle"
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise UserError(f"{key}={value} is a pickle, which draft does not load; " + hint.format(path))

@@ -6,8 +6,6 @@ each one is easy to raise and easy to see in the images.
 
 from __future__ import annotations
 
-import torch
-
 from draft.rewards import Reward
 
 # ITU-R BT.601 luma weights, the ones PIL's "L" conversion uses.
