@@ -47,7 +47,7 @@ def overrides_list(d: dict) -> list[str]:
 
 def run(args, name: str, overrides: dict) -> Path:
     """One training run (skipped if its folder already holds a finished run)."""
-    from draft.config import load_config
+    from draft.config import TrainConfig, load_config
     from draft.trainer import train
 
     folder = Path(args.runs) / name
@@ -57,7 +57,10 @@ def run(args, name: str, overrides: dict) -> Path:
 
     # Every `eval_stride`-th held-out prompt, each with `eval_samples / len` seeds (diversity needs two).
     eval_prompts = "|".join(load_prompts("heldout", args.model)[:: args.eval_stride])
+    # The methods compared on one footing whatever the model: an embedded model's own recipe
+    # (shapes-flow's wider LoRA, no penalty, no checkpointing) is not applied here.
     base = {"model": args.model, "steps": args.steps, "batch_size": args.batch, "sampling.num_steps": args.sampling_steps,
+            "kl_coeff": TrainConfig.kl_coeff, "lora.target_modules": "[]", "sampling.checkpointing": True,
             "eval_prompts": eval_prompts,
             "log.eval_every": args.eval_every, "log.eval_samples": args.eval_samples, "log.sample_every": 10**6,
             "log.checkpoint_every": 0, "log.trackers": "[]", "output_dir": args.runs, "name": name}

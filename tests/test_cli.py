@@ -146,3 +146,16 @@ def test_an_unwritable_out_stops_before_sampling_with_one_line(tiny_sd, tmp_path
     assert main([command, "--model", str(tiny_sd), *extra, "--steps", "2", "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"stopped: could not write {what} to {folder}: {os.strerror(20)}"  # ENOTDIR
+
+
+def test_sample_and_eval_sample_as_the_model_is_trained_unless_told():
+    from draft.cli import _sampling, build_parser
+
+    def sampling(*argv):
+        return _sampling(build_parser().parse_args(["sample", "--prompt", "a red circle", *argv]))
+
+    flow = sampling("--model", "shapes-flow")
+    assert (flow.num_steps, flow.guidance_scale) == (20, 4.0)  # shapes-flow's recipe (draft.models)
+    assert sampling("--model", "shapes-flow", "--steps", "50", "--guidance", "6").num_steps == 50
+    sd = sampling()
+    assert (sd.num_steps, sd.guidance_scale) == (50, 7.5)

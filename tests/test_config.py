@@ -89,6 +89,23 @@ def test_an_embedded_model_brings_its_own_defaults_and_the_user_wins():
     assert load_config(None, []).sampling.guidance_scale == 7.5  # shapes-sd has none
 
 
+def test_shapes_flow_brings_its_own_recipe_and_a_users_method_keeps_its_own_defaults():
+    from draft.models import SD3_WIDE_TARGETS
+
+    flow = load_config(None, ["model=shapes-flow"])
+    assert (flow.method, flow.sampling.num_steps, flow.steps, flow.kl_coeff) == ("draft", 20, 800, 0.0)
+    assert flow.lora.target_modules == SD3_WIDE_TARGETS
+    # A method the user names replaces the model's; the model's other values stay, and the
+    # named method's own defaults still apply over them.
+    lv = load_config(None, ["model=shapes-flow", "method=draft-lv"])
+    assert (lv.method, lv.sampling.num_steps) == ("draft-lv", 20)
+    assert load_config(None, ["model=shapes-flow", "method=ddpo"]).sampling.eta == 1.0
+    # shapes-sd's recipe is untouched.
+    sd = load_config(None, [])
+    assert (sd.method, sd.sampling.num_steps, sd.steps, sd.kl_coeff, sd.lora.target_modules) == (
+        "draft-lv", 50, 500, 0.03, ())
+
+
 def test_mixed_precision_no_is_read_as_the_word_not_a_boolean(tmp_path):
     assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"
     f = tmp_path / "c.yaml"

@@ -270,16 +270,12 @@ def test_sampler_matches_the_family_pipeline(family):
     assert (ours - theirs).abs().max() <= tolerance
 
 
-@pytest.mark.slow
-def test_trained_lora_loads_in_plain_diffusers(family, tmp_path):
-    """`draft train` on the family leaves a LoRA that `load_lora_weights` reads into the plain
-    pipeline, which then samples what our sampler samples with the adapter."""
+def _trained_lora_loads_in_plain_diffusers(path, cls_name, tmp_path, lora=LoraConfig()):
     from draft.trainer import train
 
-    _, path, cls_name = family
     cfg = TrainConfig(model=str(path), reward="brightness", prompts="|".join(PROMPTS), eval_prompts="|".join(PROMPTS),
                       method="draft-k", k=2, steps=3, batch_size=2, lr=0.05, output_dir=str(tmp_path), name="run",
-                      sampling=SamplingConfig(num_steps=4, guidance_scale=3.0),
+                      sampling=SamplingConfig(num_steps=4, guidance_scale=3.0), lora=lora,
                       log=LogConfig(eval_samples=0, sample_prompts=2, sample_seeds=1, trackers=()))
     run = train(cfg, progress=False)
     model = load_model(str(path))
@@ -293,6 +289,24 @@ def test_trained_lora_loads_in_plain_diffusers(family, tmp_path):
     pipe.load_lora_weights(run / "lora")
     theirs = _pipeline_latents(pipe, model, prompts, x_T, steps, guidance)
     assert (ours - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_trained_lora_loads_in_plain_diffusers(family, tmp_path):
+    """`draft train` on the family leaves a LoRA that `load_lora_weights` reads into the plain
+    pipeline, which then samples what our sampler samples with the adapter."""
+    _, path, cls_name = family
+    _trained_lora_loads_in_plain_diffusers(path, cls_name, tmp_path)
+
+
+@pytest.mark.slow
+def test_shapes_flow_recipe_lora_loads_in_plain_diffusers(tmp_path):
+    """shapes-flow's own recipe adapts the feed-forward and adaptive-norm layers too
+    (`draft.models.SD3_WIDE_TARGETS`); diffusers' SD3 loader must read those as well."""
+    from draft.models import EMBEDDED, SD3_WIDE_TARGETS
+
+    _trained_lora_loads_in_plain_diffusers(EMBEDDED["shapes-flow"].path, "StableDiffusion3Pipeline", tmp_path,
+                                           LoraConfig(target_modules=SD3_WIDE_TARGETS))
 
 
 def test_lora_save_load_round_trip(family, tmp_path):

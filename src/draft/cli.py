@@ -39,11 +39,16 @@ def _sampling(args):
 
     from draft.models import model_defaults
 
-    # The model's recommended guidance (shapes-flow: 4), else the usual 7.5.
+    # The model's recommended steps and guidance (shapes-flow: 20 and 4), else 50 and 7.5, so
+    # that `draft eval` and `draft sample` see what `draft train` trained with.
+    defaults = model_defaults(args.model)
+    steps = args.steps
+    if steps is None:
+        steps = defaults.get("sampling.num_steps", (SamplingConfig.num_steps,))[0]
     guidance = args.guidance
     if guidance is None:
-        guidance = model_defaults(args.model).get("sampling.guidance_scale", (SamplingConfig.guidance_scale,))[0]
-    return SamplingConfig(num_steps=args.steps, guidance_scale=guidance, eta=args.eta)
+        guidance = defaults.get("sampling.guidance_scale", (SamplingConfig.guidance_scale,))[0]
+    return SamplingConfig(num_steps=steps, guidance_scale=guidance, eta=args.eta)
 
 
 def _reward_args(items: list[str] | None) -> dict:
@@ -169,7 +174,8 @@ def cmd_export(args) -> int:
 
 
 def _add_sampling(p) -> None:
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the model's recommended number, else 50)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: the model's recommended one, else 7.5)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")

@@ -433,9 +433,18 @@ def _defaults_for(method, model) -> dict[str, tuple[Any, str]]:
     return out
 
 
+def _model_method(model) -> str:
+    """The method a config without `method` runs: the model's recommended one, else the default."""
+    from draft.models import model_defaults
+
+    return model_defaults(model).get("method", (TrainConfig.method,))[0] if isinstance(model, str) else TrainConfig.method
+
+
 def _with_method_defaults(data: dict) -> dict:
     """`data` with its method's and model's defaults added where it does not set the key (a new dict)."""
-    defaults = _defaults_for(data.get("method", TrainConfig.method), data.get("model", TrainConfig.model))
+    model = data.get("model", TrainConfig.model)
+    method = data.get("method", _model_method(model))
+    defaults = _defaults_for(method, model)
     for key, (value, _) in defaults.items():
         if not _given(data, key):
             *parents, last = key.split(".")

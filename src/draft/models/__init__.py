@@ -30,13 +30,32 @@ class Embedded:
     options: dict = field(default_factory=dict)
 
 
+# The joint blocks' attention, feed-forward and adaptive-norm projections of an SD3 transformer.
+SD3_WIDE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+                    "norm1.linear", "norm1_context.linear")
 SHAPES_METRICS = "draft.rewards.shapes:attribute_metrics"  # the shapes world's attribute accuracy
 # Models that ship inside the package, by name.
 EMBEDDED = {
     "shapes-sd": Embedded(ASSETS / "shapes-sd", SHAPES_METRICS),
+    # Its own recipe (BENCHMARKS.md, "The main job on shapes-flow"): the flow chain settles the
+    # shape between sigma 0.9 and 0.2, so the tail windows of shapes-sd's recipe (DRaFT-LV's last
+    # step sits at sigma 0.001) barely move it; full DRaFT over a 20-step chain does.
     "shapes-flow": Embedded(ASSETS / "shapes-flow", SHAPES_METRICS, {
         "sampling.guidance_scale": (4.0, "its held-out accuracy is highest there (3-6 measured), "
                                          "docs/shapes-flow.md"),
+        "sampling.num_steps": (20, "20 Euler steps sample it about as well as 50 (held-out joint "
+                                   "71.1% and 72.8%, 360 images) at 40% of the cost"),
+        "sampling.checkpointing": (False, "its whole chain's activations take about 0.3 GB; "
+                                          "without the recompute a step takes 0.55 s, not 0.70 s, here"),
+        "method": ("draft", "the flow chain decides shapes far from its last steps, where "
+                            "truncated windows sit"),
+        "kl_coeff": (0.0, "the recipe was tuned without it; diversity stays above 70% of the "
+                          "base's (BENCHMARKS.md)"),
+        "steps": (800, "the run, both of its evaluations included, takes about 9 minutes on "
+                       "a 2-core CPU"),
+        "lora.target_modules": (SD3_WIDE_TARGETS, "attention alone gained less (DRaFT-K, K=30, "
+                                                  "400 steps: +2.2 against +7.2 points)"),
     }, {"max_sequence_length": 0}),  # trained without T5's zero tokens (docs/shapes-flow.md)
 }
 
