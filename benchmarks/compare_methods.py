@@ -71,10 +71,9 @@ def run(args, name: str, overrides: dict) -> Path:
 def guidance(args) -> float:
     """The model's recommended guidance (shapes-flow: 4), as its training runs use it."""
     from draft.config import SamplingConfig
-    from draft.models import model_defaults
+    from draft.models import model_default
 
-    default = model_defaults(args.model).get("sampling.guidance_scale")
-    return default[0] if default else SamplingConfig().guidance_scale
+    return model_default(args.model, "sampling.guidance_scale", SamplingConfig.guidance_scale)
 
 
 def curve(folder: Path) -> dict:

@@ -37,17 +37,16 @@ def _lora_args(values: list[str] | None) -> list[tuple[str, float]]:
 def _sampling(args):
     from draft.config import SamplingConfig
 
-    from draft.models import model_defaults
+    from draft.models import model_default
 
     # The model's recommended steps and guidance (shapes-flow: 20 and 4), else 50 and 7.5, so
     # that `draft eval` and `draft sample` see what `draft train` trained with.
-    defaults = model_defaults(args.model)
     steps = args.steps
     if steps is None:
-        steps = defaults.get("sampling.num_steps", (SamplingConfig.num_steps,))[0]
+        steps = model_default(args.model, "sampling.num_steps", SamplingConfig.num_steps)
     guidance = args.guidance
     if guidance is None:
-        guidance = defaults.get("sampling.guidance_scale", (SamplingConfig.guidance_scale,))[0]
+        guidance = model_default(args.model, "sampling.guidance_scale", SamplingConfig.guidance_scale)
     return SamplingConfig(num_steps=steps, guidance_scale=guidance, eta=args.eta)
 
 

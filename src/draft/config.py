@@ -423,28 +423,23 @@ def _given(data: dict, key: str) -> bool:
 def _defaults_for(method, model) -> dict[str, tuple[Any, str]]:
     """The defaults that belong to this method and this model, by dotted key: (value, why).
 
-    A model's come from `draft.models.model_defaults` (the embedded models' recommended
-    sampling settings); a method's from METHOD_DEFAULTS, and win over the model's.
+    A model's come from `draft.models.model_defaults` (an embedded model's recommended
+    sampling settings and recipe); a method's from METHOD_DEFAULTS, and win over the model's.
     """
     from draft.models import model_defaults
 
-    out = dict(model_defaults(model)) if isinstance(model, str) else {}
+    out = model_defaults(model)
     out.update(METHOD_DEFAULTS.get(method, {}) if isinstance(method, str) else {})
     return out
 
 
-def _model_method(model) -> str:
-    """The method a config without `method` runs: the model's recommended one, else the default."""
-    from draft.models import model_defaults
-
-    return model_defaults(model).get("method", (TrainConfig.method,))[0] if isinstance(model, str) else TrainConfig.method
-
-
 def _with_method_defaults(data: dict) -> dict:
     """`data` with its method's and model's defaults added where it does not set the key (a new dict)."""
+    from draft.models import model_default
+
     model = data.get("model", TrainConfig.model)
-    method = data.get("method", _model_method(model))
-    defaults = _defaults_for(method, model)
+    # A config without `method` runs the model's recommended one, whose defaults then apply.
+    defaults = _defaults_for(data.get("method", model_default(model, "method", TrainConfig.method)), model)
     for key, (value, _) in defaults.items():
         if not _given(data, key):
             *parents, last = key.split(".")

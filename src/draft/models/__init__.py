@@ -62,8 +62,13 @@ EMBEDDED = {
 
 def model_defaults(name: str) -> dict:
     """The config values a model is meant to be run with ({} for any but the embedded ones)."""
-    embedded = EMBEDDED.get(name)
+    embedded = EMBEDDED.get(name) if isinstance(name, str) else None
     return dict(embedded.defaults) if embedded else {}
+
+
+def model_default(name: str, key: str, fallback):
+    """The value of dotted `key` that model `name` is meant to be run with, else `fallback`."""
+    return model_defaults(name).get(key, (fallback,))[0]
 
 # Pipeline class -> "module:adapter class".
 ADAPTERS = {
