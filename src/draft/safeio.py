@@ -58,10 +58,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], what: s
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as e:
+    except BaseException as e:
+        # Any failure (an I/O error, a writer's own error, Ctrl-C) leaves no temporary file.
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise write_failed(what, path, e) from None
+        if isinstance(e, OSError):
+            raise write_failed(what, path, e) from None
+        raise
     return path
 
 
