@@ -60,7 +60,7 @@ def run(args, name: str, overrides: dict) -> Path:
     # The methods compared on one footing whatever the model: an embedded model's own recipe
     # (shapes-flow's wider LoRA, no penalty, no checkpointing) is not applied here.
     base = {"model": args.model, "steps": args.steps, "batch_size": args.batch, "sampling.num_steps": args.sampling_steps,
-            "kl_coeff": TrainConfig.kl_coeff, "lora.target_modules": "[]", "sampling.checkpointing": True,
+            "kl_coeff": 0.03, "lora.target_modules": "[]", "sampling.checkpointing": True,
             "eval_prompts": eval_prompts,
             "log.eval_every": args.eval_every, "log.eval_samples": args.eval_samples, "log.sample_every": 10**6,
             "log.checkpoint_every": 0, "log.trackers": "[]", "output_dir": args.runs, "name": name}
@@ -70,10 +70,9 @@ def run(args, name: str, overrides: dict) -> Path:
 
 def guidance(args) -> float:
     """The model's recommended guidance (shapes-flow: 4), as its training runs use it."""
-    from draft.config import SamplingConfig
-    from draft.models import model_default
+    from draft.defaults import resolve_sampling
 
-    return model_default(args.model, "sampling.guidance_scale", SamplingConfig.guidance_scale)
+    return resolve_sampling(args.model).guidance_scale
 
 
 def curve(folder: Path) -> dict:
@@ -145,7 +144,7 @@ def part_gradnorm(args, out: Path) -> None:
     from draft.config import LoraConfig, TrainConfig
     from draft.lora import add_lora
     from draft.methods import METHODS as FNS
-    from draft.methods import Batch, Loop, SampleNoise, sample_seed
+    from draft.methods import Batch, Sampler, SampleNoise, sample_seed
     from draft.models import load_model
     from draft.prompts import load_prompts
 
@@ -157,7 +156,7 @@ def part_gradnorm(args, out: Path) -> None:
             p.add_(1e-3 * torch.randn(p.shape, generator=g))
     reward = rewards.get("shapes-alignment")
     schedule = model.schedule(args.sampling_steps)
-    loop = Loop(model, reward, schedule, guidance(args))
+    loop = Sampler(model, reward, schedule, guidance(args))
     prompts = load_prompts("train", args.model)
     table = {}
     for k in [k for k in (1, 2, 5, 10, 20, 35, 50) if k <= args.sampling_steps]:

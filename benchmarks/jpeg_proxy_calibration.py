@@ -68,7 +68,7 @@ def calibration_set(model: str | None, per_group: int = 64, seed: int = 0, loras
 
     g = torch.Generator().manual_seed(seed)
     rand = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
-    renders = torch.from_numpy(shapes.sample(per_group, seed=seed).images)
+    renders = torch.from_numpy(shapes.draw_examples(per_group, seed=seed).images)
     samples = shapes_sd_samples(model, per_group, seed)
     mixed = torch.cat([renders[: per_group // 2], samples[: per_group - per_group // 2]])
     noisy = (mixed + 0.25 * rand(per_group, 1, 1, 1) * torch.randn(mixed.shape, generator=g)).clamp(0, 1)

@@ -10,10 +10,18 @@ the CPU.
     python benchmarks/speed_memory.py --preset shapes-sd                 # CPU
     python benchmarks/speed_memory.py --preset sd15 --device cuda         # GPU, SD 1.5-sized
     python benchmarks/speed_memory.py --preset tiny --repeats 2           # quick check
+    python benchmarks/speed_memory.py --preset flux-dev --device cuda --cases 0,2 --t-sweep ""
 
 Presets: `tiny` (the test suite's random pipeline), `shapes-sd` (the shipped model),
-`sd15` (random weights in Stable Diffusion 1.5's exact architecture at 512 px). The
-reward is `brightness`, so the reward model's cost does not blur the comparison.
+`sd15` (random weights in Stable Diffusion 1.5's exact architecture at 512 px), and at
+their real sizes with random weights, built on the GPU from draft's own copies of the
+configs (`draft.models.architectures`, nothing downloaded): `sdxl`, `sd35-medium` and
+`flux-dev` at 1024 px, `wan21-1.3b` at 480x832 and 33 frames (its reward on 3 evenly
+spaced frames, as configs/wan21-1.3b-pickscore.yaml). Those run in bf16, one sample a batch
+by default, and only with `--device cuda` (`--allow-cpu` forces them onto the CPU, which
+needs tens of GB). Each case also reports the memory estimate's activations + LoRA for the
+same settings (`draft.estimate`), for comparison with the measured peak. The reward is
+`brightness`, so the reward model's cost does not blur the comparison.
 """
 
 from __future__ import annotations
@@ -52,17 +60,100 @@ CASES = [  # (label, method, overrides)
 ]
 
 
+# Real-size presets: hub id of the architecture, and (height, width, frames) to sample at.
+REAL = {
+    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", (1024, 1024, 0)),
+    "sd35-medium": ("stabilityai/stable-diffusion-3.5-medium", (1024, 1024, 0)),
+    "flux-dev": ("black-forest-labs/FLUX.1-dev", (1024, 1024, 0)),
+    "wan21-1.3b": ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", (480, 832, 33)),
+}
+VIDEO_REWARD_FRAMES = 3  # frames of a video the reward scores, evenly spaced (the Wan preset's)
+
+
 def load(preset: str, folder: Path, device: str, dtype):
     """The model adapter for a preset (random weights except shapes-sd)."""
     from draft.models import load_model
-    from draft.models.sd import StableDiffusion, quiet_diffusers
+    from draft.models.base import quiet_diffusers
+    from draft.models.sd import StableDiffusion
     from draft.models.tiny import sd15_pipeline, tiny_pipeline
 
     quiet_diffusers()
     if preset == "shapes-sd":
         return load_model("shapes-sd", device=device, dtype=dtype)
+    if preset in REAL:
+        return random_model(REAL[preset][0], folder, device, dtype, preset)
     pipe = (tiny_pipeline if preset == "tiny" else sd15_pipeline)(folder)
     return StableDiffusion(pipe.to(device, dtype), name=preset)
+
+
+def random_model(hub_id: str, folder: Path, device: str, dtype, name: str):
+    """The family's adapter over the real architecture of `hub_id` with random weights.
+
+    Every torch component is initialised on `device` (in float32, then cast to the dtype
+    the family loads it in: SDXL keeps its VAE in float32); the tokenizers are the tiny
+    pipelines' word tokenizers at the real text lengths (no vocabulary is downloaded, and
+    the benchmark's prompt uses only their words)."""
+    import inspect
+
+    import diffusers
+
+    from draft.models import ADAPTERS, pipeline_class
+    from draft.models.architectures import write_configs
+    from draft.models.base import load_callable
+
+    configs = write_configs(hub_id, folder / "configs")
+    adapter = load_callable(ADAPTERS[pipeline_class(str(configs))])
+    index = json.loads((configs / "model_index.json").read_text())
+    dtypes = adapter.load_dtype(dtype)
+    parts = {}
+    for part, spec in index.items():
+        if part.startswith("_") or not isinstance(spec, list):
+            continue
+        part_dtype = dtypes.get(part, dtypes["default"]) if isinstance(dtypes, dict) else dtypes
+        parts[part] = random_part(configs / part, part, spec, device, part_dtype)
+    cls = getattr(diffusers, index["_class_name"])
+    accepted = inspect.signature(cls.__init__).parameters
+    extra = {k: v for k, v in {**index, **adapter.load_kwargs}.items()
+             if k in accepted and k not in parts and not k.startswith("_")}  # e.g. Wan 2.2's boundary_ratio
+    pipe = cls(**{k: v for k, v in parts.items() if k in accepted}, **extra)
+    adapter.after_load(pipe)
+    model = adapter(pipe, name=name)
+    model.configs = configs  # for the estimate of the same settings
+    return model
+
+
+def random_part(sub: Path, part: str, spec: list, device: str, dtype):
+    """One component of model_index.json: a scheduler from its config, a word tokenizer at the
+    config's length, a torch module with random weights, or None for an absent one."""
+    import importlib
+
+    import torch
+
+    from draft.models.tiny import WORDS
+    from draft.models.tokenizer import t5_word_tokenizer, word_tokenizer
+
+    library, cls_name = spec
+    if library is None or not ((sub / "config.json").is_file() or part == "scheduler" or "tokenizer" in part):
+        return None  # a safety checker, or a feature extractor draft never loads
+    if part == "scheduler":
+        return getattr(importlib.import_module(library), cls_name).from_config(
+            json.loads((sub / "scheduler_config.json").read_text()))
+    if "tokenizer" in part:
+        length = json.loads((sub / "tokenizer_config.json").read_text())["model_max_length"]
+        return (word_tokenizer(sub / "files", WORDS, max_length=length) if "CLIP" in cls_name
+                else t5_word_tokenizer(WORDS, max_length=length))
+    cls = getattr(importlib.import_module(library), cls_name)
+    with torch.device(device):
+        module = cls.from_config(cls.load_config(sub)) if library == "diffusers" else cls(
+            cls.config_class.from_pretrained(sub))
+    module.to(dtype)
+    # As from_pretrained: the modules a class keeps in float32 at any dtype (Wan's norms,
+    # rotary table and time embedding) stay there.
+    keep = getattr(module, "_keep_in_fp32_modules", None) or ()
+    for name, sub_module in module.named_modules():
+        if dtype != torch.float32 and any(k in name.split(".") for k in keep):
+            sub_module.float()
+    return module
 
 
 def rss_bytes() -> int:
@@ -79,15 +170,21 @@ class Bench:
         from draft import rewards
         from draft.config import LoraConfig
         from draft.lora import add_lora
+        from draft.models.base import Size
+        from draft.plan import choose_frames
 
         torch.manual_seed(0)
         self.args, self.cuda = args, args.device.startswith("cuda")
         self.dtype = torch.bfloat16 if args.bf16 else torch.float32
         self.model = load(args.preset, folder, args.device, self.dtype)
-        self.params = add_lora(self.model, LoraConfig(rank=8, target_modules=tuple(args.targets.split(","))))
+        self.lora = LoraConfig(rank=8, target_modules=tuple(args.targets.split(",")))
+        self.params = add_lora(self.model, self.lora)
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
         self.reward = rewards.get("brightness").to(args.device)
         self.prompts = ["a small red circle on a blue background"] * args.batch
+        self.size = self.model.size(Size(*REAL[args.preset][1]) if args.preset in REAL else Size())
+        # A video's reward scores a few frames; only the latent frames they need are decoded.
+        self.frames = choose_frames(0, 0, self.size.frames, VIDEO_REWARD_FRAMES, "even")
 
     def sync(self):
         import torch
@@ -102,10 +199,10 @@ class Bench:
 
         from draft.config import SamplingConfig, TrainConfig
         from draft.inference import generate
-        from draft.methods import METHODS, Batch, Loop, SampleNoise, sample_seed
-        from draft.sampling import Schedule
+        from draft.methods import METHODS, Batch, Sampler, SampleNoise
+        from draft.plan import sample_seed
 
-        args, model = self.args, self.model
+        args, model, size = self.args, self.model, self.size
         overrides = dict(overrides)
         checkpointing = overrides.pop("checkpointing", True)
         # Folding the LoRA into the weights applies to the sampling floor too, so the ratio
@@ -114,11 +211,15 @@ class Bench:
         kl = overrides.pop("kl_coeff", 0.0)
         decode_checkpoint = overrides.pop("decode_checkpointing", args.decode_checkpoint)
         sampling_cfg = SamplingConfig(num_steps=steps, guidance_scale=7.5, checkpointing=checkpointing,
-                                      merge_lora=merge)
-        cfg = TrainConfig(method=method, sampling=sampling_cfg, alignprop_k_max=min(10, steps), **overrides)
-        schedule = Schedule.from_scheduler_config(model.scheduler_config, steps)
-        loop = Loop(model, self.reward, schedule, 7.5, 0.0, checkpointing, decode_checkpoint, kl, merge)
-        shape = model.latent_shape()
+                                      merge_lora=merge, decode_checkpointing=decode_checkpoint,
+                                      height=size.height, width=size.width, frames=size.frames)
+        cfg = TrainConfig(method=method, sampling=sampling_cfg, alignprop_k_max=min(10, steps), kl_coeff=kl,
+                          batch_size=args.batch, mixed_precision="bf16" if args.bf16 else "no", lora=self.lora,
+                          reward_frames=VIDEO_REWARD_FRAMES if size.frames else 0, **overrides)
+        # The family's own schedule (FLUX.1's resolution-dependent shift; DDIM for SD).
+        schedule = model.schedule(steps, size)
+        loop = Sampler(model, self.reward, schedule, 7.5, 0.0, checkpointing, decode_checkpoint, kl, merge, size=size)
+        shape = model.latent_shape(size)
         autocast = torch.autocast("cuda", dtype=self.dtype, enabled=self.cuda and args.bf16)
 
         def sampling(rep):
@@ -128,7 +229,8 @@ class Bench:
         def train_step(rep):
             noise = SampleNoise([sample_seed(0, rep, j) for j in range(args.batch)], shape, args.device)
             with autocast:
-                out = METHODS[method](loop, Batch(self.prompts, noise, np.random.default_rng([0, rep, 1])), cfg)
+                batch = Batch(self.prompts, noise, np.random.default_rng([0, rep, 1]), frames=self.frames)
+                out = METHODS[method](loop, batch, cfg)
             out.loss.backward()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -155,7 +257,19 @@ class Bench:
             t_sample.append(timed(sampling, rep))
             t_step.append(timed(train_step, rep))
         return {"sample_s": statistics.median(t_sample), "step_s": statistics.median(t_step),
-                "peak_mb": (peak - base) / 2**20}
+                "peak_mb": (peak - base) / 2**20, "estimate_mb": self.estimate_mb(cfg)}
+
+    def estimate_mb(self, cfg) -> float | None:
+        """What `draft.estimate` expects on top of the weights for these settings: activations
+        and the LoRA with its AdamW state (the measured peak is over the same baseline). Only
+        for the presets with a configs folder (the real-size ones)."""
+        from draft.estimate import estimate
+
+        configs = getattr(self.model, "configs", None)
+        if configs is None:
+            return None
+        est = estimate(cfg.replace(model=str(configs)), configs)
+        return (est.activations + est.lora) / 2**20
 
 
 def run_case(args, bench: Bench | None, method: str, overrides: dict, steps: int) -> dict:
@@ -173,7 +287,7 @@ def run_case(args, bench: Bench | None, method: str, overrides: dict, steps: int
     cmd = [sys.executable, __file__, "--child", "--preset", args.preset, "--method", method, "--steps", str(steps),
            "--overrides", json.dumps(overrides), "--device", args.device, "--batch", str(args.batch),
            "--repeats", str(args.repeats), "--targets", args.targets] + (["--bf16"] if args.bf16 else []) + (
-        ["--decode-checkpoint"] if args.decode_checkpoint else [])
+        ["--decode-checkpoint"] if args.decode_checkpoint else []) + (["--allow-cpu"] if args.allow_cpu else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -182,9 +296,9 @@ def run_case(args, bench: Bench | None, method: str, overrides: dict, steps: int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["tiny", "shapes-sd", "sd15"], default="shapes-sd")
+    p.add_argument("--preset", choices=["tiny", "shapes-sd", "sd15", *REAL], default="shapes-sd")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=None, help="samples per step (default 4; 1 at real size)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bf16", action="store_true", help="frozen weights in bfloat16 (GPU)")
@@ -195,11 +309,19 @@ def main() -> None:
     p.add_argument("--decode-checkpoint", action="store_true",
                    help="checkpoint the VAE decode in every case (sampling.decode_checkpointing)")
     p.add_argument("--cases", default="", help="comma-separated case numbers to run (default: all), e.g. 0,2,7")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="run a real-size preset without CUDA (tens of GB of memory, hours of time)")
     # used by the per-case subprocesses
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = p.parse_args()
+    real = args.preset in REAL
+    if real and not args.device.startswith("cuda") and not args.allow_cpu:
+        p.error(f"--preset {args.preset} builds the real architecture (billions of parameters): run it with "
+                "--device cuda, or pass --allow-cpu to force the CPU")
+    args.batch = args.batch or (1 if real else 4)
+    args.bf16 = args.bf16 or real  # real sizes are trained in bf16; float32 would double the weights
     folder = Path(tempfile.mkdtemp(prefix="draft-bench-"))
     if args.child:
         print(json.dumps(Bench(args, folder).case(args.method, json.loads(args.overrides), args.steps)))
@@ -209,8 +331,8 @@ def main() -> None:
                "bf16": args.bf16, "lora_targets": args.targets, "cases": [], "t_sweep": []}
     print(f"# preset {args.preset}, device {args.device}, batch {args.batch}, {args.steps} DDIM steps, "
           f"median of {args.repeats}; ratio = step time / no-grad sampling time in the same process")
-    print("| method | step s | sampling s | ratio | peak MB | peak / DRaFT-1 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| method | step s | sampling s | ratio | peak MB | peak / DRaFT-1 | estimate MB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     ref_peak = None
 
     def save():  # after every case, so a run cut off by a time limit keeps what it measured
@@ -223,22 +345,26 @@ def main() -> None:
         results["cases"].append({"label": label, **r})
         save()
         if "error" in r:
-            print(f"| {label} | error: {r['error']} | | | | |", flush=True)
+            print(f"| {label} | error: {r['error']} | | | | | |", flush=True)
             continue
         ref_peak = ref_peak or r["peak_mb"]
         print(f"| {label} | {r['step_s']:.3f} | {r['sample_s']:.3f} | {r['step_s'] / r['sample_s']:.2f}x | "
-              f"{r['peak_mb']:.0f} | {r['peak_mb'] / ref_peak:.2f} |", flush=True)
-    print("\n| full DRaFT (checkpointing), T | step s | sampling s | ratio | peak MB |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+              f"{r['peak_mb']:.0f} | {r['peak_mb'] / ref_peak:.2f} | {_mb(r.get('estimate_mb'))} |", flush=True)
+    print("\n| full DRaFT (checkpointing), T | step s | sampling s | ratio | peak MB | estimate MB |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for t in [int(x) for x in args.t_sweep.split(",") if x]:
         r = run_case(args, bench, "draft", {}, t)
         results["t_sweep"].append({"T": t, **r})
         save()
         if "error" in r:
-            print(f"| {t} | error: {r['error']} | | | |", flush=True)
+            print(f"| {t} | error: {r['error']} | | | | |", flush=True)
             continue
         print(f"| {t} | {r['step_s']:.3f} | {r['sample_s']:.3f} | {r['step_s'] / r['sample_s']:.2f}x | "
-              f"{r['peak_mb']:.0f} |", flush=True)
+              f"{r['peak_mb']:.0f} | {_mb(r.get('estimate_mb'))} |", flush=True)
+
+
+def _mb(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 if __name__ == "__main__":
     main()

@@ -86,3 +86,38 @@ def test_front_matter_for_hub_and_embedded_models():
     embedded = front_matter({"model": "shapes-sd", "reward": "shapes-alignment", "method": "draft-lv"})
     assert embedded["license"] == "apache-2.0" and "base_model" not in embedded
     assert yaml.safe_load(yaml.safe_dump(hub)) == hub
+
+
+def _quick_run(model: str, out, **changes):
+    from draft.trainer import train
+
+    config = TrainConfig(model=model, reward="brightness", prompts="a small red circle on a blue background",
+                         eval_prompts="a large green square on a white background", steps=1, batch_size=1,
+                         output_dir=str(out), name="quick", sampling=SamplingConfig(num_steps=3),
+                         log=LogConfig(sample_prompts=1, sample_seeds=1, checkpoint_every=0, eval_samples=0,
+                                       trackers=()), **changes)
+    return train(config, progress=False)
+
+
+def run_card_snippet(run: Path, tmp_path: Path, monkeypatch) -> str:
+    """The card's diffusers snippet, run as written (the LoRA path filled in); returns it."""
+    body = (run / "lora" / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", body, re.S).group(1)
+    assert "'path/to/this/folder'" in code
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("path/to/this/folder", str(run / "lora")), "card", "exec"), {})
+    return code
+
+
+def test_the_cards_snippet_runs_for_a_users_own_folder(card_run, tmp_path, monkeypatch):
+    code = run_card_snippet(card_run, tmp_path, monkeypatch)
+    assert "StableDiffusionPipeline.from_pretrained" in code and (tmp_path / "sample.png").is_file()
+
+
+@pytest.mark.parametrize("model", ["shapes-sd", "shapes-flow"])
+def test_the_cards_snippet_runs_for_the_embedded_models(model, tmp_path, monkeypatch):
+    run = _quick_run(model, tmp_path / "runs")
+    code = run_card_snippet(run, tmp_path, monkeypatch)
+    assert f'EMBEDDED["{model}"].path' in code and (tmp_path / "sample.png").is_file()
+    if model == "shapes-flow":  # trained without T5's zero tokens, and sampled so by the snippet
+        assert "max_sequence_length=0" in code

@@ -58,7 +58,11 @@ def test_sample_and_eval_subprocess(cli_run, tiny_sd, tmp_path):
     proc = draft_cli("sample", "--model", str(tiny_sd), "--lora", f"{run}:0.5", "--prompt", "a red circle",
                      "--prompt", "a blue star", "--num-images", "2", "--steps", "3", "--out", str(tmp_path / "s"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(list((tmp_path / "s").glob("*.png"))) == 5  # 4 images and the grid
+    # 4 images, each also enlarged (32 px is too small to look at), and the grid
+    from PIL import Image
+
+    assert len(list((tmp_path / "s").glob("*.png"))) == 9
+    assert Image.open(tmp_path / "s" / "000-0.preview.png").size == (128, 128)
     proc = draft_cli("eval", "--model", str(tiny_sd), "--lora", str(run), "--reward", "brightness", "--prompts",
                      "a red circle|a blue star", "--seeds", "2", "--steps", "3", "--out", str(tmp_path / "e.json"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -151,8 +155,11 @@ def test_an_unwritable_out_stops_before_sampling_with_one_line(tiny_sd, tmp_path
 def test_sample_and_eval_sample_as_the_model_is_trained_unless_told():
     from draft.cli import _sampling, build_parser
 
+    from draft.defaults import resolve_sampling
+
     def sampling(*argv):
-        return _sampling(build_parser().parse_args(["sample", "--prompt", "a red circle", *argv]))
+        args = build_parser().parse_args(["sample", "--prompt", "a red circle", *argv])
+        return resolve_sampling(args.model, _sampling(args))
 
     flow = sampling("--model", "shapes-flow")
     assert (flow.num_steps, flow.guidance_scale) == (20, 4.0)  # shapes-flow's recipe (draft.models)

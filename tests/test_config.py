@@ -80,11 +80,11 @@ def test_shipped_configs_validate():
 
 
 def test_an_embedded_model_brings_its_own_defaults_and_the_user_wins():
-    from draft.config import method_defaults
+    from draft.defaults import explain
 
     flow = load_config(None, ["model=shapes-flow"])
     assert flow.sampling.guidance_scale == 4.0
-    assert any("sampling.guidance_scale=4.0: shapes-flow's default" in line for line in method_defaults(flow))
+    assert any("sampling.guidance_scale=4.0: shapes-flow's default" in line for line in explain(flow))
     assert load_config(None, ["model=shapes-flow", "sampling.guidance_scale=6"]).sampling.guidance_scale == 6.0
     assert load_config(None, []).sampling.guidance_scale == 7.5  # shapes-sd has none
 
@@ -100,10 +100,12 @@ def test_shapes_flow_brings_its_own_recipe_and_a_users_method_keeps_its_own_defa
     lv = load_config(None, ["model=shapes-flow", "method=draft-lv"])
     assert (lv.method, lv.sampling.num_steps) == ("draft-lv", 20)
     assert load_config(None, ["model=shapes-flow", "method=ddpo"]).sampling.eta == 1.0
-    # shapes-sd's recipe is untouched.
+    # shapes-sd's recipe is untouched; its LoRA targets are its family's, resolved.
+    from draft.models.sd import StableDiffusion
+
     sd = load_config(None, [])
     assert (sd.method, sd.sampling.num_steps, sd.steps, sd.kl_coeff, sd.lora.target_modules) == (
-        "draft-lv", 50, 500, 0.03, ())
+        "draft-lv", 50, 500, 0.03, StableDiffusion.default_lora_targets)
 
 
 def test_mixed_precision_no_is_read_as_the_word_not_a_boolean(tmp_path):

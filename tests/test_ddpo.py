@@ -9,7 +9,8 @@ from diffusers import DDIMScheduler
 
 from draft.config import TrainConfig
 from draft.ddpo import DDPO, advantages, rollout
-from draft.methods import Batch, Loop, SampleNoise, sample_seed
+from draft.methods import Batch, Sampler, SampleNoise
+from draft.plan import sample_seed
 from draft.rewards import FunctionReward
 from draft.sampling import Schedule, denoised, gaussian_log_prob, step_mean
 
@@ -31,14 +32,20 @@ class ToyModel(torch.nn.Module):
         super().__init__()
         self.b = torch.nn.Parameter(torch.zeros(1))
 
-    def conditioning(self, prompts, guidance_scale=1.0):
+    def conditioning(self, prompts, guidance_scale=1.0, size=None, negative_prompt=""):
         c = torch.zeros(len(prompts), 1)
         return c, c
 
     def denoise(self, x, t, cond):
         return x - self.b
 
-    def decode(self, latents, use_checkpoint=False):
+    def guidance(self, scale, scale_2=None):
+        return scale
+
+    def guide(self, out_u, out_c, scale):
+        return out_u + scale * (out_c - out_u)
+
+    def decode(self, latents, frames=None, use_checkpoint=False):
         return torch.sigmoid(latents.mean((1, 2, 3))).view(-1, 1, 1, 1).expand(-1, 3, 2, 2)
 
 
@@ -46,7 +53,7 @@ def toy_setup(eta=1.0, steps=5):
     model = ToyModel()
     schedule = Schedule.from_scheduler_config(DDIMScheduler(**SD_BETAS).config, steps)
     reward = FunctionReward(lambda images, prompts: images.mean((1, 2, 3)), "brightness")
-    return model, Loop(model, reward, schedule, guidance_scale=1.0, eta=eta, use_checkpoint=False)
+    return model, Sampler(model, reward, schedule, guidance_scale=1.0, eta=eta, use_checkpoint=False)
 
 
 def toy_batch(step, n=64, prompts=None):

@@ -109,18 +109,18 @@ def test_lora_parameter_count_matches_peft_on_a_transformer_denoiser(tmp_path):
     targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "ff.net.2")
     params = add_lora(SimpleNamespace(denoiser=real), LoraConfig(rank=4, target_modules=targets))
     assert lora_parameters(built, targets, 4) == sum(p.numel() for p in params)
-    saved = meta.denoiser_saved_bytes(built.to(torch.bfloat16), 2, (4, 8, 8), torch.bfloat16, text_tokens=5)
-    assert saved and saved > 0
 
 
 def test_meta_count_equals_the_real_saved_bytes(tiny_sd):
-    """Counting on the meta device finds the same saved activations as a real forward, counted
-    independently (each distinct storage once)."""
+    """Counting on the meta device, through the adapter's own calls, finds the same saved
+    activations as a real forward, counted independently (each distinct storage once)."""
     from draft.models import meta
+    from draft.models.base import meta as empty
     from draft.models.sd import StableDiffusion
 
-    real = StableDiffusion.from_pretrained(str(tiny_sd), True, "tiny").pipe
-    built = meta.components(tiny_sd)
+    loaded = StableDiffusion.from_pretrained(str(tiny_sd), True, "tiny")
+    real = loaded.pipe
+    model = StableDiffusion.on_meta(tiny_sd, meta.components(tiny_sd))
 
     def real_bytes(fn, module):
         weights = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
@@ -137,28 +137,28 @@ def test_meta_count_equals_the_real_saved_bytes(tiny_sd):
         return sum(seen.values())
 
     x = torch.randn(3, 4, 8, 8, requires_grad=True)
-    text = torch.randn(3, 16, real.unet.config.cross_attention_dim)
-    unet_real = real_bytes(lambda: real.unet(x, torch.full((3,), 10), encoder_hidden_states=text), real.unet)
-    assert meta.denoiser_saved_bytes(built["unet"], 3, (4, 8, 8), torch.float32, text_tokens=16) == unet_real
+    text = torch.randn(3, 16, real.unet.config.cross_attention_dim)  # the tiny tokenizer's 16 tokens
+    unet_real = real_bytes(lambda: real.unet(x, torch.tensor(10), encoder_hidden_states=text), real.unet)
+    x_meta = empty(3, 4, 8, 8).requires_grad_(True)
+    cond = model.meta_conditioning(3, torch.float32)
+    assert meta.saved_bytes(lambda: model.denoise(x_meta, empty(), cond), model.denoiser) == unet_real
     z = torch.randn(2, 4, 8, 8, requires_grad=True)
-    assert meta.decoder_saved_bytes(built["vae"], 2, (4, 8, 8), torch.float32) == real_bytes(
-        lambda: real.vae.decode(z), real.vae)
+    z_meta = empty(2, 4, 8, 8).requires_grad_(True)
+    assert meta.saved_bytes(lambda: model.decode(z_meta), model.vae) == real_bytes(lambda: loaded.decode(z), real.vae)
 
 
-def test_meta_denoiser_calls_for_sdxl_and_flux_layouts(tmp_path):
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl", "wan", "wan22"])
+def test_every_family_has_its_activations_estimated(family, tmp_path_factory):
+    """The adapter's own denoiser call and decode, on meta tensors: every family is modelled."""
+    from draft.models.tiny import build_tiny
 
-    from draft.models import meta
-
-    sdxl = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=6 * 8 + 32)
-    flux = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
-                axes_dims_rope=(4, 6, 6))
-    with torch.device("meta"):
-        unet, transformer = UNet2DConditionModel(**sdxl), FluxTransformer2DModel(**flux)
-    for module, latent in ((unet, (4, 8, 8)), (transformer, (4, 8, 8))):
-        module.requires_grad_(False)
-        assert meta.denoiser_saved_bytes(module.to(torch.bfloat16), 2, latent, torch.bfloat16, text_tokens=7) > 0
+    folder = without_weights(build_tiny(tmp_path_factory.mktemp(family), family), tmp_path_factory)
+    size = ["sampling.height=16", "sampling.width=16", "sampling.frames=9"] if "wan" in family else []
+    est = estimate(load_config(None, [f"model={folder}", "batch_size=2", "sampling.num_steps=4", "method=draft-k",
+                                      "k=1", "sampling.checkpointing=false", *size]), folder)
+    assert est.activations > 0 and not any("not modelled" in n for n in est.notes)
+    if "wan" in family:  # the decode of the frames the reward sees: the first frame only needs one latent frame
+        first = estimate(load_config(None, [f"model={folder}", "batch_size=2", "sampling.num_steps=4",
+                                            "method=draft-k", "k=1", "sampling.checkpointing=false", "reward_frames=1",
+                                            "reward_frame_choice=first", *size]), folder)
+        assert first.activations < est.activations

@@ -16,7 +16,8 @@ from safetensors import safe_open
 
 from draft.cli import main
 from draft.config import LoraConfig
-from draft.export import diffusers_state_dict, export, kohya_state_dict, read_lora
+from draft.export import diffusers_state_dict, export, read_lora
+from draft.models.kohya import kohya_state_dict
 from draft.lora import add_lora, save_lora
 
 RANK, ALPHA = 4, 6.0  # alpha != rank: the trained update is 1.5 * B @ A

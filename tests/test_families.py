@@ -15,12 +15,12 @@ import torch
 from draft.config import LogConfig, LoraConfig, SamplingConfig, TrainConfig
 from draft.errors import UserError
 from draft.lora import add_lora, load_loras, save_lora
-from draft.methods import METHODS, Batch, Loop, truncated
+from draft.methods import METHODS, Batch, Sampler, truncated
 from draft.models import load_model
-from draft.models.base import DiffusionModel
+from draft.models.base import DiffusionModel, Size
 from draft.models.tiny import PROMPTS, build_tiny
 from draft.rewards import FunctionReward
-from draft.sampling import SampleNoise, Schedule, guided, predict_x0_eps, renoise, sample, sampler_step
+from draft.sampling import SampleNoise, Schedule, guided, predict_x0_eps, renoise, sample_chain, sampler_step
 
 # name -> (tiny builder kwargs, or None for a model shipped in the package; the diffusers
 # pipeline class that loads it)
@@ -31,12 +31,21 @@ FAMILIES = {
     "flux": ({}, "FluxPipeline"),
     "flux-schnell": ({}, "FluxPipeline"),
     "sdxl": ({}, "StableDiffusionXLPipeline"),
+    "wan": ({}, "WanPipeline"),
+    "wan22": ({}, "WanPipeline"),
     "shapes-sd": (None, "StableDiffusionPipeline"),
     "shapes-flow": (None, "StableDiffusion3Pipeline"),
 }
 # Families sampled without an unconditional pass: guidance is an input of the model
 # (FLUX.1-dev's guidance embedding) or absent (schnell).
 NO_CFG = {"flux", "flux-schnell"}
+# The tiny video pipelines' native size (their folders record none; Wan's own is 480p, 81 frames).
+TINY_VIDEO = {"height": 16, "width": 16, "frames": 9}
+OPTIONS = {"wan": TINY_VIDEO, "wan22": TINY_VIDEO}
+
+
+def _load(name, path):
+    return load_model(str(path), options=OPTIONS.get(name))
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -115,37 +124,66 @@ def test_flow_renoise_is_the_interpolation():
 
 def test_adapter_conforms_to_the_protocol(family):
     name, path, _ = family
-    model = load_model(str(path))
+    model = _load(name, path)
     assert isinstance(model, DiffusionModel)
-    C, h, w = model.latent_shape()
-    assert model.resolution > 0 and h * w > 0
+    native = model.native_size
+    assert model.size() == native and native.height > 0 and native.width > 0
+    shape = model.latent_shape()
+    assert len(shape) == (4 if native.video else 3) and all(n > 0 for n in shape)
     cond, uncond = model.conditioning(PROMPTS[:2], 5.0)
     assert (uncond is None) == (name in NO_CFG) and model.conditioning(PROMPTS[:2], 1.0)[1] is None
-    x = SampleNoise([0, 1], model.latent_shape(), "cpu").draw()
+    x = SampleNoise([0, 1], shape, "cpu").draw()
     schedule = model.schedule(4)
     assert len(schedule) == 4
     t = torch.tensor(schedule.timesteps[0])
     out = model.denoise(x, t, cond)
     assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
-    # decode: images in [0, 1], differentiable in the latents
+    # decode: samples in [0, 1], differentiable in the latents
     latents = x.clone().requires_grad_(True)
-    images = model.decode(latents)
-    assert images.shape[:2] == (2, 3) and images.shape[-1] == model.resolution
-    assert 0 <= images.min() and images.max() <= 1
-    images.mean().backward()
+    samples = model.decode(latents)
+    expected = (2, native.frames, 3, native.height, native.width) if native.video else (2, 3, native.height,
+                                                                                          native.width)
+    assert samples.shape == expected
+    assert 0 <= samples.min() and samples.max() <= 1
+    samples.mean().backward()
     assert latents.grad is not None and latents.grad.abs().sum() > 0
     assert all(not p.requires_grad for p in model.denoiser.parameters())
-    assert isinstance(model.metrics(images.detach(), PROMPTS[:2]), dict)
+    assert isinstance(model.metrics(samples.detach(), PROMPTS[:2]), dict)
+    m = model.size_multiple
     with pytest.raises(UserError):
-        model.latent_shape(model.resolution + 1, model.resolution)
+        model.latent_shape(Size(native.height + m // 2 or 1, native.width, native.frames))
+    if native.video:
+        with pytest.raises(UserError, match="4k \\+ 1"):
+            model.size(Size(frames=native.frames + 1))
+    else:
+        with pytest.raises(UserError, match="image model"):
+            model.size(Size(frames=9))
+
+
+def test_a_partial_decode_is_the_same_frames_of_a_full_decode(family):
+    """Videos: `decode(frames=...)` decodes only the latent frames those need, and gives what
+    the full decode gives for them; the gradient reaches no later latent frame."""
+    name, path, _ = family
+    model = _load(name, path)
+    if not model.native_size.video:
+        pytest.skip("an image model has no frames")
+    x = SampleNoise([0, 1], model.latent_shape(), "cpu").draw().requires_grad_(True)
+    with torch.no_grad():
+        full = model.decode(x)
+    part = model.decode(x, frames=[0, 2, 4])
+    torch.testing.assert_close(part.detach(), full[:, [0, 2, 4]], rtol=0, atol=1e-5)
+    part.mean().backward()
+    per_latent_frame = x.grad.abs().sum((0, 1, 3, 4))
+    assert per_latent_frame[:2].min() > 0 and per_latent_frame[2:].abs().sum() == 0  # frames 0-4 need latent 0-1
 
 
 def test_lora_disable_and_merge_keep_the_base_exact(family):
-    _, path, _ = family
-    model = load_model(str(path))
+    name, path, _ = family
+    model = _load(name, path)
     cond = model.conditioning(PROMPTS[:2], 1.0)[0]
     x = SampleNoise([0, 1], model.latent_shape(), "cpu").draw()
-    t = torch.tensor(model.schedule(4).timesteps[1])
+    # The last step: Wan 2.2's LoRA is on its low-noise expert, which runs only the late steps.
+    t = torch.tensor(model.schedule(4).timesteps[-1])
     with torch.no_grad():
         base = model.denoise(x, t, cond)
         _with_random_lora(model)
@@ -162,10 +200,10 @@ def test_lora_disable_and_merge_keep_the_base_exact(family):
 
 @pytest.mark.parametrize("merged_recompute", [True, False], ids=["merged-first-pass", "torch-checkpoint"])
 def test_exactly_the_last_k_denoiser_calls_carry_gradient(family, merged_recompute):
-    _, path, _ = family
-    model = load_model(str(path))
+    name, path, _ = family
+    model = _load(name, path)
     params = _with_random_lora(model)
-    loop = Loop(model, FunctionReward(brightness, "brightness"), model.schedule(6), guidance_scale=3.0,
+    loop = Sampler(model, FunctionReward(brightness, "brightness"), model.schedule(6), guidance_scale=3.0,
                 use_checkpoint=True, merged_recompute=merged_recompute)
     carried = []
     inner = model.denoise
@@ -194,11 +232,11 @@ def test_exactly_the_last_k_denoiser_calls_carry_gradient(family, merged_recompu
 
 
 def test_draft_lv_renoises_as_replayed(family):
-    _, path, _ = family
-    model = load_model(str(path))
+    name, path, _ = family
+    model = _load(name, path)
     _with_random_lora(model)
     T, n = 5, 2
-    loop = Loop(model, FunctionReward(brightness, "brightness"), model.schedule(T), guidance_scale=1.0,
+    loop = Sampler(model, FunctionReward(brightness, "brightness"), model.schedule(T), guidance_scale=1.0,
                 use_checkpoint=False, merge_lora=False)
     calls = []
     inner = model.denoise
@@ -214,7 +252,7 @@ def test_draft_lv_renoises_as_replayed(family):
     with torch.no_grad():
         x0 = loop.run(x_T, model.conditioning(PROMPTS[:2], 1.0), replay)
     eps = torch.cat([replay.draw() for _ in range(n)])
-    expected = renoise(x0.repeat(n, 1, 1, 1), loop.schedule.a[T - 1], loop.schedule.s[T - 1], eps)
+    expected = renoise(x0.repeat(n, *[1] * (x0.ndim - 1)), loop.schedule.a[T - 1], loop.schedule.s[T - 1], eps)
     torch.testing.assert_close(calls[T], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -240,53 +278,76 @@ def _pipeline(path, cls_name):
 
 
 def _pipeline_latents(pipe, model, prompts, x_T, steps, guidance):
-    """The pipeline's final latents [B, C, h, w] from x_T, at the model's resolution and T5
-    length. FLUX's pipeline takes and returns latents packed into 2x2 patch tokens."""
-    size, packed = model.resolution, hasattr(pipe, "_pack_latents")
+    """The pipeline's final latents [B, C, *spatial] from x_T, at the model's native size and
+    T5 length. FLUX's pipeline takes and returns latents packed into 2x2 patch tokens."""
+    size, packed = model.native_size, hasattr(pipe, "_pack_latents")
     latents = pipe._pack_latents(x_T, *x_T.shape) if packed else x_T
-    t5 = {"max_sequence_length": model.max_sequence_length} if hasattr(model, "max_sequence_length") else {}
-    out = pipe(prompts, latents=latents, height=size, width=size, num_inference_steps=steps,
-               guidance_scale=guidance, output_type="latent", **t5).images
-    return pipe._unpack_latents(out, size, size, pipe.vae_scale_factor) if packed else out
+    extra = {"max_sequence_length": model.max_sequence_length} if hasattr(model, "max_sequence_length") else {}
+    if size.video:
+        extra["num_frames"] = size.frames
+    out = pipe(prompts, latents=latents, height=size.height, width=size.width, num_inference_steps=steps,
+               guidance_scale=guidance, output_type="latent", **extra)
+    out = out.frames if size.video else out.images
+    return pipe._unpack_latents(out, size.height, size.width, pipe.vae_scale_factor) if packed else out
 
 
 def _our_latents(model, prompts, seeds, steps, guidance):
     x = SampleNoise(seeds, model.latent_shape(), "cpu").draw()
     cond = model.conditioning(prompts, guidance)
+    denoise = guided(model.denoise, model.guidance(guidance, None), model.guide)
     with torch.no_grad():
-        return x, sample(guided(model.denoise, guidance), x, model.schedule(steps), cond)
+        return x, sample_chain(denoise, x, model.schedule(steps), cond)
+
+
+def _euler_for_multistep(model, pipe):
+    """Wan folders ship UniPC, a second-order solver; draft takes its sigmas and steps with
+    Euler (`Schedule`, tested against UniPC in test_wan_parts). For a whole-run comparison
+    both sides use `FlowMatchEulerDiscreteScheduler` with the folder's shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if "flow_shift" in model.scheduler_config:
+        euler = FlowMatchEulerDiscreteScheduler(shift=model.scheduler_config["flow_shift"])
+        model.scheduler_config, pipe.scheduler = euler.config, euler
+    return pipe
 
 
 def test_sampler_matches_the_family_pipeline(family):
     """Same initial latents, same prompts: our loop and the family's pipeline agree (float32)."""
-    _, path, cls_name = family
-    model = load_model(str(path))
+    name, path, cls_name = family
+    model = _load(name, path)
+    pipe = _euler_for_multistep(model, _pipeline(path, cls_name))
     prompts, steps, guidance = PROMPTS[:2], 8, 4.0
     x_T, ours = _our_latents(model, prompts, [3, 4], steps, guidance)
-    theirs = _pipeline_latents(_pipeline(path, cls_name), model, prompts, x_T, steps, guidance)
+    theirs = _pipeline_latents(pipe, model, prompts, x_T, steps, guidance)
     # float32 in another order: the pipeline steps x + (σ' - σ)·v, we a'·x̂_0 + s'·ε̂. The
     # trained embedded models' larger activations leave ~1e-5 of round-off after 8 steps.
-    tolerance = 5e-5 if FAMILIES[family[0]][0] is None else 1e-5
+    tolerance = 5e-5 if FAMILIES[family[0]][0] is None else 2e-5
     assert (ours - theirs).abs().max() <= tolerance
 
 
-def _trained_lora_loads_in_plain_diffusers(path, cls_name, tmp_path, lora=LoraConfig()):
+def _trained_lora_loads_in_plain_diffusers(path, cls_name, tmp_path, lora=LoraConfig(), options=None):
     from draft.trainer import train
 
+    options = options or {}
+    size = {k: options[k] for k in ("height", "width", "frames") if k in options}
     cfg = TrainConfig(model=str(path), reward="brightness", prompts="|".join(PROMPTS), eval_prompts="|".join(PROMPTS),
                       method="draft-k", k=2, steps=3, batch_size=2, lr=0.05, output_dir=str(tmp_path), name="run",
-                      sampling=SamplingConfig(num_steps=4, guidance_scale=3.0), lora=lora,
+                      sampling=SamplingConfig(num_steps=4, guidance_scale=3.0, **size), lora=lora,
+                      model_options=options, reward_frames=2,
                       log=LogConfig(eval_samples=0, sample_prompts=2, sample_seeds=1, trackers=()))
     run = train(cfg, progress=False)
-    model = load_model(str(path))
+    model = load_model(str(path), options=options)
     load_loras(model, [(str(run), 1.0)])
     prompts, steps, guidance = PROMPTS[:2], 4, 3.0
+    base = load_model(str(path), options=options)
+    pipe = _pipeline(path, cls_name)
+    into_2 = getattr(model, "boundary", None) is not None and model.lora_expert == "low"
+    pipe.load_lora_weights(run / "lora", **({"load_into_transformer_2": True} if into_2 else {}))
+    for m in (model, base):
+        _euler_for_multistep(m, pipe)
     x_T, ours = _our_latents(model, prompts, [7, 8], steps, guidance)
-    base = load_model(str(path))
     _, plain = _our_latents(base, prompts, [7, 8], steps, guidance)
     assert (ours - plain).abs().max() > 1e-4  # training moved the model
-    pipe = _pipeline(path, cls_name)
-    pipe.load_lora_weights(run / "lora")
     theirs = _pipeline_latents(pipe, model, prompts, x_T, steps, guidance)
     assert (ours - theirs).abs().max() <= 1e-5
 
@@ -295,8 +356,8 @@ def _trained_lora_loads_in_plain_diffusers(path, cls_name, tmp_path, lora=LoraCo
 def test_trained_lora_loads_in_plain_diffusers(family, tmp_path):
     """`draft train` on the family leaves a LoRA that `load_lora_weights` reads into the plain
     pipeline, which then samples what our sampler samples with the adapter."""
-    _, path, cls_name = family
-    _trained_lora_loads_in_plain_diffusers(path, cls_name, tmp_path)
+    name, path, cls_name = family
+    _trained_lora_loads_in_plain_diffusers(path, cls_name, tmp_path, options=OPTIONS.get(name))
 
 
 @pytest.mark.slow
@@ -310,11 +371,11 @@ def test_shapes_flow_recipe_lora_loads_in_plain_diffusers(tmp_path):
 
 
 def test_lora_save_load_round_trip(family, tmp_path):
-    _, path, _ = family
-    model = load_model(str(path))
+    name, path, _ = family
+    model = _load(name, path)
     _with_random_lora(model)
     save_lora(model, tmp_path / "lora")
-    again = load_model(str(path))
+    again = _load(name, path)
     load_loras(again, [(str(tmp_path / "lora"), 1.0)])
     prompts = PROMPTS[:2]
     _, a = _our_latents(model, prompts, [1, 2], 3, 2.0)

@@ -15,11 +15,12 @@ from draft.cli import main
 from draft.config import LoraConfig
 from draft.errors import UserError
 from draft.lora import add_lora
-from draft.methods import Batch, Loop, truncated
+from draft.methods import Batch, Sampler, truncated
 from draft.models import load_model
+from draft.models.base import Size
 from draft.models.tiny import PROMPTS, build_tiny
 from draft.rewards import FunctionReward
-from draft.sampling import SampleNoise, guided, sample
+from draft.sampling import SampleNoise, guided, sample_chain
 
 FAST = ["reward=brightness", "prompts=a small red circle|a green star", "eval_prompts=a green star", "steps=2",
         "batch_size=2", "sampling.num_steps=3", "log.eval_samples=0", "log.trackers=[]", "log.sample_prompts=1",
@@ -46,10 +47,10 @@ def _calls(model):
 def test_sizes_must_be_multiples_of_16(dev, tmp_path, capsys):
     model = load_model(str(dev))
     assert model.vae_scale_factor == 8  # FLUX.1's compression, so the rule is the real model's
-    assert model.latent_shape(48, 64) == (4, 6, 8)
+    assert model.latent_shape(Size(48, 64)) == (4, 6, 8)
     for h, w in [(40, 32), (32, 24), (33, 32)]:
         with pytest.raises(UserError, match=r"multiples of 16 pixels, got \d+x\d+"):
-            model.latent_shape(h, w)
+            model.latent_shape(Size(h, w))
     # through the CLI: 40 passes the config's multiple-of-8 check, the adapter refuses it
     code = main(["train", f"model={dev}", *FAST, "sampling.height=40", f"output_dir={tmp_path}", "name=x"])
     err = capsys.readouterr().err.strip()
@@ -71,14 +72,14 @@ def test_schedule_is_the_one_flux_pipeline_builds(dev, steps, height, width):
                          cfg["max_shift"])
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(cfg)
     timesteps, _ = retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-    ours = model.schedule(steps, height, width)
+    ours = model.schedule(steps, Size(height, width))
     torch.testing.assert_close(torch.tensor(ours.timesteps), timesteps.float(), rtol=0, atol=0)
     torch.testing.assert_close(torch.tensor(ours.s + ours.s_prev[-1:]), scheduler.sigmas.double().float(),
                                rtol=0, atol=1e-7)
     assert ours.prediction_type == "flow"
     # the shift depends on the size: a larger image is noisier at the same step
     if (height, width) != (32, 32):
-        assert ours.s[1] > model.schedule(steps, 32, 32).s[1]
+        assert ours.s[1] > model.schedule(steps, Size(32, 32)).s[1]
 
 
 def test_guidance_reaches_the_transformer_on_dev(dev):
@@ -119,11 +120,11 @@ def test_no_unconditional_pass(dev, use_checkpoint):
     n, T, k = 2, 5, 2
     cond = model.conditioning(PROMPTS[:n], 3.5)
     with torch.no_grad():
-        sample(guided(model.denoise, 3.5), SampleNoise([0, 1], model.latent_shape(), "cpu").draw(),
+        sample_chain(guided(model.denoise, 3.5), SampleNoise([0, 1], model.latent_shape(), "cpu").draw(),
                model.schedule(T), cond)
     assert [c["hidden_states"].shape[0] for c in calls] == [n] * T
     calls.clear()
-    loop = Loop(model, FunctionReward(lambda images, prompts: images.mean((1, 2, 3)), "brightness"),
+    loop = Sampler(model, FunctionReward(lambda images, prompts: images.mean((1, 2, 3)), "brightness"),
                 model.schedule(T), guidance_scale=3.5, use_checkpoint=use_checkpoint)
     batch = Batch(list(PROMPTS[:n]), SampleNoise([5, 6], model.latent_shape(), "cpu"),
                   np.random.default_rng(0), 0, 0)

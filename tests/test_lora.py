@@ -10,7 +10,8 @@ from draft import rewards
 from draft.config import LoraConfig, SamplingConfig, TrainConfig
 from draft.inference import sample
 from draft.lora import add_lora, save_lora
-from draft.methods import METHODS, Batch, Loop, SampleNoise, sample_seed
+from draft.methods import METHODS, Batch, Sampler, SampleNoise
+from draft.plan import sample_seed
 from draft.models import load_model
 from draft.sampling import Schedule
 
@@ -82,7 +83,7 @@ def test_draft_plus_penalty_is_zero_at_init_and_pulls_back_once_the_lora_moved(t
     params = add_lora(tiny_model, LoraConfig(rank=4))
     schedule = Schedule.from_scheduler_config(tiny_model.scheduler_config, 4)
     flat = rewards.FunctionReward(lambda im, p: 0.0 * im.mean((1, 2, 3)), "zero")  # isolates the penalty
-    loop = Loop(tiny_model, flat, schedule, guidance_scale=3.0, kl_coeff=1.0)
+    loop = Sampler(tiny_model, flat, schedule, guidance_scale=3.0, kl_coeff=1.0)
     cfg = TrainConfig(method="draft-k", k=2)
 
     def run():
@@ -146,7 +147,7 @@ def test_merging_the_gradient_free_steps_leaves_loss_and_gradient_unchanged(tiny
     cfg = TrainConfig(method=method, k=k, refl_min_step=1, refl_max_step=2)
     results = []
     for merge in (False, True):
-        loop = Loop(model, rewards.get("brightness"), schedule, guidance_scale=3.0, merge_lora=merge)
+        loop = Sampler(model, rewards.get("brightness"), schedule, guidance_scale=3.0, merge_lora=merge)
         for p in params:
             p.grad = None
         noise = SampleNoise([sample_seed(0, 0, j) for j in range(2)], model.latent_shape(), "cpu")

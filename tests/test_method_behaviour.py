@@ -8,18 +8,16 @@ several steps, micro-batches and processes.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
 from draft.config import LoraConfig, SamplingConfig, TrainConfig
 from draft.lora import add_lora
-from draft.methods import METHODS, Batch, Loop, SampleNoise
+from draft.methods import METHODS, Batch, Sampler, SampleNoise
 from draft.rewards import FunctionReward
+from draft.plan import micro_batch
 from draft.sampling import Schedule, denoised, sampler_step
-from draft.trainer import Trainer
 
 T = 6
 
@@ -28,12 +26,13 @@ class Calls:
     """Wraps the model's denoise: the timestep of each call and whether its output carries gradient."""
 
     def __init__(self, model):
-        self.inner, self.log = model.denoise, []
+        self.inner, self.log, self.sizes = model.denoise, [], []
         model.denoise = self
 
     def __call__(self, x, t, cond):
         out = self.inner(x, t, cond)
         self.log.append((int(t), out.requires_grad))
+        self.sizes.append((x.shape[0], out.requires_grad))
         return out
 
     def take(self) -> tuple[list[int], list[int]]:
@@ -50,17 +49,32 @@ def adapted(tiny_model):
     schedule = Schedule.from_scheduler_config(tiny_model.scheduler_config, T)
     reward = FunctionReward(lambda images, prompts: images.mean((1, 2, 3)), "brightness")
     # Guidance 1: one denoiser call per sampling step, so calls count steps.
-    loop = Loop(tiny_model, reward, schedule, guidance_scale=1.0, use_checkpoint=False)
+    loop = Sampler(tiny_model, reward, schedule, guidance_scale=1.0, use_checkpoint=False)
     return tiny_model, loop, Calls(tiny_model)
 
 
 def trainer_batch(cfg: TrainConfig, model, step: int, micro: int, process: int, processes: int) -> Batch:
-    """The batch `Trainer.make_batch` gives process `process` of `processes` for (step, micro)."""
-    acc = SimpleNamespace(num_processes=processes, process_index=process, device="cpu")
-    fake = SimpleNamespace(config=cfg, acc=acc, step=step, prompts=["a red circle", "a blue star"],
-                           samples_per_step=cfg.batch_size * cfg.grad_accum * processes,
-                           latent_shape=model.latent_shape())
-    return Trainer.make_batch(fake, micro)
+    """The batch the trainer gives process `process` of `processes` for (step, micro) (`draft.plan`)."""
+    return micro_batch(cfg.seed, step, micro, process, processes, cfg.batch_size, cfg.grad_accum,
+                       ["a red circle", "a blue star"], model.latent_shape(), "cpu")
+
+
+@pytest.mark.parametrize("method, extra", [("draft", {}), ("draft-k", {"k": 2}), ("draft-lv", {"lv_n": 3}),
+                                           ("alignprop", {"alignprop_k_min": 3, "alignprop_k_max": 3}),
+                                           ("refl", {"refl_min_step": 2, "refl_max_step": 2})])
+def test_each_method_costs_what_its_description_says(adapted, method, extra):
+    """`draft.methods.METHODS` describes each method once; the estimate, the card and the
+    start-up lines read it. Here its denoiser calls are counted against a real step."""
+    model, loop, calls = adapted
+    cfg = TrainConfig(method=method, batch_size=2, sampling=SamplingConfig(num_steps=T, eta=0.0), kl_coeff=0.0,
+                      **extra)
+    info = METHODS[method]
+    out = info(loop, trainer_batch(cfg, model, 0, 0, 0, 1), cfg)
+    free = sum(n for n, g in calls.sizes if not g) / cfg.batch_size
+    grad = sum(n for n, g in calls.sizes if g) / cfg.batch_size
+    assert (free, grad) == info.calls(cfg)
+    assert sum(1 for _, g in calls.sizes if g) == info.grad_steps(cfg)  # steps carrying gradient, batched
+    assert out.queries == cfg.batch_size * info.passes(cfg) == out.rewards.numel()
 
 
 def test_alignprop_draws_k_once_per_step_alike_everywhere_and_exactly_k_calls_carry_gradient(adapted):
@@ -131,14 +145,20 @@ class Toy(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.tensor(0.9, dtype=torch.float64))
         self.b = torch.nn.Parameter(torch.tensor(0.1, dtype=torch.float64))
 
-    def conditioning(self, prompts, guidance_scale=1.0):
+    def conditioning(self, prompts, guidance_scale=1.0, size=None, negative_prompt=""):
         c = torch.zeros(len(prompts), 1)
         return c, c
 
     def denoise(self, x, t, cond):
         return x.double() * self.w - self.b
 
-    def decode(self, latents, use_checkpoint=False):
+    def guidance(self, scale, scale_2=None):
+        return scale
+
+    def guide(self, out_u, out_c, scale):
+        return out_u + scale * (out_c - out_u)
+
+    def decode(self, latents, frames=None, use_checkpoint=False):
         return latents.expand(-1, 3, -1, -1)
 
 
@@ -152,7 +172,7 @@ def toy_loop(eta: float, checkpointing: bool):
         return -(images - 0.3).square().mean((1, 2, 3))  # not linear, so the gradient depends on the path
 
     # A bare callable: the toy's "images" are raw latents, outside the [0, 1] rewards check.
-    loop = Loop(toy, reward, schedule, guidance_scale=1.0, eta=eta,
+    loop = Sampler(toy, reward, schedule, guidance_scale=1.0, eta=eta,
                 use_checkpoint=checkpointing, merge_lora=False)
     return toy, loop, seen
 

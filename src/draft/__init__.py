@@ -20,6 +20,7 @@ _LAZY = {
     "evaluate": "draft.evaluation",
     "rewards": "draft.rewards",
     "UserError": "draft.errors",
+    "Size": "draft.models.base",
 }
 
 __all__ = sorted(_LAZY)

@@ -20,17 +20,11 @@ import yaml
 
 from draft.runs import RunFolder
 
+from draft.errors import UserError
+from draft.hub import is_hub_id
+from draft.models import EMBEDDED, family
+
 GRID = "before_after.png"
-# Licenses of the models that ship inside the package (the project's own).
-EMBEDDED_LICENSES = {"shapes-sd": "apache-2.0"}
-METHODS = {
-    "draft": "DRaFT: the reward's gradient through every sampling step (with checkpointing)",
-    "draft-k": "DRaFT-K: the reward's gradient through the last {k} sampling steps",
-    "draft-lv": "DRaFT-LV: the last step's gradient, averaged over {lv_n} re-noised copies of the final sample",
-    "alignprop": "AlignProp: the gradient through a random number ({alignprop_k_min} to {alignprop_k_max}) of final steps",
-    "refl": "ReFL: one gradient step to the predicted image from a random late step",
-    "ddpo": "DDPO: policy gradient on the sampler's log-probabilities (no reward gradient)",
-}
 
 
 def write_card(run_root: str | Path) -> Path:
@@ -43,11 +37,13 @@ def write_card(run_root: str | Path) -> Path:
     has_grid = grid.is_file()
     if has_grid:
         shutil.copyfile(grid, run.lora / GRID)
-    prefix, targets = _lora_file_info(run.lora)
+        if grid.with_suffix(".gif").is_file():  # videos: the animated before/after
+            shutil.copyfile(grid.with_suffix(".gif"), (run.lora / GRID).with_suffix(".gif"))
+    targets = _lora_file_info(run.lora)
     if not (config.get("lora") or {}).get("target_modules"):  # the family's default: the file says which
         config.setdefault("lora", {})["target_modules"] = targets
     text = "---\n" + yaml.safe_dump(front_matter(config), sort_keys=False) + "---\n\n" + body(
-        run.root.name, config, evaluation.get("before"), evaluation.get("after"), last, has_grid, prefix)
+        run.root.name, config, evaluation.get("before"), evaluation.get("after"), last, has_grid)
     path = run.lora / "README.md"
     path.write_text(text)
     return path
@@ -56,22 +52,23 @@ def write_card(run_root: str | Path) -> Path:
 def front_matter(config: dict) -> dict:
     model = str(config.get("model", ""))
     meta: dict = {}
-    if _is_hub_id(model):
+    if is_hub_id(model):
         meta["base_model"] = model  # local folders and embedded models have no hub id to point to
     meta["library_name"] = "diffusers"
-    if model in EMBEDDED_LICENSES:
-        meta["license"] = EMBEDDED_LICENSES[model]
-    tags = ["text-to-image", "diffusers", "lora", "template:sd-lora", "draft", "reward-fine-tuning"]
+    if model in EMBEDDED:
+        meta["license"] = EMBEDDED[model].license
+    adapter = family(model)
+    task = "text-to-video" if adapter is not None and adapter.fps else "text-to-image"
+    tags = [task, "diffusers", "lora", "template:sd-lora", "draft", "reward-fine-tuning"]
     tags.append(str(config.get("method", "")))
     tags += [f"reward-{_slug(name)}" for name in rewards(config)]
     meta["tags"] = [t for t in dict.fromkeys(tags) if t]
-    meta["pipeline_tag"] = "text-to-image"
+    meta["pipeline_tag"] = task
     return meta
 
 
 def rewards(config: dict) -> dict[str, float]:
     """The run's reward terms and their weights ("a:1.0+b:0.5" -> {"a": 1.0, "b": 0.5})."""
-    from draft.errors import UserError
     from draft.rewards import _parse
 
     spec = str(config.get("reward", ""))
@@ -81,35 +78,37 @@ def rewards(config: dict) -> dict[str, float]:
         return {spec: 1.0}
 
 
-def body(name: str, config: dict, before: dict | None, after: dict | None, last: dict, has_grid: bool,
-         prefix: str) -> str:
+def body(name: str, config: dict, before: dict | None, after: dict | None, last: dict, has_grid: bool) -> str:
     model = config.get("model", "?")
     terms = rewards(config)
     reward_text = " + ".join(f"{w:g} × `{r}`" if len(terms) > 1 else f"`{r}`" for r, w in terms.items())
     lines = [
         f"# {name}",
         "",
-        f"A LoRA for `{model}`{' (the tiny model embedded in draft)' if model in EMBEDDED_LICENSES else ''}, "
+        f"A LoRA for `{model}`{' (the tiny model embedded in draft)' if model in EMBEDDED else ''}, "
         f"fine-tuned with draft (`pip install draft-diffusion`) to raise the reward {reward_text} by backpropagating "
         "the reward's gradient through the sampler (DRaFT: Clark et al., [*Directly Fine-Tuning Diffusion Models on "
         "Differentiable Rewards*](https://arxiv.org/abs/2309.17400), ICLR 2024).",
         "",
     ]
     if has_grid:
-        lines += [f"![Before and after: the base model (top) and with this LoRA (bottom), same prompts and seeds]({GRID})",
-                  "", "*Top: the base model; bottom: with this LoRA. Same prompts (one per column) and seeds.*", ""]
+        shown = Path(GRID).with_suffix(".gif") if config.get("sampling", {}).get("frames") else GRID
+        lines += [f"![Before and after: the base model (top) and with this LoRA (bottom), same prompts and seeds]({shown})",
+                  "", "*Top: the base model; bottom: with this LoRA. Same prompts and seeds.*", ""]
     lines += ["## Training", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {k} | {_cell(v)} |" for k, v in settings(config, last).items()]
     lines += [""]
     if after:
         lines += evaluation_table(config, before, after)
     run = str(Path(str(config.get("output_dir", "runs"))) / name)
-    lines += usage(run, str(model), prefix, config)
+    lines += usage(run, str(model), config)
     return "\n".join(lines) + "\n"
 
 
 def settings(config: dict, last: dict) -> dict[str, str]:
     """The key hyper-parameters, as table rows."""
+    from draft.methods import METHODS
+
     method = str(config.get("method", "?"))
     sampling, lora = config.get("sampling", {}), config.get("lora", {})
     steps = config.get("steps", "?")
@@ -117,7 +116,7 @@ def settings(config: dict, last: dict) -> dict[str, str]:
     rows = {
         "base model": f"`{config.get('model', '?')}`",
         "reward": ", ".join(f"`{r}` (weight {w:g})" for r, w in rewards(config).items()),
-        "method": f"`{method}`: " + METHODS.get(method, "").format_map(_Default(config)),
+        "method": f"`{method}`: " + (METHODS[method].summary if method in METHODS else "").format_map(_Default(config)),
         "optimizer steps": f"{done}" + (f" of {steps}" if done != steps else ""),
         "reward queries": str(last.get("reward_queries", "?")),
         "training time": f"{last['time']:.0f} s" if isinstance(last.get("time"), (int, float)) else "?",
@@ -150,30 +149,69 @@ def evaluation_table(config: dict, before: dict | None, after: dict) -> list[str
     return lines + [""]
 
 
-def usage(run: str, model: str, prefix: str, config: dict) -> list[str]:
-    """How to load the LoRA: diffusers, and ComfyUI/A1111/Forge through `draft export` (run: the run folder)."""
-    name = Path(run).name
+def snippet(model: str, config: dict, lora: str = "path/to/this/folder") -> str:
+    """Python that loads the base pipeline and this LoRA in plain diffusers and samples once,
+    with the run's sampling settings (a test runs it for every family)."""
+    adapter = family(model)
+    cls = adapter.pipeline_class if adapter is not None else "DiffusionPipeline"
     sampling = config.get("sampling", {})
-    steps, guidance = sampling.get("num_steps", 50), sampling.get("guidance_scale", 7.5)
-    lines = ["## Use it", "", "### diffusers", "", "```python", "from diffusers import DiffusionPipeline"]
-    if model in EMBEDDED_LICENSES:  # shipped inside draft: its folder comes from the package
-        lines += ["from draft.models import EMBEDDED", "", f'pipe = DiffusionPipeline.from_pretrained(EMBEDDED["{model}"])']
+    embedded = EMBEDDED.get(model)
+    kwargs = {"num_inference_steps": sampling.get("num_steps", 50), "guidance_scale": sampling.get("guidance_scale", 7.5)}
+    if adapter is not None:
+        kwargs.update(adapter.pipeline_kwargs(sampling, embedded.options if embedded else {}))
+    call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    video = adapter is not None and adapter.fps > 0
+    lines = [f"from diffusers import {cls}"] + (["from diffusers.utils import export_to_video"] if video else [])
+    absent = "".join(f", {name}=None" for name in _absent(adapter, model))  # e.g. SD3 saved without its T5
+    if embedded is not None:  # shipped inside draft: its folder comes from the package
+        lines += ["from draft.models import EMBEDDED", "", f'pipe = {cls}.from_pretrained(EMBEDDED["{model}"].path{absent})']
     else:
-        lines += ["", f"pipe = DiffusionPipeline.from_pretrained({model!r})"]
-    lines += ['pipe.load_lora_weights("path/to/this/folder")  # or the Hub repository it was uploaded to',
-              f'image = pipe("your prompt", num_inference_steps={steps}, guidance_scale={guidance}).images[0]', "```", ""]
-    if model in EMBEDDED_LICENSES:
+        lines += ["", f"pipe = {cls}.from_pretrained({model!r}{absent})"]
+    lines.append(f"pipe.load_lora_weights({lora!r})  # or the Hub repository it was uploaded to")
+    if video:
+        lines += [f'frames = pipe("your prompt", {call}).frames[0]',
+                  f'export_to_video(frames, "sample.mp4", fps={adapter.fps})']
+    else:
+        lines += [f'image = pipe("your prompt", {call}).images[0]', 'image.save("sample.png")']
+    return "\n".join(lines)
+
+
+def _absent(adapter, model: str) -> list[str]:
+    """The components diffusers must be told are absent, as draft tells it when loading."""
+    from draft.models import resolve
+
+    if adapter is None:
+        return []
+    try:
+        source, local = resolve(model)
+        return adapter.absent_components(source, local)
+    except (UserError, OSError, ValueError):  # the card is a summary: no index, no extra arguments
+        return []
+
+
+def usage(run: str, model: str, config: dict) -> list[str]:
+    """How to load the LoRA: diffusers, and the other tools through `draft export` (run: the run folder)."""
+    name = Path(run).name
+    adapter = family(model)
+    formats = adapter.export_formats if adapter is not None else {}
+    lines = ["## Use it", "", "### diffusers", "", "```python", snippet(model, config), "```", ""]
+    if model in EMBEDDED:
         lines += [f"(`{model}` is embedded in draft: `draft sample --model {model} --lora path/to/this/folder "
                   '--prompt "..."` samples with it.)', ""]
     lines += ["### ComfyUI, AUTOMATIC1111, Forge", ""]
-    if prefix == "unet":
+    if "kohya" in formats:
         lines += ["These tools read LoRAs with kohya's key names. Convert this one with draft:", "", "```bash",
                   f"draft export {shlex.quote(run)} --format kohya   # writes {run}/lora/{name}-kohya.safetensors", "```", "",
                   "and copy the file into `ComfyUI/models/loras/` (load it with a LoraLoader node) or into "
                   f"`models/Lora/` of AUTOMATIC1111 or Forge (prompt with `<lora:{name}-kohya:1>`).", ""]
+    elif "comfyui" in formats:
+        lines += ["ComfyUI reads this family's LoRAs by the original model's layer names. Convert this one with "
+                  "draft:", "", "```bash", f"draft export {shlex.quote(run)} --format comfyui", "```", "",
+                  "and copy the file into `ComfyUI/models/loras/` (load it with a LoraLoaderModelOnly node).", ""]
     else:
         lines += ["ComfyUI reads this model family's LoRAs with diffusers' key names; write a file with the "
-                  "LoRA's alpha/rank folded into its weights, so ComfyUI applies it at the trained strength:", "", "```bash", f"draft export {shlex.quote(run)} --format diffusers", "```", "",
+                  "LoRA's alpha/rank folded into its weights, so ComfyUI applies it at the trained strength:", "",
+                  "```bash", f"draft export {shlex.quote(run)} --format diffusers", "```", "",
                   "and copy the file into `ComfyUI/models/loras/`.", ""]
     lines += [f"`draft export {shlex.quote(run)} --merge OUT_DIR` saves the base pipeline with the LoRA fused into its "
               "weights.", ""]
@@ -186,12 +224,6 @@ def usage(run: str, model: str, prefix: str, config: dict) -> list[str]:
 class _Default(dict):
     def __missing__(self, key):
         return "?"
-
-
-def _is_hub_id(model: str) -> bool:
-    """'org/name' that is not a local path (what the Hub accepts as base_model)."""
-    return (model.count("/") == 1 and not model.startswith((".", "/", "~")) and not Path(model).expanduser().exists()
-            and bool(re.fullmatch(r"[\w.-]+/[\w.-]+", model)))
 
 
 def _cell(text: str) -> str:
@@ -224,9 +256,8 @@ def _last_metrics(path: Path) -> dict:
     return {}
 
 
-def _lora_file_info(folder: Path) -> tuple[str, list[str]]:
-    """Which component the saved LoRA adapts ("unet" or "transformer", from its key names) and
-    the target modules its adapter config lists."""
+def _lora_file_info(folder: Path) -> list[str]:
+    """The target modules the saved LoRA's adapter config lists."""
     from safetensors import SafetensorError, safe_open
 
     from draft.lora import WEIGHT_NAME
@@ -235,6 +266,6 @@ def _lora_file_info(folder: Path) -> tuple[str, list[str]]:
         with safe_open(str(folder / WEIGHT_NAME), framework="pt") as f:
             prefix = next(iter(f.keys()), "unet").split(".", 1)[0]
             config = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-    except (SafetensorError, OSError, json.JSONDecodeError):  # no readable file: describe the common case
-        return "unet", []
-    return prefix, sorted(config.get(f"{prefix}.target_modules") or [])
+    except (SafetensorError, OSError, json.JSONDecodeError):  # no readable file: nothing to list
+        return []
+    return sorted(config.get(f"{prefix}.target_modules") or [])

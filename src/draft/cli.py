@@ -35,24 +35,18 @@ def _lora_args(values: list[str] | None) -> list[tuple[str, float]]:
 
 
 def _sampling(args):
+    """The sampling options given; those not given stay None, for the library to resolve as
+    `draft train` does (the model's recommended steps and guidance: shapes-flow 20 and 4),
+    so that `draft eval` and `draft sample` see what `draft train` trained with."""
     from draft.config import SamplingConfig
 
-    from draft.models import model_default
-
-    # The model's recommended steps and guidance (shapes-flow: 20 and 4), else 50 and 7.5, so
-    # that `draft eval` and `draft sample` see what `draft train` trained with.
-    steps = args.steps
-    if steps is None:
-        steps = model_default(args.model, "sampling.num_steps", SamplingConfig.num_steps)
-    guidance = args.guidance
-    if guidance is None:
-        guidance = model_default(args.model, "sampling.guidance_scale", SamplingConfig.guidance_scale)
-    return SamplingConfig(num_steps=steps, guidance_scale=guidance, eta=args.eta)
+    return SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta, height=args.height or 0,
+                          width=args.width or 0, frames=args.frames, negative_prompt=args.negative_prompt).validate()
 
 
 def _reward_args(items: list[str] | None) -> dict:
     """--reward-arg aesthetic.model=/path -> {"aesthetic": {"model": "/path"}}."""
-    from draft.config import parse_value
+    from draft.configio import parse_value
 
     out: dict = {}
     for item in items or []:
@@ -68,7 +62,7 @@ def _reward_args(items: list[str] | None) -> dict:
 
 
 def cmd_train(args) -> int:
-    from draft.config import load_config, read_yaml
+    from draft.configio import load_config, read_yaml
 
     config_file, overrides = None, []
     for item in args.items:
@@ -113,9 +107,10 @@ def cmd_sample(args) -> int:
     from draft.inference import sample
 
     out = Path(args.out)
-    sample(args.model, args.prompt, _lora_args(args.lora), seed=args.seed, num_images=args.num_images,
-           sampling=_sampling(args), out=out, device=args.device)
-    print(f"wrote {len(args.prompt) * args.num_images} image(s) and grid.png to {out}")
+    samples = sample(args.model, args.prompt, _lora_args(args.lora), seed=args.seed, num_images=args.num_images,
+                     sampling=_sampling(args), out=out, device=args.device, fps=args.fps)
+    kind = "video(s) as mp4 and GIF" if samples.ndim == 5 else "image(s)"
+    print(f"wrote {len(args.prompt) * args.num_images} {kind} and grid.png to {out}")
     return 0
 
 
@@ -143,11 +138,10 @@ def cmd_rewards(args) -> int:
 
 
 def cmd_pretrain_shapes(args) -> int:
-    if args.model == "shapes-flow":
-        from draft.models.shapes_flow_pretrain import pretrain
-    else:
-        from draft.models.shapes_pretrain import pretrain
+    from draft.models import EMBEDDED
+    from draft.models.base import load_callable
 
+    pretrain = load_callable(EMBEDDED[args.model].pretrain)
     path = pretrain(Path(args.out or args.model), seed=args.seed, device=args.device)
     print(f"wrote the {args.model} pipeline to {path}")
     return 0
@@ -157,7 +151,8 @@ def cmd_export(args) -> int:
     from draft.export import export, merge
 
     if args.format is None and args.merge is None:
-        raise UserError("say what to write: --format kohya|diffusers (a LoRA file) and/or --merge OUT_DIR (a pipeline)")
+        raise UserError("say what to write: --format kohya|comfyui|diffusers (a LoRA file) and/or --merge OUT_DIR "
+                        "(a pipeline)")
     if args.format is not None:
         path = export(args.lora, args.format, out=args.out, scale=args.scale, model=args.model)
         print(f"wrote {path}")
@@ -176,7 +171,11 @@ def _add_sampling(p) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: the model's recommended number, else 50)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="guidance scale (default: the model's recommended one, else 7.5)")
+                   help="guidance scale (default: the model's recommended one)")
+    p.add_argument("--negative-prompt", default="", help="the prompt of guidance's unconditional pass (default: empty)")
+    p.add_argument("--height", type=int, default=None, help="height in pixels (default: the model's native size)")
+    p.add_argument("--width", type=int, default=None, help="width in pixels (default: the model's native size)")
+    p.add_argument("--frames", type=int, default=None, help="video models: frames per video (default: the model's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--lora", action="append", metavar="DIR[:SCALE]",
@@ -203,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    p.add_argument("--fps", type=int, default=0, help="video models: frames per second of the mp4s (default: the model's)")
     _add_sampling(p)
     p.set_defaults(func=cmd_sample)
 
@@ -222,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a LoRA for ComfyUI/A1111/Forge (kohya) or diffusers, or merge it into the model")
     p.add_argument("lora", metavar="RUN_OR_LORA", help="a run folder, its lora/ folder, or a LoRA .safetensors file")
-    p.add_argument("--format", choices=("kohya", "diffusers"),
-                   help="kohya: lora_unet_* keys for ComfyUI, AUTOMATIC1111, Forge (SD 1.x/2.x/SDXL); diffusers: peft keys")
+    p.add_argument("--format", choices=("kohya", "comfyui", "diffusers"),
+                   help="kohya: lora_unet_* keys for ComfyUI, AUTOMATIC1111, Forge (SD 1.x/2.x/SDXL); comfyui: the "
+                        "original layer names ComfyUI reads for Wan; diffusers: peft keys")
     p.add_argument("--out", metavar="FILE", help="the .safetensors file to write (default: next to the LoRA)")
     p.add_argument("--scale", type=float, default=1.0, help="strength folded into the export (default 1: the trained update)")
     p.add_argument("--merge", metavar="OUT_DIR", help="also save the base pipeline with the LoRA fused in, to this folder")
@@ -231,9 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="where to fuse the weights for --merge (default cpu)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("pretrain-shapes", help="rebuild a shipped shapes pipeline (shapes-sd, shapes-flow) from scratch")
-    p.add_argument("--model", default="shapes-sd", choices=["shapes-sd", "shapes-flow"],
-                   help="which family: shapes-sd (Stable Diffusion, DDIM) or shapes-flow (SD3, flow matching)")
+    from draft.models import EMBEDDED
+
+    shipped = [name for name, e in EMBEDDED.items() if e.pretrain]
+    p = sub.add_parser("pretrain-shapes", help=f"rebuild a shipped shapes pipeline ({', '.join(shipped)}) from scratch")
+    p.add_argument("--model", default="shapes-sd", choices=shipped,
+                   help="which one: shapes-sd (Stable Diffusion, DDIM) or shapes-flow (SD3, flow matching)")
     p.add_argument("--out", default=None, help="output folder (default: the model's name); the pipeline goes into OUT/MODEL")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

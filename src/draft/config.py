@@ -1,8 +1,11 @@
-"""Training configuration: frozen dataclasses, YAML files and dotted `key=value` overrides.
+"""Training configuration: frozen dataclasses with a comment on every field.
 
-Every field says what it means, its unit and what it interacts with. Unknown keys and
-values of the wrong type are errors (`UserError`), with the closest valid key suggested.
-Validation lives in one place, `TrainConfig.validate`.
+Every field says what it means, its unit and what it interacts with. A field whose
+default is `None` is chosen for the run when the user leaves it unset: by the method, the
+model, the model's family, or draft's own default, in that order (`draft.defaults`, the
+one place that resolves them, for `draft.train`, `draft.sample`, `draft.evaluate` and the
+CLI alike). Validation lives in one place, `TrainConfig.validate`; YAML files and dotted
+`key=value` overrides are read by `draft.configio`:
 
     cfg = load_config("my.yaml", ["method=draft-k", "k=5", "sampling.num_steps=25"])
 """
@@ -10,52 +13,50 @@ Validation lives in one place, `TrainConfig.validate`.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from draft.errors import UserError, did_you_mean, unknown
+from draft.errors import UserError, unknown
 
-METHODS = ("draft", "draft-k", "draft-lv", "refl", "alignprop", "ddpo")
 PRECISIONS = ("no", "bf16", "fp16")
-# Defaults that belong to a method: {method: {dotted key: (value, why)}}. `from_dict` applies
-# them where the config (file, overrides, or a resumed run's config.yaml) does not set the
-# key, so the resolved config.yaml records the value; `method_defaults` says why, for the
-# start-up lines and `--dry-run`. A user's own value always wins.
-METHOD_DEFAULTS: dict[str, dict[str, tuple[Any, str]]] = {
-    "ddpo": {
-        "sampling.eta": (1.0, "DDPO's policy gradient needs stochastic sampling steps; "
-                              "eta 1 (DDPM-like) as in DDPO's own runs"),
-    },
-}
+FRAME_CHOICES = ("even", "random", "first")
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    # Number of DDIM steps T per sample. Cost of a training step grows linearly with T
-    # (plus the backward over the gradient window).
-    num_steps: int = 50
-    # Classifier-free guidance scale s; 1 disables guidance (and halves the UNet cost).
+    # Number of sampling steps T per sample (None: the model's recommended number, e.g. 20
+    # for shapes-flow, 28 for SD3 and FLUX.1, else 50). A training step's cost grows
+    # linearly with T, plus the backward over the gradient window.
+    num_steps: int | None = None
+    # Classifier-free guidance scale s; 1 disables guidance (and halves the denoiser's cost).
+    # None: the model family's pipeline default (7.5 SD, 5 SDXL and Wan, 7 SD3, 3.5 FLUX.1).
     # FLUX.1-dev is guidance-distilled: there the value feeds its guidance embedding (one
     # pass per step whatever the value); FLUX.1-schnell ignores it.
-    guidance_scale: float = 7.5
-    # DDIM stochasticity η: 0 is deterministic DDIM, 1 is DDPM-like. method=ddpo makes 1 its
-    # default (METHOD_DEFAULTS).
-    eta: float = 0.0
-    # Wrap every gradient-carrying UNet call in torch.utils.checkpoint: memory stays flat
-    # in the gradient window at the cost of one extra forward per step in it. Even with a
-    # one-step window (DRaFT-1, DRaFT-LV) it keeps the UNet's activations from sitting in
-    # memory beside the VAE decoder's and the reward's (28.6 -> 19.9 GB for SD 1.5 at
-    # batch 4, see BENCHMARKS.md); turn it off when memory is plentiful and time is not.
-    checkpointing: bool = True
-    # Also checkpoint the VAE decode (saves its activations; worth it at high resolution).
+    guidance_scale: float | None = None
+    # Wan 2.2 A14B: the guidance of its low-noise expert (transformer_2); None: the same as
+    # guidance_scale, as WanPipeline does. Other models have one scale and ignore it.
+    guidance_scale_2: float | None = None
+    # The prompt of the unconditional half of classifier-free guidance ("" as the pipelines
+    # use by default); unused where guidance is off or an input of the model (FLUX.1).
+    negative_prompt: str = ""
+    # DDIM stochasticity η: 0 is deterministic, 1 is DDPM-like. None: 0, or the method's
+    # own default (method=ddpo: 1).
+    eta: float | None = None
+    # Wrap every gradient-carrying denoiser call in a checkpoint: memory stays flat in the
+    # gradient window at the cost of one extra forward per step in it. Even with a
+    # one-step window (DRaFT-1, DRaFT-LV) it keeps the denoiser's activations from sitting
+    # in memory beside the VAE decoder's and the reward's (BENCHMARKS.md, SD 1.5); turn it
+    # off when memory is plentiful and time is not. None: on, unless the model says
+    # otherwise (shapes-flow: off).
+    checkpointing: bool | None = None
+    # Also checkpoint the VAE decode (saves its activations; worth it at high resolution
+    # and for video).
     decode_checkpointing: bool = False
-    # Fold the LoRA into the UNet's weights for the sampling steps that carry no gradient
-    # (all but the window; every step when generating images), restoring the exact base
+    # Fold the LoRA into the denoiser's weights for the sampling steps that carry no
+    # gradient (all but the window; every step when generating), restoring the exact base
     # weights afterwards. Same images, less time per step; costs one copy of the adapted
-    # layers' weights. Skipped automatically for FSDP/DeepSpeed-sharded or compiled UNets.
+    # layers' weights. Skipped automatically for FSDP/DeepSpeed-sharded or compiled models.
     merge_lora: bool = True
     # With checkpointing and merge_lora: run the first pass of each gradient-carrying step
     # without any graph and with the LoRA merged, and recompute it unmerged in the backward
@@ -66,6 +67,30 @@ class SamplingConfig:
     # Image size in pixels; 0 means the model's native size.
     height: int = 0
     width: int = 0
+    # Video frames per sample (video models only; 0 for image models). None: the model
+    # family's default (Wan: 81, what its pipeline samples).
+    frames: int | None = None
+
+    def numeric_ranges(self, prefix: str = "") -> list[tuple]:
+        """The section's numbers as (key, value, lowest, highest); see `TrainConfig._numeric_ranges`."""
+        return [
+            (prefix + "num_steps", self.num_steps, 1, None), (prefix + "guidance_scale", self.guidance_scale, 0, None),
+            (prefix + "guidance_scale_2", self.guidance_scale_2, 0, None),
+            # Above 1 the DDIM step's noise outgrows the step and the update takes a square
+            # root of a negative number.
+            (prefix + "eta", self.eta, 0, 1), (prefix + "height", self.height, 0, None),
+            (prefix + "width", self.width, 0, None), (prefix + "frames", self.frames, 0, None),
+        ]
+
+    def validate(self) -> "SamplingConfig":
+        """Raise UserError for a value out of range (`draft sample` and `draft eval` too); return self."""
+        for key, value, lo, hi in self.numeric_ranges():
+            if value is not None:
+                check_number(key, value, lo, hi)
+        if not isinstance(self.negative_prompt, str):
+            raise UserError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
+        return self
+
 
 
 @dataclass(frozen=True)
@@ -77,12 +102,12 @@ class LoraConfig:
     # Dropout on the LoRA input (0 keeps training deterministic).
     dropout: float = 0.0
     # Modules of the denoiser that get an adapter; empty means the model family's default
-    # (recorded in the run's config.yaml): for Stable Diffusion 1.x/2.x/SDXL the attention
+    # (resolved into the run's config.yaml): for Stable Diffusion 1.x/2.x/SDXL the attention
     # projections, the transformer blocks' input/output and feed-forward projections and the
     # resnets' convolutions (on shapes-sd this wider adapter lifts held-out accuracy about 4
-    # points more than attention alone, BENCHMARKS.md); for SD3 and FLUX the attention
-    # projections of both streams, `add_*` context projections included. The SD 1.5 configs
-    # name attention only, as the paper did.
+    # points more than attention alone, BENCHMARKS.md); for the flow transformers the
+    # attention projections of both streams. The SD 1.5 configs name attention only, as the
+    # paper did.
     target_modules: tuple[str, ...] = ()
 
 
@@ -102,11 +127,12 @@ class LogConfig:
     keep_checkpoints: int = 2
     # Accelerate trackers to log to ("tensorboard", "wandb", ...); empty for none.
     trackers: tuple[str, ...] = ("tensorboard",)
-    # Evaluate the reward on this many held-out images before and after training (0 to
-    # skip): `eval_prompts` in turn, each with its own fixed seed. The default covers
-    # shapes-sd's 180 held-out prompts twice, so diversity across seeds is measured; on a
-    # large model, 32 or so keeps evaluation short.
-    eval_samples: int = 360
+    # Evaluate the reward on this many held-out samples before and after training (0 to
+    # skip): `eval_prompts` in turn, each with its own fixed seed. None: the model's own
+    # number (the shapes models: 360, every held-out prompt twice, so diversity across
+    # seeds is measured), else 32 for images and 8 for videos, which keeps evaluation short
+    # on a large model.
+    eval_samples: int | None = None
     # Also evaluate every this many steps, into metrics.jsonl as eval_* (0: only before and
     # after). Evaluation time is not counted in the logged training `time`.
     eval_every: int = 0
@@ -115,15 +141,27 @@ class LogConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # --- what to train ---
-    # A diffusers pipeline (Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, FLUX.1): a local folder,
-    # a hub id, or an embedded tiny model ("shapes-sd", "shapes-flow").
+    # A diffusers pipeline (Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, FLUX.1, Wan): a local
+    # folder, a hub id, or an embedded tiny model ("shapes-sd", "shapes-flow").
     model: str = "shapes-sd"
     # The reward to maximise: a registered name (`draft rewards`), "module:attr", or a
     # weighted sum such as "aesthetic:1.0+hpsv2:0.5".
     reward: str = "shapes-alignment"
+    # Settings of the model family's adapter, by name (the embedded models bring their own):
+    # Wan 2.2 A14B's lora_expert ("low", the default, or "high": which expert gets the
+    # LoRA), a video model's native height/width/frames, SD3's and Wan's
+    # max_sequence_length. An unknown name is an error naming the adapter's settings.
+    model_options: dict[str, Any] = field(default_factory=dict)
     # Keyword arguments for each reward, by reward name, e.g.
     # reward_args.aesthetic.model=/path/to/weights
     reward_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Videos: how many frames an image reward scores per video (0: all), averaged over
+    # them, and which: evenly spaced (first and last included), drawn at random, or the
+    # first ones. Chosen once per optimizer step, the same on every micro-batch and
+    # process; only the latent frames those frames need are decoded, so "first" saves
+    # most (the video VAE is causal: frame k needs every latent frame up to its own).
+    reward_frames: int = 0
+    reward_frame_choice: str = "even"
     # Training prompts: a prompt set the model ships ("train", "heldout" on shapes-sd; a model
     # that ships none gets the general animal prompts under these names), a text file with
     # one prompt per line, FILE.csv:COLUMN or FILE.jsonl:FIELD, or prompts separated by "|"
@@ -132,16 +170,16 @@ class TrainConfig:
     # Prompts for sample grids and the before/after evaluation (same forms as `prompts`).
     eval_prompts: str = "heldout"
 
-    # --- the method (see `draft.methods`) ---
+    # --- the method (see `draft.methods`, where each method's costs and defaults live) ---
     # draft: gradient through all steps; draft-k: the last k steps; draft-lv: k=1 with
     # lv_n re-noised passes; refl, alignprop: the neighbours on the same loop; ddpo: the
-    # reinforcement-learning baseline (no reward gradient; samples with sampling.eta=1 unless
-    # set, see METHOD_DEFAULTS).
-    method: str = "draft-lv"
+    # reinforcement-learning baseline (no reward gradient). None: the model's recommended
+    # method (shapes-flow: draft), else draft-lv.
+    method: str | None = None
     # DRaFT-K: how many final sampling steps carry gradient (1 <= k <= num_steps).
     k: int = 1
     # DRaFT-LV: how many times the final latent is re-noised and denoised with gradient.
-    # Each pass costs one UNet step, one decode and one reward call.
+    # Each pass costs one denoiser step, one decode and one reward call.
     lv_n: int = 2
     # AlignProp: the gradient window K is drawn uniformly from [k_min, k_max] once per
     # optimizer step (not per sampling step).
@@ -153,11 +191,10 @@ class TrainConfig:
     refl_min_step: int = -1
     refl_max_step: int = -1
     # DRaFT+: weight of the mean squared difference between the adapted and the base
-    # model's predictions over the gradient-carrying steps (0 disables it). The default
-    # recipe's 0.03 keeps shapes-sd's diversity at 81-87% of the base's where 0 left
-    # 71-74% (one run: 57%), at no cost in held-out accuracy over three seeds
-    # (BENCHMARKS.md); the SD 1.5 configs set 0, as the paper's runs did.
-    kl_coeff: float = 0.03
+    # model's predictions over the gradient-carrying steps (0 disables it). None: the
+    # model's own value (shapes-sd: 0.03, which keeps its samples varied at no cost in
+    # held-out accuracy, BENCHMARKS.md "shapes-sd"), else 0, as in the paper's runs.
+    kl_coeff: float | None = None
     # DDPO: PPO's clip range on the importance ratio (ddpo-pytorch uses 1e-4), the clip on
     # normalised advantages, how many optimizer steps reuse one rollout (the ratio leaves 1
     # from the second on), and the fraction of sampling steps trained on per update.
@@ -171,9 +208,9 @@ class TrainConfig:
     ddpo_min_prompt_count: int = 2
 
     # --- optimisation ---
-    # Optimizer steps to train for (500: the embedded default recipe, under 10 minutes on a
-    # laptop CPU; the README shows what it achieves).
-    steps: int = 500
+    # Optimizer steps to train for. None: the model's own recipe (shapes-sd 500, shapes-flow
+    # 800, each under 10 minutes on a laptop CPU), else 500.
+    steps: int | None = None
     # Samples per process per micro-batch. The effective batch of one optimizer step is
     # batch_size x grad_accum x number of processes.
     batch_size: int = 4
@@ -212,14 +249,23 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> "TrainConfig":
-        """Raise UserError for values that cannot work together; return self."""
+        """Raise UserError for values that cannot work together; return self.
+
+        Values left to `draft.defaults` (None) are checked once they are resolved.
+        """
         s = self.sampling
-        if self.method not in METHODS:
-            raise unknown("method", self.method, METHODS)
+        if self.method is not None:
+            from draft.methods import METHODS
+
+            if self.method not in METHODS:
+                raise unknown("method", self.method, METHODS)
         if self.mixed_precision not in PRECISIONS:
             raise unknown("mixed_precision", self.mixed_precision, PRECISIONS)
+        if self.reward_frame_choice not in FRAME_CHOICES:
+            raise unknown("reward_frame_choice", self.reward_frame_choice, FRAME_CHOICES)
         for key, value, lo, hi in self._numeric_ranges():
-            _check_number(key, value, lo, hi)
+            if value is not None:
+                check_number(key, value, lo, hi)
         for key in ("model", "reward", "prompts", "eval_prompts", "output_dir"):
             value = getattr(self, key)
             if not isinstance(value, str) or not value.strip():
@@ -234,22 +280,14 @@ class TrainConfig:
         for name, args in self.reward_args.items():
             if not isinstance(args, dict):
                 raise UserError(f"reward_args.{name} must be a mapping of argument names to values, got {args!r}")
-        # Method-specific knobs are checked only for the method that uses them, so that
-        # e.g. a short sampling.num_steps does not trip over AlignProp's default range.
-        if self.method == "draft-k" and self.k > s.num_steps:
-            raise UserError(f"k={self.k} is larger than sampling.num_steps={s.num_steps}")
-        if self.method == "alignprop" and not 1 <= self.alignprop_k_min <= self.alignprop_k_max <= s.num_steps:
-            raise UserError(
-                f"need 1 <= alignprop_k_min <= alignprop_k_max <= sampling.num_steps, got "
-                f"{self.alignprop_k_min}, {self.alignprop_k_max}, {s.num_steps}"
-            )
-        lo, hi = self.refl_range
-        if self.method == "refl" and not 0 <= lo <= hi < s.num_steps:
-            raise UserError(f"need 0 <= refl_min_step <= refl_max_step < sampling.num_steps, got {lo}, {hi}")
-        if self.method == "ddpo" and s.eta <= 0:
-            raise UserError("method=ddpo samples stochastically: set sampling.eta > 0 (e.g. sampling.eta=1.0)")
         if s.height % 8 or s.width % 8:
             raise UserError(f"sampling.height and sampling.width must be multiples of 8, got {s.height}x{s.width}")
+        if self.method is not None and s.num_steps is not None and s.eta is not None:
+            # Method-specific knobs are checked only for the method that uses them, so that
+            # e.g. a short sampling.num_steps does not trip over AlignProp's default range.
+            from draft.methods import METHODS
+
+            METHODS[self.method].check(self)
         return self
 
     def _numeric_ranges(self):
@@ -265,17 +303,14 @@ class TrainConfig:
             ("ddpo_adv_clip", self.ddpo_adv_clip, (0,), big), ("ddpo_rollout_reuse", self.ddpo_rollout_reuse, 1, big),
             ("ddpo_timestep_fraction", self.ddpo_timestep_fraction, (0,), 1),
             ("ddpo_min_prompt_count", self.ddpo_min_prompt_count, 1, big),
+            ("reward_frames", self.reward_frames, 0, big),
             ("steps", self.steps, 1, big), ("batch_size", self.batch_size, 1, big),
             ("grad_accum", self.grad_accum, 1, big), ("lr", self.lr, 0, big),
             ("adam_beta1", self.adam_beta1, 0, (1,)), ("adam_beta2", self.adam_beta2, 0, (1,)),
             ("weight_decay", self.weight_decay, 0, big), ("warmup_steps", self.warmup_steps, 0, big),
             ("max_grad_norm", self.max_grad_norm, 0, big), ("max_bad_steps", self.max_bad_steps, 1, big),
-            # numpy's SeedSequence takes no negative seeds; torch's generators take 64 bits.
-            ("seed", self.seed, 0, 2**63 - 1),
-            ("sampling.num_steps", s.num_steps, 1, big), ("sampling.guidance_scale", s.guidance_scale, 0, big),
-            # Above 1 the DDIM step's noise outgrows the step and the update takes a square
-            # root of a negative number.
-            ("sampling.eta", s.eta, 0, 1), ("sampling.height", s.height, 0, big), ("sampling.width", s.width, 0, big),
+            ("seed", self.seed, *SEED_RANGE),
+            *s.numeric_ranges("sampling."),
             ("lora.rank", lora.rank, 1, big), ("lora.alpha", lora.alpha, (0,), big),
             ("lora.dropout", lora.dropout, 0, (1,)),
             ("log.every", lg.every, 1, big), ("log.sample_every", lg.sample_every, 1, big),
@@ -300,10 +335,14 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check_number(key: str, value, lo, hi) -> None:
-    """UserError unless `value` is a finite number within [lo, hi]; a bound in a 1-tuple is open."""
-    import math
+# numpy's SeedSequence takes no negative seeds; torch's generators take 64 bits.
+SEED_RANGE = (0, 2**63 - 1)
 
+
+
+
+def check_number(key: str, value, lo, hi) -> None:
+    """UserError unless `value` is a finite number within [lo, hi]; a bound in a 1-tuple is open."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{key} must be a number, got {value!r}")
     if not math.isfinite(value):
@@ -327,201 +366,14 @@ def _plain(value):
     return value
 
 
-# --- building a config from YAML and overrides ----------------------------------------------
+def load_config(path=None, overrides=(), base: dict | None = None) -> TrainConfig:
+    """A resolved, validated TrainConfig from a YAML file and overrides (`draft.configio`)."""
+    from draft.configio import load_config as load
+
+    return load(path, overrides, base)
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None
-) -> TrainConfig:
-    """A validated TrainConfig: `base` (a dict, e.g. a run's config.yaml), then the YAML file
-    at `path`, then `key=value` overrides, each on top of the one before."""
-    data: dict[str, Any] = dict(base or {})
-    if path is not None:
-        data = _merge(data, read_yaml(path))
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"override {item!r} is not of the form key=value")
-        _set_dotted(data, key.strip(), parse_value(raw))
-    return from_dict(data).validate()
+def dump_yaml(config: TrainConfig, path) -> None:
+    from draft.configio import dump_yaml as dump
 
-
-def _merge(a: dict, b: dict) -> dict:
-    """b over a, recursively for sections."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {str(path)!r} must hold a mapping of keys to values")
-    return data
-
-
-def parse_value(raw: str):
-    import yaml
-
-    try:
-        return yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        return raw
-
-
-def _set_dotted(data: dict, key: str, value) -> None:
-    *parents, last = key.split(".")
-    node = data
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise UserError(f"cannot set {key!r}: {p!r} is not a section")
-    node[last] = value
-
-
-def from_dict(data: dict[str, Any], cls=TrainConfig, prefix: str = ""):
-    """Build dataclass `cls` from a nested dict, checking keys and types.
-
-    For a whole TrainConfig, the chosen method's and model's defaults fill the keys that
-    `data` does not set.
-    """
-    if not isinstance(data, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    if cls is TrainConfig and not prefix:
-        data = _with_method_defaults(data)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise UserError(f"unknown config key {prefix + key!r}{did_you_mean(key, fields)}")
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
-
-
-def _given(data: dict, key: str) -> bool:
-    """Whether the nested dict `data` sets the dotted `key` (a section object sets all its keys)."""
-    node: Any = data
-    for part in key.split("."):
-        if not isinstance(node, dict):
-            return True
-        if part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def _defaults_for(method, model) -> dict[str, tuple[Any, str]]:
-    """The defaults that belong to this method and this model, by dotted key: (value, why).
-
-    A model's come from `draft.models.model_defaults` (an embedded model's recommended
-    sampling settings and recipe); a method's from METHOD_DEFAULTS, and win over the model's.
-    """
-    from draft.models import model_defaults
-
-    out = model_defaults(model)
-    out.update(METHOD_DEFAULTS.get(method, {}) if isinstance(method, str) else {})
-    return out
-
-
-def _with_method_defaults(data: dict) -> dict:
-    """`data` with its method's and model's defaults added where it does not set the key (a new dict)."""
-    from draft.models import model_default
-
-    model = data.get("model", TrainConfig.model)
-    # A config without `method` runs the model's recommended one, whose defaults then apply.
-    defaults = _defaults_for(data.get("method", model_default(model, "method", TrainConfig.method)), model)
-    for key, (value, _) in defaults.items():
-        if not _given(data, key):
-            *parents, last = key.split(".")
-            patch: dict = {last: value}
-            for p in reversed(parents):
-                patch = {p: patch}
-            data = _merge(data, patch)
-    return data
-
-
-def method_defaults(config: TrainConfig) -> list[str]:
-    """One line for each of the method's and the model's defaults that the config holds: what and why."""
-    notes = []
-    for key, (value, why) in _defaults_for(config.method, config.model).items():
-        current: Any = config
-        for part in key.split("."):
-            current = getattr(current, part)
-        if current == value:
-            owner = f"method {config.method}" if key in METHOD_DEFAULTS.get(config.method, {}) else config.model
-            notes.append(f"{key}={value}: {owner}'s default ({why}); set {key} to change it")
-    return notes
-
-
-def _coerce(value, hint, key: str):
-    """Check `value` against the type hint; convert only where it is lossless."""
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, hint):
-            return value
-        return from_dict(value, hint, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _coerce(value, option, key)
-            except UserError:
-                pass
-        raise UserError(f"{key} has the wrong type: {value!r}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{key} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise UserError(f"{key} must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # PyYAML reads "1e-3" (no dot) as a string, a classic trap in learning rates.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"{key} must be a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. name=2024 on the command line
-        if value is False and key == "mixed_precision":
-            return "no"  # YAML 1.1 reads mixed_precision=no, Accelerate's own word, as false
-        raise UserError(f"{key} must be a string, got {value!r}")
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{key} must be a list, got {value!r}")
-        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
-        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{key} must be a mapping, got {value!r}")
-        return value
-    if hint is Any:
-        return value
-    raise TypeError(f"unsupported config type {hint} for {key}")  # a bug, not user input
-
-
-def dump_yaml(config: TrainConfig, path: Path) -> None:
-    import yaml
-
-    from draft.safeio import write_text
-
-    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False), "the configuration")
+    dump(config, path)

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from draft.methods import Batch, Loop, MethodOutput
-from draft.sampling import denoised, gaussian_log_prob, model_step, sample, step_mean
+from draft.methods import Batch, Sampler, MethodOutput
+from draft.sampling import denoised, gaussian_log_prob, model_step, sample_chain, step_mean
 
 
 @dataclass
@@ -62,10 +62,10 @@ def advantages(rewards: torch.Tensor, prompts: list[str], min_count: int = 2, ep
 
 
 @torch.no_grad()
-def rollout(loop: Loop, batch: Batch, rollout_id: int) -> Rollout:
+def rollout(sampler: Sampler, batch: Batch, rollout_id: int) -> Rollout:
     """Sample with η > 0 under no_grad, recording each step's transition and log-probability."""
-    schedule, eta = loop.schedule, loop.eta
-    cond = loop.model.conditioning(batch.prompts, loop.guidance_scale)
+    schedule, eta = sampler.schedule, sampler.eta
+    cond = sampler.conditioning(batch.prompts)
     xs, xps, logps = [], [], []
 
     def record(i, x_t, out, x_prev):
@@ -80,9 +80,9 @@ def rollout(loop: Loop, batch: Batch, rollout_id: int) -> Rollout:
         xs.append(x_t)
         xps.append(x_prev)
 
-    x0 = sample(loop.denoiser(), batch.noise.draw(), schedule, cond, eta=eta,
+    x0 = sample_chain(sampler.denoiser(), batch.noise.draw(), schedule, cond, eta=eta,
                 step_noise=lambda i: batch.noise.draw(), on_step=record)
-    r = loop.score(x0, batch.prompts).detach().float()
+    r = sampler.score(x0, batch.prompts, batch.frames).detach().float()
     # The rollout's own advantages; DDPO.prepare replaces them with those of the whole step.
     return Rollout(rollout_id, list(batch.prompts), cond, torch.stack(xs), torch.stack(xps), torch.stack(logps), r,
                    advantages(r, batch.prompts))
@@ -95,14 +95,14 @@ class DDPO:
         self._rollouts: dict[int, Rollout] = {}
         self._new: set[int] = set()  # micro-batches whose rollout was sampled this step (reward queries)
 
-    def prepare(self, loop: Loop, batches: list[Batch], cfg, accelerator=None) -> None:
+    def prepare(self, sampler: Sampler, batches: list[Batch], cfg, accelerator=None) -> None:
         """Before a step's first micro-batch: if the rollout is due, sample every micro-batch of
         this process and set the advantages from the rewards of all processes."""
         rid = batches[0].step // cfg.ddpo_rollout_reuse
         if not any(self._fresh(b, rid) for b in batches):
             return
         # Resuming in the middle of a reused rollout samples a new one here.
-        rollouts = [rollout(loop, b, rid) for b in batches]
+        rollouts = [rollout(sampler, b, rid) for b in batches]
         rewards = torch.cat([ro.rewards for ro in rollouts])
         prompts = [p for ro in rollouts for p in ro.prompts]
         first = 0
@@ -123,25 +123,25 @@ class DDPO:
         ro = self._rollouts.get(batch.micro)
         return ro is None or ro.rollout_id != rid
 
-    def __call__(self, loop: Loop, batch: Batch, cfg) -> MethodOutput:
+    def __call__(self, sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
         rid = batch.step // cfg.ddpo_rollout_reuse
         if self._fresh(batch, rid):  # called without `prepare` (one micro-batch, one process)
-            self.prepare(loop, [batch], cfg)
+            self.prepare(sampler, [batch], cfg)
         ro = self._rollouts[batch.micro]
         fresh = batch.micro in self._new
         self._new.discard(batch.micro)
         # Only stochastic steps are actions with a log-probability.
-        actions = [i for i in range(len(loop.schedule)) if loop.schedule.sigma(i, loop.eta) > 0]
+        actions = [i for i in range(len(sampler.schedule)) if sampler.schedule.sigma(i, sampler.eta) > 0]
         n = max(1, round(cfg.ddpo_timestep_fraction * len(actions)))
         picked = batch.step_rng.choice(len(actions), size=n, replace=False) if n < len(actions) else range(n)
         steps = sorted(actions[j] for j in picked)
         adv = ro.advantages.clamp(-cfg.ddpo_adv_clip, cfg.ddpo_adv_clip)
-        denoise = loop.denoiser()
+        denoise = sampler.denoiser()
         losses, kls, clipped = [], [], []
         for i in steps:
-            out, x0, eps = model_step(denoise, ro.latents[i], i, loop.schedule, ro.cond, loop.use_checkpoint)
-            s = loop.schedule
-            sigma = s.sigma(i, loop.eta)
+            out, x0, eps = model_step(denoise, ro.latents[i], i, sampler.schedule, ro.cond, sampler.use_checkpoint)
+            s = sampler.schedule
+            sigma = s.sigma(i, sampler.eta)
             logp = gaussian_log_prob(ro.next_latents[i], step_mean(x0, eps, s.a_prev[i], s.s_prev[i], sigma), sigma)
             ratio = torch.exp(logp - ro.log_probs[i])
             surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.ddpo_clip, 1 + cfg.ddpo_clip))

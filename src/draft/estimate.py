@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from draft.config import TrainConfig
+from draft.errors import UserError
 
 GIB = 2**30
 # Measured peak / counted activations on SD 1.5's architecture (BENCHMARKS.md): the
@@ -93,7 +94,13 @@ class Estimate:
 
 
 def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> Estimate:
-    """The estimate for `config` on the pipeline folder `folder` (configs only, no weights)."""
+    """The estimate for `config` on the pipeline folder `folder` (configs only, no weights).
+
+    The family's own adapter, built over the components on the meta device
+    (`PipelineAdapter.on_meta`), answers every question about the model: the sample and
+    latent sizes, the denoiser call and the decode of the frames the reward needs, so
+    nothing here asks which family it is.
+    """
     from draft.models import meta
     from draft.models.base import quiet_diffusers
 
@@ -101,34 +108,23 @@ def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> 
     folder = Path(folder)
     dtype = _DTYPES[config.mixed_precision]
     comps = meta.components(folder)
-    parts = {name: meta.module_bytes(m, dtype) for name, m in comps.items()}
-    den_name = meta.denoiser_name(comps)
-    notes = []
-    if den_name is None or "vae" not in comps:
-        notes.append("no denoiser or VAE in model_index.json: activations not estimated")
+    model = _on_meta(config, folder, comps, dtype)
+    dtypes = _dtypes(model, dtype)
+    parts = {name: meta.module_bytes(m, dtypes.get(name, dtype)) for name, m in comps.items()}
+    if model is None:
+        notes = ["no denoiser or VAE this draft can model in model_index.json: activations not estimated"]
         return Estimate(sum(parts.values()), 0, reward_bytes, 0, 0, parts, notes=notes)
-    den, vae = comps[den_name].to(dtype), comps["vae"].to(dtype)
-    n_lora = lora_parameters(den, lora_targets(config, folder), config.lora.rank)
-    s = config.sampling
-    latent = latent_shape(den, vae, s.height, s.width)
-    procs = int(os.environ.get("WORLD_SIZE", "1"))
-    b = config.batch_size
-    cfg = 1 if s.guidance_scale == 1 else 2
-    n = config.lv_n if config.method == "draft-lv" else 1
-    text = _text_tokens(folder, den)
-    u = meta.denoiser_saved_bytes(den, b * cfg * n, latent, dtype, text)
-    d = meta.decoder_saved_bytes(vae, b * n, latent, dtype) if config.method != "ddpo" else 0
-    if u is None:
-        notes.append(f"activations of {type(den).__name__} are not modelled; weights only")
-        u = 0
+    n_lora = lora_parameters(model.denoiser, config.lora.target_modules or model.default_lora_targets,
+                             config.lora.rank)
+    u, d, size, latent, notes = _activations(config, model, dtype)
+    b, n = config.batch_size, _method(config).passes(config)
     precision = {"no": "float32"}.get(config.mixed_precision, config.mixed_precision)
     step = b * n * math.prod(latent) * 4  # a checkpointed step keeps its float32 input latents
-    g = grad_steps(config)
-    acts = peak_activations(config.method, s.checkpointing, u, d, step, g)
-    notes.append(f"{config.batch_size} sample(s) per process at {latent[1] * _vae_factor(vae)}x"
-                 f"{latent[2] * _vae_factor(vae)} px, {precision} weights, checkpointing "
-                 f"{'on' if s.checkpointing else 'off'}; activations calibrated on SD 1.5's architecture only"
-                 + (f"; x{procs} processes, each this much" if procs > 1 else ""))
+    acts = peak_activations(config.method, config.sampling.checkpointing, u, d, step, grad_steps(config))
+    procs = int(os.environ.get("WORLD_SIZE", "1"))
+    notes.append(f"{config.batch_size} sample(s) per process at {size}, {precision} weights, checkpointing "
+                 f"{'on' if config.sampling.checkpointing else 'off'}; activations calibrated on SD 1.5's "
+                 f"architecture only" + (f"; x{procs} processes, each this much" if procs > 1 else ""))
     if config.method != "ddpo" and not reward_bytes:
         notes.append("the reward model's weights and activations are not included")
     est = Estimate(sum(parts.values()), n_lora * 16, reward_bytes, int(acts * CALIBRATION), n_lora, parts, notes=notes)
@@ -136,20 +132,84 @@ def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> 
     return est
 
 
+def _method(config: TrainConfig):
+    from draft.methods import METHODS
+
+    return METHODS[config.method]
+
+
+def _on_meta(config: TrainConfig, folder: Path, comps: dict, dtype):
+    """The model's adapter over its meta components in the run's precision, or None."""
+    from draft.models import ADAPTERS, EMBEDDED, pipeline_class
+    from draft.models.base import load_callable
+
+    try:
+        adapter = load_callable(ADAPTERS[pipeline_class(str(folder))])
+    except UserError:
+        return None
+    if adapter.lora_prefix not in comps or "vae" not in comps:
+        return None
+    load = adapter.load_dtype(dtype)  # as the model loads: SDXL reads its VAE in float32
+    for name in (adapter.lora_prefix, "transformer_2", "vae"):
+        if name in comps:
+            comps[name] = comps[name].to(load.get(name, load["default"]) if isinstance(load, dict) else load)
+    embedded = EMBEDDED.get(config.model)
+    options = {**(embedded.options if embedded else {}), **config.model_options}
+    model = adapter.on_meta(folder, comps, **options)
+    adapter.after_load(model.pipe)  # and keeps it so only where its config asks (force_upcast)
+    return model
+
+
+def _dtypes(model, dtype) -> dict[str, torch.dtype]:
+    """The dtype each loaded component holds its weights in (the run's, but the VAE's own where kept)."""
+    if model is None:
+        return {}
+    return {"vae": next(model.vae.parameters()).dtype}
+
+
+def _activations(config: TrainConfig, model, dtype):
+    """(U, D, size, latent shape, notes): the bytes one gradient-carrying denoiser call and
+    one decode of the reward's frames keep for the backward (see the module docstring)."""
+    from draft.inference import sample_size
+    from draft.models import meta
+    from draft.models.base import meta as empty
+    from draft.plan import choose_frames
+
+    s, b, notes = config.sampling, config.batch_size, []
+    n = _method(config).passes(config)
+    size = model.size(sample_size(s))
+    latent = model.latent_shape(size)
+    calls = b * n * (1 if s.guidance_scale == 1 else 2)
+    cond = model.meta_conditioning(calls, dtype)
+    u = 0
+    if cond is None:
+        notes.append(f"activations of {type(model.denoiser).__name__} are not modelled; weights only")
+    else:
+        x = empty(calls, *latent, dtype=dtype).requires_grad_(True)
+        u = meta.saved_bytes(lambda: model.denoise(x, empty(), cond), model.denoiser)
+    d = 0
+    if config.method != "ddpo":
+        # The frames the reward sees; a random choice may include the last, which needs them all.
+        how = "first" if config.reward_frame_choice == "first" else "even"
+        frames = choose_frames(0, 0, size.frames, config.reward_frames, how)
+        z = empty(b * n, *latent, dtype=dtype).requires_grad_(True)
+        d = meta.saved_bytes(lambda: model.decode(z, frames=frames), model.vae)
+    return u, d, size, latent, notes
+
+
 def grad_steps(config: TrainConfig) -> int:
     """How many sampling steps carry gradient (the most, for AlignProp's random window)."""
-    t = config.sampling.num_steps
-    return {
-        "draft": t, "draft-k": config.k, "alignprop": config.alignprop_k_max, "draft-lv": 1, "refl": 1,
-        "ddpo": max(1, math.ceil(t * config.ddpo_timestep_fraction)),
-    }[config.method]
+    return _method(config).grad_steps(config)
 
 
 def peak_activations(method: str, checkpointing: bool, u: int, d: int, step: int, g: int) -> int:
-    """The table in this module's docstring."""
-    if method == "refl":
+    """The table in this module's docstring, by how the method's activations add up."""
+    from draft.methods import METHODS
+
+    memory = METHODS[method].memory
+    if memory == "one-step":
         return u + d
-    if method == "ddpo":
+    if memory == "policy":
         return u + g * step if checkpointing else g * u
     return max(u, d) + g * step if checkpointing else g * u + d
 
@@ -157,31 +217,11 @@ def peak_activations(method: str, checkpointing: bool, u: int, d: int, step: int
 def time_ratio(config: TrainConfig) -> float:
     """Denoiser-call units of a step over those of sampling the batch (T): a gradient-carrying
     call costs a forward and a backward (about two forwards), plus one forward when
-    checkpointed; DRaFT-LV's passes and DDPO's reuse of a rollout multiply those."""
-    t, c = config.sampling.num_steps, 3 + (config.sampling.checkpointing and config.method != "refl")
-    if config.method == "ddpo":
-        return (t + config.ddpo_rollout_reuse * grad_steps(config) * c) / t
-    if config.method == "draft-lv":
-        return (t + config.lv_n * c) / t
-    if config.method == "refl":
-        return (sum(config.refl_range) / 2 + c) / t
-    g = (config.alignprop_k_min + config.alignprop_k_max) / 2 if config.method == "alignprop" else grad_steps(config)
-    return (t - g + g * c) / t
-
-
-def lora_targets(config: TrainConfig, folder: Path) -> tuple[str, ...]:
-    """The config's LoRA targets, or else the family adapter's defaults (as `draft.lora` picks
-    them); attention projections for a pipeline no adapter serves yet."""
-    if config.lora.target_modules:
-        return tuple(config.lora.target_modules)
-    from draft.errors import UserError
-    from draft.models import ADAPTERS, pipeline_class
-    from draft.models.base import load_callable
-
-    try:
-        return tuple(load_callable(ADAPTERS[pipeline_class(str(folder))]).default_lora_targets)
-    except UserError:
-        return ("to_q", "to_k", "to_v", "to_out.0")
+    checkpointed (`draft.methods.Method.calls` counts the calls)."""
+    method = _method(config)
+    free, grad = method.calls(config)
+    c = 3 + (config.sampling.checkpointing and method.memory != "one-step")
+    return (free + grad * c) / config.sampling.num_steps
 
 
 def lora_parameters(module: torch.nn.Module, targets, rank: int) -> int:
@@ -192,34 +232,8 @@ def lora_parameters(module: torch.nn.Module, targets, rank: int) -> int:
             continue
         if isinstance(m, torch.nn.Linear):
             n += rank * (m.in_features + m.out_features)
-        elif isinstance(m, torch.nn.Conv2d):  # A: in -> r with the layer's kernel; B: 1x1, r -> out
+        elif isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):  # A: in -> r with the layer's kernel; B: 1x1, r -> out
             n += rank * m.in_channels // m.groups * math.prod(m.kernel_size) + rank * m.out_channels
     return n
 
 
-def _vae_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def latent_shape(den, vae, height: int = 0, width: int = 0) -> tuple[int, int, int]:
-    """(C, h, w) of the latent for the requested image size (0: the model's native size)."""
-    f = _vae_factor(vae)
-    native = getattr(den.config, "sample_size", None) or 128  # FLUX's config has none: 1024 px
-    native = native[0] if isinstance(native, (list, tuple)) else native
-    h, w = (height // f if height else native), (width // f if width else native)
-    return vae.config.latent_channels, h, w
-
-
-def _text_tokens(folder: Path, den) -> int:
-    """Text tokens the denoiser attends to: the CLIP tokenizer's length for a UNet, plus the
-    256 T5 positions diffusers' SD3 pipeline appends (zeros without a T5); 512 for FLUX."""
-    import json
-
-    if type(den).__name__ == "FluxTransformer2DModel":
-        return 512
-    try:
-        length = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text()).get("model_max_length", 77)
-    except (OSError, ValueError):
-        length = 77
-    length = length if isinstance(length, int) and 0 < length <= 4096 else 77
-    return length + 256 if type(den).__name__ == "SD3Transformer2DModel" else length

@@ -1,17 +1,24 @@
 """Fixed-seed evaluation: score held-out prompts with fixed seeds, before and after training.
 
 Every evaluation reports the reward's mean and spread, the real JPEG size of the images
-(Pillow, quality 95), and a diversity figure: the mean pairwise RMS pixel distance between
-images of the same prompt across seeds, so reward hacking and mode collapse show up as a
-falling number. A model may add figures of its own (`model.metrics`: the shapes models
-report the attribute classifier's accuracy).
+(Pillow, quality 95; of a video, its frames' mean), a diversity figure (the mean pairwise
+RMS pixel distance between samples of the same prompt across seeds, so reward hacking and
+mode collapse show up as a falling number) and, for videos, a motion figure (the mean
+absolute change between consecutive frames, which falls when an image reward makes videos
+static). A model may add figures of its own (`model.metrics`: the shapes models report
+the attribute classifier's accuracy).
+
+Samples are scored as each batch is generated and then dropped (`Tally`): 360 videos at
+480p kept whole would take about 140 GB of host memory. Diversity needs the samples of a
+prompt side by side, so only small copies are kept for it: images of at most 128 px a
+side (the shapes models' 32 px images unchanged), videos as 4 frames of at most 64 px.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +27,16 @@ import torch
 from draft.config import SamplingConfig
 from draft.rewards.jpeg import jpeg_bytes
 
+IMAGE_THUMB, VIDEO_THUMB, VIDEO_THUMB_FRAMES = 128, 64, 4
+
 
 def diversity(images: torch.Tensor, groups: Sequence[int]) -> float | None:
     """Mean over groups of the mean pairwise RMS distance between the group's images
     (None when no group has two images)."""
-    by_group: dict[int, list[torch.Tensor]] = {}
-    for image, g in zip(images.float(), groups):
-        by_group.setdefault(g, []).append(image)
+    return _diversity({g: [image for image, h in zip(images.float(), groups) if h == g] for g in set(groups)})
+
+
+def _diversity(by_group: dict[int, list[torch.Tensor]]) -> float | None:
     values = [
         float((a - b).square().mean().sqrt())
         for members in by_group.values()
@@ -35,25 +45,88 @@ def diversity(images: torch.Tensor, groups: Sequence[int]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-@torch.no_grad()
-def score(images: torch.Tensor, prompts: list[str], groups: Sequence[int], reward,
-          model_metrics: Callable[[torch.Tensor, list[str]], dict] | None = None, device="cpu",
-          batch_size: int = 16) -> dict:
-    """The evaluation figures for already generated images (the reward runs on `device`),
-    with the model's own metrics (`model.metrics`) where it has any."""
-    chunks = range(0, len(prompts), batch_size)
-    r = torch.cat([reward(images[i : i + batch_size].to(device), prompts[i : i + batch_size]).float().cpu() for i in chunks])
-    out = {
-        "n": len(prompts),
-        "reward_mean": float(r.mean()),
-        "reward_std": float(r.std(unbiased=False)),
+def thumbnail(samples: torch.Tensor) -> torch.Tensor:
+    """Small float16 copies for the diversity figure: images area-averaged to at most 128 px a
+    side, videos to 4 evenly spaced frames of at most 64 px."""
+    if samples.ndim == 5:
+        from draft.video import strip_frames
+
+        samples = samples[:, strip_frames(samples.shape[1], VIDEO_THUMB_FRAMES)]
+        side = VIDEO_THUMB
+    else:
+        side = IMAGE_THUMB
+    h, w = samples.shape[-2:]
+    factor = -(-max(h, w) // side)  # ceil
+    if factor > 1:
+        flat = samples.reshape(-1, *samples.shape[-3:]).float()
+        flat = torch.nn.functional.avg_pool2d(flat, factor, ceil_mode=True)
+        samples = flat.reshape(*samples.shape[:-2], *flat.shape[-2:])
+    return samples.to(torch.float16)
+
+
+class Tally:
+    """The running figures of an evaluation; `add` a batch at a time, then `result`."""
+
+    def __init__(self, reward, model_metrics: Callable | None = None, device="cpu", frames=None):
+        self.reward, self.model_metrics, self.device, self.frames = reward, model_metrics, device, frames
+        self.rewards: list[torch.Tensor] = []
+        self.jpeg: list[torch.Tensor] = []
+        self.motion: list[torch.Tensor] = []
+        self.metric_sums: dict[str, float] = {}
+        self.thumbs: dict[int, list[torch.Tensor]] = {}
+        self.n = 0
+
+    @torch.no_grad()
+    def add(self, samples: torch.Tensor, prompts: list[str], groups: Sequence[int]) -> None:
+        scored = samples if self.frames is None or samples.ndim == 4 else samples[:, list(self.frames)]
+        self.rewards.append(self.reward(scored.to(self.device), list(prompts)).float().cpu())
         # quality 95, the setting of the compressibility experiments (DDPO, DRaFT)
-        "jpeg_kb": float(jpeg_bytes(images, quality=95).mean()) / 1024,
-        "diversity": diversity(images, groups),
-    }
-    if model_metrics is not None:
-        out.update(model_metrics(images, prompts))
-    return out
+        flat = samples.flatten(0, 1) if samples.ndim == 5 else samples
+        self.jpeg.append(jpeg_bytes(flat, quality=95).view(len(prompts), -1).mean(1))
+        if samples.ndim == 5:
+            from draft.rewards.motion import frame_difference
+
+            self.motion.append(frame_difference(samples.float()).cpu())
+        if self.model_metrics is not None:
+            for key, value in self.model_metrics(samples, list(prompts)).items():
+                self.metric_sums[key] = self.metric_sums.get(key, 0.0) + float(value) * len(prompts)
+        for thumb, g in zip(thumbnail(samples), groups):
+            self.thumbs.setdefault(g, []).append(thumb)
+        self.n += len(prompts)
+
+    def result(self) -> dict:
+        r = torch.cat(self.rewards)
+        out = {
+            "n": self.n,
+            "reward_mean": float(r.mean()),
+            "reward_std": float(r.std(unbiased=False)),
+            "jpeg_kb": float(torch.cat(self.jpeg).mean()) / 1024,
+            "diversity": _diversity({g: [t.float() for t in ts] for g, ts in self.thumbs.items()}),
+        }
+        if self.motion:
+            out["motion"] = float(torch.cat(self.motion).mean())
+        out.update({k: v / self.n for k, v in self.metric_sums.items()})
+        return out
+
+
+def score_batches(batches: Iterable[tuple[torch.Tensor, list[str], Sequence[int]]], reward,
+                  model_metrics: Callable | None = None, device="cpu", frames=None) -> dict:
+    """The evaluation figures of (samples, prompts, groups) batches, each dropped once scored."""
+    tally = Tally(reward, model_metrics, device, frames)
+    for samples, prompts, groups in batches:
+        tally.add(samples, prompts, groups)
+    return tally.result()
+
+
+def evaluate_model(model, prompts: list[str], seeds: list[int], groups: list[int], reward, sampling: SamplingConfig,
+                   device, frames=None, batch_size: int = 16) -> dict:
+    """Generate (prompt, seed) pairs with `model` as it is and score them, a batch at a time."""
+    from draft.inference import generate_batches
+
+    chunks = range(0, len(prompts), batch_size)
+    batches = zip(generate_batches(model, prompts, seeds, sampling, batch_size),
+                  (prompts[i : i + batch_size] for i in chunks), (groups[i : i + batch_size] for i in chunks))
+    return score_batches(batches, reward, model.metrics, device, frames)
 
 
 def evaluate(
@@ -62,23 +135,28 @@ def evaluate(
     prompts: str = "heldout",
     seeds: int = 4,
     loras: Sequence[tuple[str, float]] = (),
-    sampling: SamplingConfig = SamplingConfig(),
+    sampling: SamplingConfig | None = None,
     reward_args: dict | None = None,
     out: str | Path | None = None,
     device=None,
     max_prompts: int = 0,
 ) -> dict:
-    """Generate every prompt with seeds 0..seeds-1 and score the images.
+    """Generate every prompt with seeds 0..seeds-1 and score the samples; `sampling` fields
+    left None are the model's own (`draft.defaults.resolve_sampling`).
 
-    Returns (and with `out`, writes as JSON) the figures of `score`.
+    Returns (and with `out`, writes as JSON) the figures of `Tally`.
     """
     from draft import rewards
-    from draft.inference import generate
+    from draft.config import check_number
     from draft.lora import load_loras
     from draft.models import load_model
     from draft.prompts import load_prompts
     from draft.safeio import ensure_folder, write_text
 
+    check_number("seeds", seeds, 1, None)
+    check_number("max_prompts", max_prompts, 0, None)
+    if sampling is not None:
+        sampling.validate()
     if out is not None:  # a folder that cannot be written fails now, not after sampling
         ensure_folder(Path(out).parent, "the evaluation results")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,9 +169,8 @@ def evaluate(
     all_prompts = [p for p in prompt_list for _ in range(seeds)]
     all_seeds = [s for _ in prompt_list for s in range(seeds)]
     groups = [g for g in range(len(prompt_list)) for _ in range(seeds)]
-    images = generate(m, all_prompts, all_seeds, sampling)
     result = {"model": model, "loras": [list(x) for x in loras], "reward": str(reward), "prompts": prompts,
-              "seeds": seeds, **score(images, all_prompts, groups, r, m.metrics, device)}
+              "seeds": seeds, **evaluate_model(m, all_prompts, all_seeds, groups, r, sampling, device)}
     if out is not None:
         write_text(out, json.dumps(result, indent=2) + "\n", "the evaluation results")
     return result

@@ -1,22 +1,23 @@
-"""Fixed-seed image generation with the training sampler, and `draft sample`.
+"""Fixed-seed generation with the training sampler, and `draft sample`.
 
-Image k of a call draws all its noise from its own stream, seeded with `seeds[k]`
+Sample k of a call draws all its noise from its own stream, seeded with `seeds[k]`
 (`draft.sampling.SampleNoise`, the rule training uses too): x_T is exactly
 `torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed))`, so the same
-(prompt, seed) gives the same image before and after training, here and in a diffusers
-pipeline given those latents.
+(prompt, seed) gives the same image or video before and after training, here and in a
+diffusers pipeline given those latents.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from draft.config import SamplingConfig
-from draft.sampling import SampleNoise, guided, sample as run_sampler
+from draft.models.base import Size
+from draft.sampling import SampleNoise, guided, sample_chain
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device) -> torch.Tensor:
@@ -24,34 +25,40 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device) -> torch
     return SampleNoise(seeds, shape, device).draw()
 
 
+def sample_size(sampling: SamplingConfig) -> Size:
+    """The size a sampling config asks for (zeros: the model's native)."""
+    return Size(sampling.height, sampling.width, sampling.frames or 0)
+
+
 @torch.no_grad()
-def generate(
-    model,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    sampling: SamplingConfig = SamplingConfig(),
-    batch_size: int = 16,
-) -> torch.Tensor:
-    """Images [N, 3, H, W] in [0, 1] for N (prompt, seed) pairs, batched."""
+def generate(model, prompts: Sequence[str], seeds: Sequence[int], sampling: SamplingConfig | None = None,
+             batch_size: int = 16) -> torch.Tensor:
+    """Samples for N (prompt, seed) pairs, on the CPU: images [N, 3, H, W] or videos
+    [N, F, 3, H, W] in [0, 1]."""
+    return torch.cat(list(generate_batches(model, prompts, seeds, sampling, batch_size)))
+
+
+@torch.no_grad()
+def generate_batches(model, prompts: Sequence[str], seeds: Sequence[int], sampling: SamplingConfig | None = None,
+                     batch_size: int = 16) -> Iterator[torch.Tensor]:
+    """`generate`, one batch at a time, so that a caller can keep only what it needs of each."""
+    from draft.defaults import resolve_sampling
+
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    schedule = model.schedule(sampling.num_steps, sampling.height, sampling.width)
-    shape = model.latent_shape(sampling.height, sampling.width)
-    denoise = guided(model.denoise, sampling.guidance_scale)
+    sampling = resolve_sampling(model.name, sampling)
+    size = model.size(sample_size(sampling))
+    schedule = model.schedule(sampling.num_steps, size)
+    shape = model.latent_shape(size)
+    denoise = guided(model.denoise, model.guidance(sampling.guidance_scale, sampling.guidance_scale_2), model.guide)
     merged = model.adapters_merged() if sampling.merge_lora else contextlib.nullcontext()
-    out = []
     with merged:
         for lo in range(0, len(prompts), batch_size):
-            out.append(_generate_batch(model, denoise, schedule, shape, prompts[lo : lo + batch_size],
-                                       seeds[lo : lo + batch_size], sampling))
-    return torch.cat(out)
-
-
-def _generate_batch(model, denoise, schedule, shape, prompts, seeds, sampling) -> torch.Tensor:
-    cond = model.conditioning(list(prompts), sampling.guidance_scale)
-    noise = SampleNoise(seeds, shape, model.device)
-    x0 = run_sampler(denoise, noise.draw(), schedule, cond, eta=sampling.eta, step_noise=lambda i: noise.draw())
-    return model.decode(x0).float().cpu()
+            batch = list(prompts[lo : lo + batch_size])
+            cond = model.conditioning(batch, sampling.guidance_scale, size, sampling.negative_prompt)
+            noise = SampleNoise(seeds[lo : lo + batch_size], shape, model.device)
+            x0 = sample_chain(denoise, noise.draw(), schedule, cond, eta=sampling.eta, step_noise=lambda i: noise.draw())
+            yield model.decode(x0).float().cpu()
 
 
 def sample(
@@ -60,20 +67,27 @@ def sample(
     loras: Sequence[tuple[str, float]] = (),
     seed: int = 0,
     num_images: int = 1,
-    sampling: SamplingConfig = SamplingConfig(),
+    sampling: SamplingConfig | None = None,
     out: str | Path | None = None,
     device=None,
+    fps: int = 0,
 ) -> torch.Tensor:
-    """Generate `num_images` images per prompt (seeds seed, seed+1, ...) with LoRAs mixed in.
+    """Generate `num_images` samples per prompt (seeds seed, seed+1, ...) with LoRAs mixed in.
 
-    `loras` is a list of (folder, scale). Returns the images; with `out`, also writes one
-    PNG per image named `<index>-<seed>.png` and a `grid.png`.
+    `loras` is a list of (folder, scale); `sampling` fields left None are the model's own
+    (`draft.defaults.resolve_sampling`). Returns the samples; with `out`, also writes them
+    (`save_samples`).
     """
+    from draft.config import SEED_RANGE, check_number
     from draft.lora import load_loras
     from draft.models import load_model
-    from draft.report import save_grid, save_images
     from draft.safeio import ensure_folder
 
+    check_number("seed", seed, *SEED_RANGE)
+    check_number("num_images", num_images, 1, None)
+    check_number("fps", fps, 0, None)
+    if sampling is not None:
+        sampling.validate()
     if out is not None:  # a folder that cannot be written fails now, not after sampling
         ensure_folder(out, "the images")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,9 +95,26 @@ def sample(
     load_loras(m, list(loras))
     all_prompts = [p for p in prompts for _ in range(num_images)]
     seeds = [seed + j for _ in prompts for j in range(num_images)]
-    images = generate(m, all_prompts, seeds, sampling)
+    samples = generate(m, all_prompts, seeds, sampling)
     if out is not None:
-        out = Path(out)
-        save_images(images, out, [f"{k:03d}-{s}" for k, s in enumerate(seeds)])
-        save_grid(images, out / "grid.png", ncol=num_images)
-    return images
+        save_samples(samples, Path(out), [f"{k:03d}-{s}" for k, s in enumerate(seeds)], num_images, fps or m.fps)
+    return samples
+
+
+def save_samples(samples: torch.Tensor, out: Path, names: Sequence[str], ncol: int, fps: int = 16) -> list[Path]:
+    """Images as PNGs (and a nearest-neighbour enlargement of tiny ones, `NAME.preview.png`)
+    and `grid.png`; videos as mp4s with an animated GIF preview each, a frame strip
+    `grid.png` and an animated `grid.gif`. Returns the files written."""
+    from draft.report import save_grid, save_images
+
+    if samples.ndim == 5:
+        from draft import video
+
+        written = []
+        for clip, name in zip(samples, names):
+            written += [video.save_video(clip, out / f"{name}.mp4", fps), video.save_animation(clip, out / f"{name}.gif", fps)]
+        return written + [save_grid(samples, out / "grid.png", ncol), out / "grid.gif"]
+    written = save_images(samples, out, names)
+    if max(samples.shape[-2:]) < 128:  # 32 px samples are too small to look at
+        written += save_images(samples, out, [f"{n}.preview" for n in names], upscale=True)
+    return written + [save_grid(samples, out / "grid.png", ncol=ncol)]

@@ -1,4 +1,4 @@
-"""The methods: each turns (model, reward, prompts, noise) into a loss on one sampling loop.
+"""The methods: each turns (sampler, prompts, noise) into a loss on one sampling loop.
 
 They differ only in which sampling steps carry gradient (DRaFT, Clark et al. 2024, §4):
 
@@ -14,51 +14,63 @@ They differ only in which sampling steps carry gradient (DRaFT, Clark et al. 202
 
 The loss is -reward.mean(), plus the DRaFT+ penalty when `kl_coeff` > 0. DDPO, the
 reinforcement-learning baseline that needs no reward gradient, is in `draft.ddpo`.
+`METHODS` at the end describes each method once (its window, costs, defaults and checks)
+for the config, the estimate, the model card and the docs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from draft.sampling import SampleNoise, Schedule, guided, model_step, renoise, sample
-
-
-def sample_seed(seed: int, step: int, index: int) -> int:
-    """The seed of global sample `index` at optimizer step `step`."""
-    return int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0])
+from draft.errors import UserError
+from draft.models.base import Size
+from draft.sampling import SampleNoise, Schedule, guided, model_step, renoise, sample_chain
 
 
 @dataclass
 class Batch:
+    """One micro-batch of an optimizer step: what a method needs besides the sampler."""
+
     prompts: list[str]
     noise: SampleNoise  # x_T is its first draw; methods draw more (DRaFT-LV, η > 0)
     step_rng: np.random.Generator  # choices made once per optimizer step (AlignProp's K)
     step: int = 0  # the optimizer step this batch is for
     micro: int = 0  # which micro-batch of the step (gradient accumulation)
+    frames: tuple[int, ...] | None = None  # videos: the frames the reward scores (None: all)
 
 
 @dataclass
-class Loop:
-    """The model, reward and sampling settings every method runs on."""
+class Sampler:
+    """The model, the reward and the sampling settings every method samples and scores with."""
 
     model: object  # a draft.models adapter
     reward: Callable
     schedule: Schedule
     guidance_scale: float = 7.5
     eta: float = 0.0
-    use_checkpoint: bool = True  # checkpoint every gradient-carrying UNet call
+    use_checkpoint: bool = True  # checkpoint every gradient-carrying denoiser call
     decode_checkpoint: bool = False
     kl_coeff: float = 0.0
     merge_lora: bool = True  # fold the LoRA into the weights for steps without gradient
     merged_recompute: bool = True  # see SamplingConfig.merged_recompute
+    size: Size = Size()  # what to generate (zeros: the model's native size)
+    negative_prompt: str = ""
+    guidance_scale_2: float | None = None  # Wan 2.2's second expert (None: guidance_scale)
 
     def denoiser(self):
-        return guided(self.model.denoise, self.guidance_scale)
+        scale = self.model.guidance(self.guidance_scale, self.guidance_scale_2)
+        return guided(self.model.denoise, scale, self.model.guide)
+
+    def conditioning(self, prompts: list[str]):
+        """(cond, uncond) for the prompts, as the model encodes them for this sampler."""
+        return self.model.conditioning(list(prompts), self.guidance_scale, self.size, self.negative_prompt)
 
     def run(self, x, cond, noise: SampleNoise, steps: range | None = None, grad_steps: range = range(0),
             penalty: list | None = None):
@@ -89,9 +101,9 @@ class Loop:
 
             copies = x.shape[0] // len(noise.generators)
             step_noise = lambda i: torch.cat([noise.draw() for _ in range(copies)])  # noqa: E731
-            return sample(denoise, x, self.schedule, cond, steps=steps, grad_steps=grad_steps,
-                          use_checkpoint=self.use_checkpoint, eta=self.eta, step_noise=step_noise,
-                          on_step=on_step, params=params)
+            return sample_chain(denoise, x, self.schedule, cond, steps=steps, grad_steps=grad_steps,
+                                use_checkpoint=self.use_checkpoint, eta=self.eta, step_noise=step_noise,
+                                on_step=on_step, params=params)
 
     def run_no_grad(self, x, cond, noise: SampleNoise, steps: range | None = None):
         """Sample over `steps` without gradient, the LoRA merged into the weights (same
@@ -107,82 +119,84 @@ class Loop:
             base, _, _ = model_step(denoise, x_t.detach(), i, self.schedule, cond)
         return (out - base).square().mean()
 
-    def score(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        images = self.model.decode(latents, use_checkpoint=self.decode_checkpoint)
-        return self.reward(images, prompts)
+    def score(self, latents: torch.Tensor, prompts: list[str], frames=None) -> torch.Tensor:
+        """The reward of each sample; of a video, on the `frames` it is scored on (only the
+        latent frames those need are decoded, so the gradient reaches no others)."""
+        samples = self.model.decode(latents, frames=frames, use_checkpoint=self.decode_checkpoint)
+        return self.reward(samples, prompts)
 
 
 @dataclass
 class MethodOutput:
     loss: torch.Tensor
     rewards: torch.Tensor  # every reward the step computed, detached
-    queries: int  # reward evaluations (images scored)
+    queries: int  # reward evaluations (samples scored)
     stats: dict = field(default_factory=dict)
 
 
-def _finish(loop: Loop, r: torch.Tensor, penalty: list, stats: dict) -> MethodOutput:
+def _finish(sampler: Sampler, r: torch.Tensor, penalty: list, stats: dict) -> MethodOutput:
     loss = -r.mean()
     if penalty:
         drift = torch.stack(penalty).mean()
-        loss = loss + loop.kl_coeff * drift
+        loss = loss + sampler.kl_coeff * drift
         stats["kl_penalty"] = float(drift.detach())
     return MethodOutput(loss, r.detach(), r.shape[0], stats)
 
 
-def truncated(loop: Loop, batch: Batch, k: int) -> MethodOutput:
+def truncated(sampler: Sampler, batch: Batch, k: int) -> MethodOutput:
     """Gradient through the last k sampling steps (k = T is full DRaFT)."""
-    T = len(loop.schedule)
-    cond = loop.model.conditioning(batch.prompts, loop.guidance_scale)
+    T = len(sampler.schedule)
+    cond = sampler.conditioning(batch.prompts)
     penalty: list = []
     x = batch.noise.draw()
     if k < T:
-        x = loop.run_no_grad(x, cond, batch.noise, steps=range(0, T - k))
+        x = sampler.run_no_grad(x, cond, batch.noise, steps=range(0, T - k))
     window = range(T - k, T)
-    x0 = loop.run(x, cond, batch.noise, steps=window, grad_steps=window, penalty=penalty)
-    return _finish(loop, loop.score(x0, batch.prompts), penalty, {"k": k})
+    x0 = sampler.run(x, cond, batch.noise, steps=window, grad_steps=window, penalty=penalty)
+    return _finish(sampler, sampler.score(x0, batch.prompts, batch.frames), penalty, {"k": k})
 
 
-def draft(loop: Loop, batch: Batch, cfg) -> MethodOutput:
-    return truncated(loop, batch, len(loop.schedule))
+def draft(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
+    return truncated(sampler, batch, len(sampler.schedule))
 
 
-def draft_k(loop: Loop, batch: Batch, cfg) -> MethodOutput:
-    return truncated(loop, batch, cfg.k)
+def draft_k(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
+    return truncated(sampler, batch, cfg.k)
 
 
-def alignprop(loop: Loop, batch: Batch, cfg) -> MethodOutput:
+def alignprop(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
     # Drawn once per optimizer step from the step's own generator, never inside the
-    # sampling loop (the bug of AlignProp issue #15, kept by TRL's port).
+    # sampling sampler (the bug of AlignProp issue #15, kept by TRL's port).
     k = int(batch.step_rng.integers(cfg.alignprop_k_min, cfg.alignprop_k_max + 1))
-    return truncated(loop, batch, k)
+    return truncated(sampler, batch, k)
 
 
-def draft_lv(loop: Loop, batch: Batch, cfg) -> MethodOutput:
+def draft_lv(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
     """DRaFT-LV (alg. 3): re-noise x_0 to the last step's level n times; one gradient step each.
 
     The n passes use independent fresh noise and run as one batch of n·B; the loss is the
     mean over all n·B rewards, i.e. the average of the n per-pass losses.
     """
-    T, n = len(loop.schedule), cfg.lv_n
-    cond = loop.model.conditioning(batch.prompts, loop.guidance_scale)
-    x0 = loop.run_no_grad(batch.noise.draw(), cond, batch.noise)
+    T, n = len(sampler.schedule), cfg.lv_n
+    cond = sampler.conditioning(batch.prompts)
+    x0 = sampler.run_no_grad(batch.noise.draw(), cond, batch.noise)
     eps = torch.cat([batch.noise.draw() for _ in range(n)])  # [n·B], pass-major
-    x_t = renoise(_repeat(x0, n), loop.schedule.a[T - 1], loop.schedule.s[T - 1], eps)
+    x_t = renoise(_repeat(x0, n), sampler.schedule.a[T - 1], sampler.schedule.s[T - 1], eps)
     cond_n = tuple(_repeat(c, n) for c in cond)
     penalty: list = []
-    x0_lv = loop.run(x_t, cond_n, batch.noise, steps=range(T - 1, T), grad_steps=range(T - 1, T), penalty=penalty)
-    return _finish(loop, loop.score(x0_lv, batch.prompts * n), penalty, {})
+    x0_lv = sampler.run(x_t, cond_n, batch.noise, steps=range(T - 1, T), grad_steps=range(T - 1, T), penalty=penalty)
+    return _finish(sampler, sampler.score(x0_lv, batch.prompts * n, batch.frames), penalty, {})
 
 
-def refl(loop: Loop, batch: Batch, cfg) -> MethodOutput:
+def refl(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
     """ReFL: sample to a random late step s under no_grad, then x̂_0 from one gradient step."""
     lo, hi = cfg.refl_range
     s = int(batch.step_rng.integers(lo, hi + 1))
-    cond = loop.model.conditioning(batch.prompts, loop.guidance_scale)
-    x_s = loop.run_no_grad(batch.noise.draw(), cond, batch.noise, steps=range(0, s))
-    out, x0_hat, _ = model_step(loop.denoiser(), x_s, s, loop.schedule, cond)
-    penalty = [loop._drift(loop.denoiser(), x_s, s, cond, out)] if loop.kl_coeff > 0 else []
-    return _finish(loop, loop.score(x0_hat, batch.prompts), penalty, {"stop_step": s})
+    cond = sampler.conditioning(batch.prompts)
+    x_s = sampler.run_no_grad(batch.noise.draw(), cond, batch.noise, steps=range(0, s))
+    out, x0_hat, _ = model_step(sampler.denoiser(), x_s, s, sampler.schedule, cond)
+    penalty = [sampler._drift(sampler.denoiser(), x_s, s, cond, out)] if sampler.kl_coeff > 0 else []
+    return _finish(sampler, sampler.score(x0_hat, batch.prompts, batch.frames), penalty, {"stop_step": s})
 
 
 def _repeat(c, n: int):
@@ -194,23 +208,104 @@ def _repeat(c, n: int):
     return c.repeat(n, *([1] * (c.ndim - 1)))
 
 
-METHODS: dict[str, Callable[[Loop, Batch, object], MethodOutput]] = {
-    "draft": draft,
-    "draft-k": draft_k,
-    "draft-lv": draft_lv,
-    "alignprop": alignprop,
-    "refl": refl,
-}
-# Methods that keep state between steps, built fresh for each run.
-STATEFUL = {"ddpo": "draft.ddpo:DDPO"}
-NAMES = (*METHODS, *STATEFUL)
+# --- the table: one description per method -------------------------------------------------
 
 
-def make(name: str) -> Callable[[Loop, Batch, object], MethodOutput]:
+@dataclass(frozen=True)
+class Method:
+    """What a method is and costs, in one place: config validation, the start-up lines, the
+    memory and time estimate, the model card and the docs all read it."""
+
+    name: str
+    run: Callable | str  # the loss function, or "module:Class" of a method that keeps state
+    summary: str  # one line for the model card; {field} is the config's value
+    window: str  # which sampling steps carry gradient
+    # Per sample and optimizer step: (denoiser calls without gradient, with gradient).
+    calls: Callable[[Any], tuple[float, float]]
+    grad_steps: Callable[[Any], int]  # the most sampling steps that carry gradient at once
+    passes: Callable[[Any], int] = lambda c: 1  # decodes and reward queries per sample
+    reward_gradient: bool = True  # whether the reward must pass a gradient to the images
+    # How its activations add up (`draft.estimate`): "window" keeps the gradient steps'
+    # graphs (or their inputs, checkpointed), "one-step" one uncheckpointed step and the
+    # decode, "policy" the trained steps and no decode.
+    memory: str = "window"
+    # Config keys it sets when the user does not: dotted key -> (value, why).
+    defaults: dict = field(default_factory=dict)
+    check: Callable[[Any], None] = lambda c: None  # the method's own constraints (UserError)
+
+    def __call__(self, sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
+        return self.run(sampler, batch, cfg)
+
+    def make(self) -> Callable[[Sampler, Batch, object], MethodOutput]:
+        """The method, ready for one run (a fresh instance of a method that keeps state)."""
+        if isinstance(self.run, str):
+            import importlib
+
+            module, _, cls = self.run.partition(":")
+            return getattr(importlib.import_module(module), cls)()
+        return self.run
+
+    def queries(self, cfg) -> float:
+        """Reward queries per sample and optimizer step (DDPO scores a rollout once per reuse)."""
+        return self.passes(cfg) / (cfg.ddpo_rollout_reuse if self.name == "ddpo" else 1)
+
+
+def _check_k(c) -> None:
+    if c.k > c.sampling.num_steps:
+        raise UserError(f"k={c.k} is larger than sampling.num_steps={c.sampling.num_steps}")
+
+
+def _check_alignprop(c) -> None:
+    if not 1 <= c.alignprop_k_min <= c.alignprop_k_max <= c.sampling.num_steps:
+        raise UserError(f"need 1 <= alignprop_k_min <= alignprop_k_max <= sampling.num_steps, got "
+                        f"{c.alignprop_k_min}, {c.alignprop_k_max}, {c.sampling.num_steps}")
+
+
+def _check_refl(c) -> None:
+    lo, hi = c.refl_range
+    if not 0 <= lo <= hi < c.sampling.num_steps:
+        raise UserError(f"need 0 <= refl_min_step <= refl_max_step < sampling.num_steps, got {lo}, {hi}")
+
+
+def _check_ddpo(c) -> None:
+    if c.sampling.eta <= 0:
+        raise UserError("method=ddpo samples stochastically: set sampling.eta > 0 (e.g. sampling.eta=1.0)")
+
+
+def _alignprop_mean(c) -> float:
+    return (c.alignprop_k_min + c.alignprop_k_max) / 2
+
+
+def _ddpo_steps(c) -> int:
+    return max(1, math.ceil(c.sampling.num_steps * c.ddpo_timestep_fraction))
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("draft", draft, "DRaFT: the reward's gradient through every sampling step (with checkpointing)",
+           "all T steps", lambda c: (0, c.sampling.num_steps), lambda c: c.sampling.num_steps),
+    Method("draft-k", draft_k, "DRaFT-K: the reward's gradient through the last {k} sampling steps",
+           "the last `k` steps", lambda c: (c.sampling.num_steps - c.k, c.k), lambda c: c.k, check=_check_k),
+    Method("draft-lv", draft_lv,
+           "DRaFT-LV: the last step's gradient, averaged over {lv_n} re-noised copies of the final sample",
+           "x_0 sampled under no_grad, re-noised `lv_n` times to the last step's level, one gradient step each",
+           lambda c: (c.sampling.num_steps, c.lv_n), lambda c: 1, passes=lambda c: c.lv_n),
+    Method("alignprop", alignprop,
+           "AlignProp: the gradient through a random number ({alignprop_k_min} to {alignprop_k_max}) of final steps",
+           "the last K steps, K ~ U[`alignprop_k_min`, `alignprop_k_max`] drawn once per step",
+           lambda c: (c.sampling.num_steps - _alignprop_mean(c), _alignprop_mean(c)), lambda c: c.alignprop_k_max,
+           check=_check_alignprop),
+    Method("refl", refl, "ReFL: one gradient step to the predicted image from a random late step",
+           "stop at a random late step, predict x̂_0 in one gradient step",
+           lambda c: (sum(c.refl_range) / 2, 1), lambda c: 1, memory="one-step", check=_check_refl),
+    Method("ddpo", "draft.ddpo:DDPO", "DDPO: policy gradient on the sampler's log-probabilities (no reward gradient)",
+           "none: the RL baseline (PPO on the log-probabilities of stochastic steps), for rewards without a gradient",
+           lambda c: (c.sampling.num_steps / c.ddpo_rollout_reuse, _ddpo_steps(c)), _ddpo_steps,
+           reward_gradient=False, memory="policy", check=_check_ddpo,
+           defaults={"sampling.eta": (1.0, "DDPO's policy gradient needs stochastic sampling steps; "
+                                           "eta 1 (DDPM-like) as in DDPO's own runs")}),
+]}
+
+
+def make(name: str) -> Callable[[Sampler, Batch, object], MethodOutput]:
     """The method called `name`, ready for one run."""
-    if name in STATEFUL:
-        import importlib
-
-        module, _, cls = STATEFUL[name].partition(":")
-        return getattr(importlib.import_module(module), cls)()
-    return METHODS[name]
+    return METHODS[name].make()

@@ -46,7 +46,9 @@ def check(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     from draft.prompts import load_prompts
     from draft.runs import RunFolder
 
-    config.validate()
+    from draft.defaults import resolve as resolve_defaults
+
+    config = resolve_defaults(config)
     source, local = resolve(config.model)
     folder = Path(source) if local else cached_hub_configs(source)
     notes = []
@@ -56,7 +58,13 @@ def check(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         pipeline_class(str(folder))  # the cached model_index.json names a pipeline we serve
         notes.append(f"model {config.model!r}: configs from the local Hugging Face cache")
     elif not local:
+        from draft.models.architectures import builtin_configs
+
         notes.append(f"model {config.model!r} comes from the Hugging Face hub: checked when it loads")
+        folder = builtin_configs(source)  # its configs are not cached: draft's own copy, if it has one
+        if folder is not None:
+            notes.append("the memory estimate comes from draft's built-in copy of the model's architecture "
+                         "(draft.models.architectures), not from the hub's files")
     reward_bytes = check_reward(config.reward, config.reward_args)
     prompts = load_prompts(config.prompts, config.model)
     eval_prompts = load_prompts(config.eval_prompts, config.model)
@@ -212,18 +220,19 @@ def dry_run(config: TrainConfig, resume: bool = False, overwrite: bool = False) 
     """The checks, then the resolved config as YAML and comment lines on what the run will do."""
     import yaml
 
-    from draft.config import method_defaults
+    from draft.defaults import explain
     from draft.estimate import estimate
+    from draft.methods import METHODS
 
     found = check(config, resume, overwrite)
     procs = int(os.environ.get("WORLD_SIZE", "1"))
-    per_sample = config.lv_n if config.method == "draft-lv" else 1
+    per_sample = METHODS[config.method].queries(config)
     batch = config.batch_size * config.grad_accum * procs
     lines = [
         f"{len(found.prompts)} training prompts, {len(found.eval_prompts)} evaluation prompts; effective batch "
         f"{batch} = {config.batch_size} x {config.grad_accum} accumulation x {procs} process(es); reward queries "
-        f"per step {batch * per_sample}; reward queries in total {batch * per_sample * config.steps}",
-        *method_defaults(config),
+        f"per step {batch * per_sample:g}; reward queries in total {batch * per_sample * config.steps:g}",
+        *explain(config),
         *found.notes,
     ]
     if found.model_dir is not None:

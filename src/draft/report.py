@@ -18,12 +18,17 @@ def to_pil(image: torch.Tensor):
     return Image.fromarray(array)
 
 
-def save_images(images: torch.Tensor, folder: Path, names: Sequence[str]) -> None:
+def save_images(images: torch.Tensor, folder: Path, names: Sequence[str], upscale: bool = False) -> list[Path]:
+    """One PNG per image, `NAME.png`; with `upscale`, enlarged as `grid` enlarges tiny images."""
     from draft.safeio import atomic_write
 
+    written = []
     for image, name in zip(images, names):
+        if upscale:
+            image = grid(image[None], 1, pad=0)
         pil = to_pil(image)
-        atomic_write(folder / f"{name}.png", lambda tmp: pil.save(tmp, format="PNG"), "an image")
+        written.append(atomic_write(folder / f"{name}.png", lambda tmp: pil.save(tmp, format="PNG"), "an image"))
+    return written
 
 
 def grid(images: torch.Tensor, ncol: int, pad: int = 2, upscale: int = 0) -> torch.Tensor:
@@ -45,10 +50,17 @@ def grid(images: torch.Tensor, ncol: int, pad: int = 2, upscale: int = 0) -> tor
     return out
 
 
-def save_grid(images: torch.Tensor, path: Path, ncol: int) -> Path:
+def save_grid(samples: torch.Tensor, path: Path, ncol: int) -> Path:
+    """The grid of images (one column per prompt, `ncol` of them) as a PNG; of videos, a
+    frame strip (one row per sample, evenly spaced frames) and an animated GIF beside it."""
     from draft.safeio import atomic_write
 
-    image = to_pil(grid(images.float().cpu(), ncol))
+    if samples.ndim == 5:
+        from draft import video
+
+        video.save_animation(video.animated_grid(samples.float().cpu(), ncol), path.with_suffix(".gif"), upscale=1)
+        return video.save_frame_strip(samples.float().cpu(), path)
+    image = to_pil(grid(samples.float().cpu(), ncol))
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), "a sample grid")
 
 
@@ -101,23 +113,50 @@ def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:
     return paths
 
 
-def save_before_after(before_png: Path, after: torch.Tensor, path: Path, ncol: int) -> None:
-    """The "before" grid (step 0) above the "after" grid, same prompts and seeds, labelled."""
+def grid_image(samples: torch.Tensor, ncol: int) -> torch.Tensor:
+    """What `save_grid` draws, as one image: the grid of images, or the videos' frame strip."""
+    if samples.ndim == 5:
+        from draft.video import frame_strip
+
+        return frame_strip(samples.float().cpu())
+    return grid(samples.float().cpu(), ncol)
+
+
+def _stacked(top, bottom):
+    """Two PIL images one above the other, labelled "before" and "after"."""
     from PIL import Image, ImageDraw
 
-    top = Image.open(before_png).convert("RGB")
-    bottom = to_pil(grid(after.float(), ncol))
     label = 14
-    width = max(top.width, bottom.width)
-    canvas = Image.new("RGB", (width, 2 * label + top.height + bottom.height), "white")
+    canvas = Image.new("RGB", (max(top.width, bottom.width), 2 * label + top.height + bottom.height), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 1), "before", fill="black")
     canvas.paste(top, (0, label))
     draw.text((4, label + top.height + 1), "after", fill="black")
     canvas.paste(bottom, (0, 2 * label + top.height))
+    return canvas
+
+
+def save_before_after(before_png: Path, after: torch.Tensor, path: Path, ncol: int) -> None:
+    """The "before" grid (step 0) above the "after" grid, same prompts and seeds, labelled;
+    for videos also an animated one (`.gif`) from the two animated grids."""
+    from PIL import Image, ImageSequence
+
     from draft.safeio import atomic_write
 
+    canvas = _stacked(Image.open(before_png).convert("RGB"), to_pil(grid_image(after, ncol)))
     atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"), "the before/after grid")
+    before_gif = before_png.with_suffix(".gif")
+    if after.ndim != 5 or not before_gif.is_file():
+        return
+    from draft.video import animated_grid
+
+    first = Image.open(before_gif)
+    frames = [f.convert("RGB") for f in ImageSequence.Iterator(first)]
+    ms = first.info.get("duration", 62)
+    after_frames = animated_grid(after.float().cpu(), ncol)
+    both = [_stacked(b, to_pil(a)) for b, a in zip(frames, after_frames)]
+    atomic_write(path.with_suffix(".gif"), lambda tmp: both[0].save(tmp, format="GIF", save_all=True,
+                 append_images=both[1:], duration=ms, loop=0), "the animated before/after grid")
 
 
 def summary(result: dict) -> str:

@@ -92,6 +92,36 @@ class RunFolder:
                 shutil.rmtree(self.root, ignore_errors=True)
             raise
 
+    def save_grid(self, step: int, samples, ncol: int) -> Path:
+        """The fixed-seed grid of step `step` (`samples/step-N.png`; videos: a frame strip and a GIF)."""
+        from draft.report import save_grid
+
+        return save_grid(samples, self.samples / f"step-{step:08d}.png", ncol)
+
+    def write_results(self, model, after, ncol: int, eval_before: dict | None, evaluate: Callable[[], dict | None]):
+        """The end of a run, in the order that keeps the most if something fails: the LoRA, the
+        evaluation after training, the before/after grid, eval.json, the plots, the model card."""
+        from draft.card import write_card
+        from draft.lora import save_lora
+        from draft.report import comparison, plot_metrics, save_before_after
+
+        # Written whole into a folder beside lora/, then renamed: never a half-written adapter.
+        safeio.write_dir(self.lora, lambda tmp: save_lora(model, tmp), "the LoRA")
+        eval_after = evaluate()
+        before = self.samples / f"step-{0:08d}.png"
+        if before.is_file() and after is not None:
+            save_before_after(before, after, self.report / "before_after.png", ncol)
+        safeio.write_text(self.report / "eval.json", json.dumps({"before": eval_before, "after": eval_after},
+                                                                indent=2), "the evaluation")
+        with safeio.writing("the plots", self.report):
+            plot_metrics(self.metrics, self.report)
+        with safeio.writing("the model card", self.lora):
+            write_card(self.root)  # lora/README.md, from the files written above
+        if eval_after:
+            kind = "videos" if after is not None and after.ndim == 5 else "images"
+            print(comparison(eval_before, eval_after, f"held-out, {eval_after['n']} {kind}"))
+        print(f"run folder: {self.root}  (LoRA: {self.lora})", flush=True)
+
     def append_metrics(self, row: dict) -> None:
         safeio.append_line(self.metrics, json.dumps(row), "a metrics line")
 

@@ -144,9 +144,16 @@ class Schedule:
         pipelines pass them (FLUX: a linear sigma grid and the resolution-dependent shift).
         """
         name = str(config.get("_class_name", ""))
+        if config.get("prediction_type") == "flow_prediction" or config.get("use_flow_sigmas", False):
+            return cls._flow_multistep(config, num_steps)
         # A config built in code has no _class_name; a flow scheduler's is known by its shift.
         if "FlowMatch" in name or (not name and "shift" in config and "beta_start" not in config):
             return cls._flow(config, num_steps, sigmas, mu)
+        if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction type {config.get('prediction_type')!r} of {name or 'the scheduler'} is not "
+                             "one the sampler implements (epsilon, v_prediction, sample, flow)")
+        if "beta_start" not in config and "trained_betas" not in config:
+            raise ValueError(f"{name or 'the scheduler'} has no beta schedule or flow shift the sampler can use")
         return cls._ddim(config, num_steps)
 
     @classmethod
@@ -167,6 +174,27 @@ class Schedule:
         a, s = [math.sqrt(b) for b in bar], [math.sqrt(1 - b) for b in bar]
         a_prev, s_prev = [math.sqrt(b) for b in prev], [math.sqrt(1 - b) for b in prev]
         return cls(tuple(ts), tuple(a), tuple(s), tuple(a_prev), tuple(s_prev), ddim.config.prediction_type, clip)
+
+    @classmethod
+    def _flow_multistep(cls, config, num_steps: int) -> "Schedule":
+        """A multistep solver configured for flow matching (Wan ships UniPC so), sampled here
+        with first-order Euler steps on its own sigmas and timesteps: its `set_timesteps`
+        builds them (a linear grid shifted by `flow_shift`; timesteps int(1000 σ), as the
+        pipeline passes them to the model). The samples differ from the pipeline's by the
+        solver's order only."""
+        import diffusers
+
+        name = str(config.get("_class_name") or "UniPCMultistepScheduler")
+        if not hasattr(diffusers, name):
+            raise ValueError(f"unknown scheduler {name}")
+        scheduler = getattr(diffusers, name).from_config(config)
+        if config.get("prediction_type") != "flow_prediction" or not scheduler.config.get("use_flow_sigmas", False):
+            raise ValueError(f"{name} with prediction type {config.get('prediction_type')!r} and use_flow_sigmas="
+                             f"{config.get('use_flow_sigmas')} is not a flow-matching schedule the sampler implements")
+        scheduler.set_timesteps(num_steps)
+        sig = [float(x) for x in scheduler.sigmas]  # T + 1 values, the last the terminal 0
+        a = tuple(1 - x for x in sig)
+        return cls(tuple(int(t) for t in scheduler.timesteps), a[:-1], tuple(sig[:-1]), a[1:], tuple(sig[1:]), "flow")
 
     @classmethod
     def _flow(cls, config, num_steps: int, sigmas, mu) -> "Schedule":
@@ -212,22 +240,30 @@ class SampleNoise:
 # --- the loop -------------------------------------------------------------------------------
 
 
-def guided(denoise: Denoiser, scale: float) -> Denoiser:
-    """Classifier-free guidance: ε̃ = ε_u + s·(ε_c - ε_u), one batched call for both.
+def cfg(out_u: torch.Tensor, out_c: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ε̃ = ε_u + s·(ε_c - ε_u)."""
+    return out_u + scale * (out_c - out_u)
+
+
+def guided(denoise: Denoiser, scale: float | Callable[[torch.Tensor], float], combine: Callable = cfg) -> Denoiser:
+    """Guidance around a denoiser: both passes in one batched call, combined by `combine`
+    (classifier-free guidance unless the model has its own rule, `DiffusionModel.guide`).
 
     The conditioning is a pair (cond, uncond) of batched prompt encodings; with s = 1, or
     when the model takes guidance as an input rather than by two passes (FLUX.1-dev's
     guidance embedding: its adapter returns uncond = None), the unconditional pass is skipped.
+    `scale` may be a function of t (Wan 2.2: each expert has its own).
     """
 
-    def denoise_cfg(x, t, cond):
+    def denoise_guided(x, t, cond):
         c, u = cond
-        if scale == 1.0 or u is None:
+        s = scale(t) if callable(scale) else scale
+        if s == 1.0 or u is None:
             return denoise(x, t, c)
         out_u, out_c = denoise(torch.cat([x, x]), t, _cat(u, c)).chunk(2)
-        return out_u + scale * (out_c - out_u)
+        return combine(out_u, out_c, s)
 
-    return denoise_cfg
+    return denoise_guided
 
 
 def _cat(a, b):
@@ -302,7 +338,7 @@ def denoised(out: torch.Tensor, x: torch.Tensor, i: int, schedule: Schedule) -> 
     return x0, eps
 
 
-def sample(
+def sample_chain(
     denoise: Denoiser,
     x: torch.Tensor,
     schedule: Schedule,

@@ -1,32 +1,35 @@
 """The training loop, on Accelerate. Read it top to bottom:
 
-1. check the config and the run folder, lock the folder (one run at a time), set up Accelerate;
-2. load the model, the reward and the prompts; add LoRA; build the optimizer;
+1. resolve and check the config and the run folder, lock the folder (one run at a time),
+   set up Accelerate;
+2. load the model, the reward and the prompts; add LoRA; build the optimizer (`Trainer`);
 3. try the reward on the first sample grid (bad rewards fail here, before any file is written);
-4. create the run folder, evaluate the base model, and loop: each optimizer step draws
-   prompts and per-sample noise from (seed, step), accumulates the method's loss over
-   micro-batches, clips, skips the update if anything is non-finite, steps, logs; a
+4. create the run folder, evaluate the base model, and loop: each optimizer step takes its
+   prompts, noise and choices from (seed, step) (`draft.plan`), accumulates the method's loss
+   over micro-batches, clips, skips the update if anything is non-finite, steps, logs; a
    SIGTERM, SIGINT or SIGUSR1 ends it after the step, with a checkpoint (`draft.stopping`);
-5. save the LoRA, the last checkpoint, the after-grid, the evaluation and the plots.
+5. save the LoRA, the last checkpoint, the after-grid, the evaluation, the plots and the
+   model card (`draft.runs.RunFolder.write_results`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from draft import checkpoint as ckpt
-from draft.config import TrainConfig, dump_yaml, method_defaults
+from draft.config import TrainConfig
 from draft.errors import Interrupted, TrainingStopped, UserError
-from draft.report import comparison, summary
+from draft.report import summary
 from draft.runs import RunFolder
 
 
@@ -38,11 +41,15 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Fine-tune `config.model` on `config.reward` (or the `reward` callable); return the run folder."""
+    """Fine-tune `config.model` on `config.reward` (or the `reward` callable); return the run
+    folder. Values the config leaves unset are the method's, the model's or its family's
+    (`draft.defaults`), exactly as on the command line."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    config = (config or TrainConfig()).validate()
+    from draft.defaults import resolve
+
+    config = resolve(config or TrainConfig())
     if reward is not None:
         config = config.replace(reward=f"python:{getattr(reward, '__qualname__', type(reward).__name__)}")
     # Processes launched without GPUs (accelerate launch / torchrun on a CPU machine) train
@@ -75,6 +82,8 @@ def _train_locked(config: TrainConfig, reward, resume: bool, overwrite: bool, pr
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from draft.configio import dump_yaml
+
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
@@ -84,11 +93,10 @@ def _train_locked(config: TrainConfig, reward, resume: bool, overwrite: bool, pr
     )
     main = accelerator.is_main_process
     t = Trainer(config, accelerator, run, reward)
-    config = t.config  # with the model's defaults filled in
     latest = ckpt.latest(run.checkpoints) if resume else None
     if latest is not None:
         t.restore(latest)
-    first_grid = t.sample_grid()  # also checks the reward on real images
+    first_grid = t.first_grid()  # also checks the reward on real samples
     if main:
         run.create(overwrite and not resume, lambda: dump_yaml(config, run.config))
     accelerator.wait_for_everyone()
@@ -102,24 +110,39 @@ def _train_locked(config: TrainConfig, reward, resume: bool, overwrite: bool, pr
         accelerator.end_training()  # closes (and so flushes) the trackers and the process group
 
 
+@dataclass
+class Progress:
+    """The counters of a run; all but `bad_run` are checkpointed."""
+
+    step: int = 0  # optimizer steps done
+    queries: int = 0  # reward queries so far, every process counted
+    train_time: float = 0.0  # seconds in optimizer steps (evaluations and writes excluded)
+    bad_total: int = 0  # steps skipped for a non-finite reward, loss or gradient
+    bad_run: int = 0  # consecutive ones, up to now
+    eval_before: dict | None = None  # the base model's held-out figures
+
+    def saved(self) -> dict:
+        """What a checkpoint keeps of them besides the step."""
+        return {k: v for k, v in asdict(self).items() if k not in ("step", "bad_run")}
+
+
 class Trainer:
     """The state of one run; `train` above is the order things happen in."""
 
     def __init__(self, config: TrainConfig, accelerator, run: RunFolder, reward_fn: Callable | None):
         from draft import rewards
-        from draft.lora import add_lora, lora_targets
-        from draft.methods import Loop, make
+        from draft.inference import sample_size
+        from draft.lora import add_lora
+        from draft.methods import METHODS, Sampler
         from draft.models import load_model
         from draft.prompts import load_prompts
+        from draft.watch import Watch
 
         self.config, self.acc, self.run = config, accelerator, run
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
-        self.model = load_model(config.model, device=accelerator.device, dtype=dtype)
+        self.model = load_model(config.model, device=accelerator.device, dtype=dtype, options=config.model_options)
         self.reward = rewards.from_config(reward_fn or config.reward, config.reward_args).to(accelerator.device)
         self.prompts = load_prompts(config.prompts, config.model)
-        self.eval_prompts = load_prompts(config.eval_prompts, config.model)
-        # The model family's default LoRA targets, written into the run's config.yaml.
-        self.config = config = config.replace(lora=replace(config.lora, target_modules=lora_targets(self.model, config.lora)))
         self.params = add_lora(self.model, config.lora, seed=config.seed)
         self.raw_denoiser = self.model.denoiser
         self.optimizer = torch.optim.AdamW(
@@ -130,13 +153,16 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.model.denoiser, self.optimizer = accelerator.prepare(self.model.denoiser, self.optimizer)
         s = config.sampling
-        self.schedule = self.model.schedule(s.num_steps, s.height, s.width)
-        self.loop_ = Loop(self.model, self.reward, self.schedule, s.guidance_scale, s.eta, s.checkpointing,
-                          s.decode_checkpointing, config.kl_coeff, s.merge_lora, s.merged_recompute)
-        self.method = make(config.method)
-        self.latent_shape = self.model.latent_shape(s.height, s.width)
-        self.step, self.queries, self.train_time, self.bad_total, self.bad_run = 0, 0, 0.0, 0, 0
-        self.eval_before: dict | None = None
+        self.size = self.model.size(sample_size(s))
+        self.sampler = Sampler(self.model, self.reward, self.model.schedule(s.num_steps, self.size), s.guidance_scale,
+                               s.eta, s.checkpointing, s.decode_checkpointing, config.kl_coeff, s.merge_lora,
+                               s.merged_recompute, self.size, s.negative_prompt, s.guidance_scale_2)
+        self.info = METHODS[config.method]
+        self.method = self.info.make()
+        self.latent_shape = self.model.latent_shape(self.size)
+        self.progress = Progress()
+        self.watch = Watch(self.model, self.reward, load_prompts(config.eval_prompts, config.model), config,
+                           accelerator.device, self._bare)
 
     # --- derived numbers ---
 
@@ -146,16 +172,18 @@ class Trainer:
         return c.batch_size * c.grad_accum * self.acc.num_processes
 
     def describe(self) -> str:
+        from draft.defaults import explain
+
         c, n = self.config, sum(p.numel() for p in self.params)
-        per_sample = c.lv_n if c.method == "draft-lv" else 1
+        queries = self.samples_per_step * self.info.queries(c)
         lines = [
-            f"model {c.model} ({self.model.resolution}px, latent {self.latent_shape}), reward {c.reward}, method {c.method}",
+            f"model {c.model} ({self.size}, latent {self.latent_shape}), reward {c.reward}, method {c.method}",
             f"effective batch {self.samples_per_step} = {c.batch_size} x {c.grad_accum} accumulation x "
-            f"{self.acc.num_processes} process(es); reward queries per step {self.samples_per_step * per_sample}",
+            f"{self.acc.num_processes} process(es); reward queries per step {queries:g}",
             f"{c.steps} steps, {c.sampling.num_steps} sampling steps, guidance {c.sampling.guidance_scale}, "
             f"LoRA rank {c.lora.rank} ({n:,} trainable parameters), lr {c.lr}, device {self.acc.device}, "
             f"precision {c.mixed_precision}",
-            *method_defaults(c),  # what the method chose for the user, and why
+            *explain(c),  # what the method, the model or its family chose for the user, and why
         ]
         return "\n".join(lines)
 
@@ -175,57 +203,30 @@ class Trainer:
             self.acc.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng(state["rng"])
         tr = state["trainer"]
-        self.step, self.queries, self.train_time = state["step"], tr["queries"], tr["train_time"]
-        self.bad_total, self.eval_before = tr["bad_total"], tr.get("eval_before")
+        self.progress = Progress(state["step"], tr["queries"], tr["train_time"], tr["bad_total"], 0,
+                                 tr.get("eval_before"))
 
-    def sample_grid(self) -> torch.Tensor | None:
-        """The fixed-seed grid at the current step (main process), checking the reward on it."""
-        from draft.inference import generate
-
+    def first_grid(self) -> torch.Tensor | None:
+        """The grid of the current step (main process), on which the reward is tried."""
         if not self.acc.is_main_process:
             return None
-        lg = self.config.log
-        chosen = self.grid_prompts()
-        # One column per prompt, one row per seed.
-        prompts = [p for _ in range(lg.sample_seeds) for p in chosen]
-        seeds = [s for s in range(lg.sample_seeds) for _ in chosen]
-        with self._unwrapped():
-            images = generate(self.model, prompts, seeds, self.config.sampling)
-        self._check_reward(images[:2], prompts[:2])
-        return images
-
-    def grid_prompts(self) -> list[str]:
-        """`log.sample_prompts` of the evaluation prompts, spread over the list."""
-        m = len(self.eval_prompts)
-        return [self.eval_prompts[i] for i in spread(m, min(self.config.log.sample_prompts, m))]
-
-    def _check_reward(self, images: torch.Tensor, prompts: list[str]) -> None:
-        name = self.config.reward
-        images = images.to(self.acc.device).requires_grad_(True)
-        try:
-            r = self.reward(images, prompts)
-        except (ValueError, TypeError, RuntimeError) as e:
-            raise UserError(f"reward {name!r} failed on a test batch: {str(e).splitlines()[0]}") from None
-        if not torch.isfinite(r).all():
-            raise UserError(f"reward {name!r} returned non-finite values on a test batch: {r.tolist()}")
-        if self.config.method != "ddpo" and not r.requires_grad:
-            raise UserError(f"reward {name!r} passes no gradient to the images; "
-                            f"method={self.config.method} needs one (method=ddpo works without)")
+        samples = self.watch.grid()
+        self.watch.check_reward(samples[:2], self.watch.grid_layout()[0][:2], self.info.reward_gradient)
+        return samples
 
     def start(self, first_grid: torch.Tensor | None, fresh: bool) -> None:
-        from draft.report import save_grid
-
         if self.acc.is_main_process:
             print(self.describe(), flush=True)
             if fresh:
                 self.run.truncate_metrics(0)
-                save_grid(first_grid, self.run.samples / f"step-{0:08d}.png", len(self.grid_prompts()))
-                self.eval_before = self.evaluate()
-                if self.eval_before:
-                    print(f"before: {summary(self.eval_before)}", flush=True)
+                self.run.save_grid(0, first_grid, len(self.watch.grid_prompts()))
+                self._log_grid(first_grid, 0)
+                self.progress.eval_before = self.watch.evaluate()
+                if self.progress.eval_before:
+                    print(f"before: {summary(self.progress.eval_before)}", flush=True)
             else:
-                print(f"resuming {self.run.root} at step {self.step}", flush=True)
-                self.run.truncate_metrics(self.step)
+                print(f"resuming {self.run.root} at step {self.progress.step}", flush=True)
+                self.run.truncate_metrics(self.progress.step)
         self.acc.wait_for_everyone()
 
     # --- the loop ---
@@ -235,102 +236,82 @@ class Trainer:
 
         from draft.stopping import GracefulStop
 
-        c = self.config
-        bar = tqdm(total=c.steps, initial=self.step, disable=not show_progress, desc="train", dynamic_ncols=True)
+        c, p = self.config, self.progress
+        bar = tqdm(total=c.steps, initial=p.step, disable=not show_progress, desc="train", dynamic_ncols=True)
         # SIGTERM, SIGINT and SIGUSR1 end the run after the current step, with a checkpoint.
         with GracefulStop() as stop:
-            while self.step < c.steps:
+            while p.step < c.steps:
                 row = self.optimizer_step()
-                self.step += 1
+                p.step += 1
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_mean']:.4g}", loss=f"{row['loss']:.4g}")
-                if c.log.eval_every and self.step % c.log.eval_every == 0:
+                if c.log.eval_every and p.step % c.log.eval_every == 0:
                     # Held-out figures during training (not counted in `time`), for learning curves.
-                    row.update({f"eval_{k}": v for k, v in (self.evaluate() or {}).items() if k != "n"})
-                if self.step % c.log.every == 0 or self.step == c.steps or "eval_reward_mean" in row:
+                    row.update({f"eval_{k}": v for k, v in (self._evaluate() or {}).items() if k != "n"})
+                if p.step % c.log.every == 0 or p.step == c.steps or "eval_reward_mean" in row:
                     self.log(row)
-                if self.bad_run >= c.max_bad_steps:
+                if p.bad_run >= c.max_bad_steps:
                     raise TrainingStopped(
-                        f"stopped at step {self.step}: {self.bad_run} consecutive steps with a non-finite "
+                        f"stopped at step {p.step}: {p.bad_run} consecutive steps with a non-finite "
                         f"{row['skipped']}; the weights were not updated by them and the last good checkpoint "
                         f"is in {self.run.checkpoints}"
                     )
                 signum = stop.agreed(self.acc)  # every process stops at the same step
-                if self.step % c.log.sample_every == 0 and self.step < c.steps:
+                if p.step % c.log.sample_every == 0 and p.step < c.steps:
                     self.save_grid()
                 self.checkpoint_if_due(force=bool(signum))
                 if signum:
                     bar.close()
-                    raise Interrupted(f"{signal.Signals(signum).name} at step {self.step} of {c.steps}: "
+                    raise Interrupted(f"{signal.Signals(signum).name} at step {p.step} of {c.steps}: "
                                       f"checkpoint written; continue with: draft train --resume {self.run.root}",
                                       signum)
         bar.close()
 
+    def batches(self) -> list:
+        """This process's micro-batches of the current optimizer step (`draft.plan`)."""
+        from draft.plan import choose_frames, micro_batch
+
+        c, acc, step = self.config, self.acc, self.progress.step
+        frames = choose_frames(c.seed, step, self.size.frames, c.reward_frames, c.reward_frame_choice)
+        return [micro_batch(c.seed, step, micro, acc.process_index, acc.num_processes, c.batch_size, c.grad_accum,
+                            self.prompts, self.latent_shape, acc.device, frames) for micro in range(c.grad_accum)]
+
     def optimizer_step(self) -> dict:
         """One optimizer step: grad_accum micro-batches, clip, guard, update."""
-        c, acc = self.config, self.acc
+        c, acc, p = self.config, self.acc, self.progress
         t0 = time.perf_counter()
         outs = []
-        batches = [self.make_batch(micro) for micro in range(c.grad_accum)]
+        batches = self.batches()
         if hasattr(self.method, "prepare"):  # DDPO: sample the whole step first, advantages over all of it
             with acc.autocast():
-                self.method.prepare(self.loop_, batches, c, acc)
+                self.method.prepare(self.sampler, batches, c, acc)
         for batch in batches:
             with acc.accumulate(self.model.denoiser):
                 with acc.autocast():
-                    out = self.method(self.loop_, batch, c)
+                    out = self.method(self.sampler, batch, c)
                 acc.backward(out.loss)
             outs.append(out)
         rewards = acc.gather(torch.cat([o.rewards.float() for o in outs]))
         loss = acc.gather(torch.stack([o.loss.detach().float() for o in outs]).mean().reshape(1)).mean()
         grad_norm = acc.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
-        bad = self._non_finite(rewards, loss, grad_norm)
+        bad = _non_finite(rewards, loss, grad_norm)
         if bad is None or (bad == "gradient" and acc.scaler is not None):
             # With fp16 an overflowing gradient is the loss scaler's business: its step
             # skips the update and lowers the scale.
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.bad_run = self.bad_run + 1 if bad else 0
-        self.bad_total += bool(bad)
-        self.queries += int(sum(o.queries for o in outs)) * acc.num_processes
-        self.train_time += time.perf_counter() - t0
+        p.bad_run = p.bad_run + 1 if bad else 0
+        p.bad_total += bool(bad)
+        p.queries += int(sum(o.queries for o in outs)) * acc.num_processes
+        p.train_time += time.perf_counter() - t0
         stats = {k: float(np.mean([o.stats[k] for o in outs])) for k in outs[0].stats}
         return {
-            "step": self.step + 1, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+            "step": p.step + 1, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
             "loss": float(loss), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
-            "time": round(self.train_time, 3), "reward_queries": self.queries, "skipped_steps": self.bad_total,
+            "time": round(p.train_time, 3), "reward_queries": p.queries, "skipped_steps": p.bad_total,
             "skipped": bad, **stats,
         }
-
-    @staticmethod
-    def _non_finite(rewards, loss, grad_norm) -> str | None:
-        """What was non-finite this step, if anything (the same answer on every process)."""
-        if not torch.isfinite(rewards).all():
-            return "reward"
-        if not torch.isfinite(loss):
-            return "loss"
-        if not torch.isfinite(torch.as_tensor(grad_norm)):
-            return "gradient"
-        return None
-
-    def make_batch(self, micro: int):
-        """Prompts and noise for this process's micro-batch of the current optimizer step.
-
-        Global sample j of step n gets prompt and noise from (seed, n, j) alone, so any split
-        into micro-batches and processes trains on the same samples.
-        """
-        from draft.methods import Batch, sample_seed
-        from draft.sampling import SampleNoise
-
-        c, acc = self.config, self.acc
-        rng = np.random.default_rng([c.seed, self.step])
-        picks = rng.integers(0, len(self.prompts), size=self.samples_per_step)
-        first = (micro * acc.num_processes + acc.process_index) * c.batch_size
-        idx = range(first, first + c.batch_size)
-        noise = SampleNoise([sample_seed(c.seed, self.step, j) for j in idx], self.latent_shape, acc.device)
-        return Batch([self.prompts[picks[j]] for j in idx], noise, np.random.default_rng([c.seed, self.step, 1]),
-                     self.step, micro)
 
     # --- outputs ---
 
@@ -340,92 +321,65 @@ class Trainer:
         self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
 
     def save_grid(self) -> torch.Tensor | None:
-        from draft.report import save_grid
-
-        images = self.sample_grid()
-        if images is not None:
-            save_grid(images, self.run.samples / f"step-{self.step:08d}.png", len(self.grid_prompts()))
+        samples = None
+        if self.acc.is_main_process:
+            samples = self.watch.grid()
+            self.run.save_grid(self.progress.step, samples, len(self.watch.grid_prompts()))
+            self._log_grid(samples, self.progress.step)
         self.acc.wait_for_everyone()
-        return images
+        return samples
+
+    def _log_grid(self, samples: torch.Tensor, step: int) -> None:
+        """The grid (of videos: the frame strip) to the trackers that take images (TensorBoard, W&B)."""
+        from draft.report import grid_image
+
+        image = grid_image(samples, len(self.watch.grid_prompts()))[None].numpy()  # [1, 3, H, W]
+        for tracker in self.acc.trackers:
+            if hasattr(tracker, "log_images"):
+                tracker.log_images({"samples": image}, step=step)
 
     def checkpoint_if_due(self, force: bool) -> None:
-        every = self.config.log.checkpoint_every
-        if not (force or (every and self.step % every == 0)):
+        every, p = self.config.log.checkpoint_every, self.progress
+        if not (force or (every and p.step % every == 0)):
             return
         if self.acc.is_main_process:
             from draft.lora import adapter_state_dict
 
-            trainer = {"queries": self.queries, "train_time": self.train_time, "bad_total": self.bad_total,
-                       "eval_before": self.eval_before}
-            ckpt.save(self.run.checkpoints, self.step, adapter_state_dict(self.raw_denoiser), self.optimizer,
-                      self.scheduler, self.acc.scaler, trainer, self.config.log.keep_checkpoints)
+            ckpt.save(self.run.checkpoints, p.step, adapter_state_dict(self.raw_denoiser), self.optimizer,
+                      self.scheduler, self.acc.scaler, p.saved(), self.config.log.keep_checkpoints)
         self.acc.wait_for_everyone()
 
-    def evaluate(self) -> dict | None:
-        """Reward (and model metrics) on `log.eval_samples` held-out prompts, one fixed seed each."""
-        from draft.evaluation import score
-        from draft.inference import generate
-
-        n = self.config.log.eval_samples
-        if n == 0 or not self.acc.is_main_process:
-            return None
-        groups = spread(len(self.eval_prompts), n)
-        prompts = [self.eval_prompts[g] for g in groups]
-        seeds = [10_000 + k for k in range(n)]
-        with self._unwrapped():
-            images = generate(self.model, prompts, seeds, self.config.sampling)
-        return score(images, prompts, groups, self.reward, self.model.metrics, self.acc.device)
+    def _evaluate(self) -> dict | None:
+        return self.watch.evaluate() if self.acc.is_main_process else None
 
     def finish(self) -> None:
-        import json
-
-        from draft import safeio
-        from draft.card import write_card
-        from draft.lora import save_lora
-        from draft.report import plot_metrics, save_before_after
-
         every = self.config.log.checkpoint_every
-        if not (every and self.step % every == 0):  # decided alike on every process
+        if not (every and self.progress.step % every == 0):  # decided alike on every process
             self.checkpoint_if_due(force=True)
         after = self.save_grid()
-        if not self.acc.is_main_process:
-            return
-        # Written whole into a folder beside lora/, then renamed: never a half-written adapter.
-        safeio.write_dir(self.run.lora, lambda tmp: save_lora(self.model, tmp), "the LoRA")
-        eval_after = self.evaluate()
-        before = self.run.samples / f"step-{0:08d}.png"
-        if before.is_file() and after is not None:
-            save_before_after(before, after, self.run.report / "before_after.png", len(self.grid_prompts()))
-        safeio.write_text(self.run.report / "eval.json", json.dumps({"before": self.eval_before, "after": eval_after},
-                                                                   indent=2), "the evaluation")
-        with safeio.writing("the plots", self.run.report):
-            plot_metrics(self.run.metrics, self.run.report)
-        with safeio.writing("the model card", self.run.lora):
-            write_card(self.run.root)  # lora/README.md, from the files written above
-        if eval_after:
-            print(comparison(self.eval_before, eval_after, f"held-out, {eval_after['n']} images"))
-        print(f"run folder: {self.run.root}  (LoRA: {self.run.lora})", flush=True)
+        if self.acc.is_main_process:
+            self.run.write_results(self.model, after, len(self.watch.grid_prompts()), self.progress.eval_before,
+                                   self._evaluate)
 
-    def _unwrapped(self):
+    @contextlib.contextmanager
+    def _bare(self):
         """Sample with the bare denoiser (no distributed wrapper, so no collectives) on one process."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def swap():
-            wrapped, self.model.denoiser = self.model.denoiser, self.raw_denoiser
-            try:
-                yield
-            finally:
-                self.model.denoiser = wrapped
-
-        return swap()
+        wrapped, self.model.denoiser = self.model.denoiser, self.raw_denoiser
+        try:
+            yield
+        finally:
+            self.model.denoiser = wrapped
 
 
-def spread(m: int, n: int) -> list[int]:
-    """n indices into a list of m: evenly spaced when n <= m (prompt files are often
-    sorted, so the first few would all be alike), else cycling through it, so each item
-    appears with several seeds (which the diversity figure needs)."""
-    return [k * m // n if n <= m else k % m for k in range(n)]
+def _non_finite(rewards, loss, grad_norm) -> str | None:
+    """What was non-finite this step, if anything (the same answer on every process)."""
+    if not torch.isfinite(rewards).all():
+        return "reward"
+    if not torch.isfinite(loss):
+        return "loss"
+    if not torch.isfinite(torch.as_tensor(grad_norm)):
+        return "gradient"
+    return None
 
 
 def _flat_hparams(d: dict, prefix: str = "") -> dict:

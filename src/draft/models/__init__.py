@@ -7,6 +7,7 @@ adapter; every other module works through the protocol and never asks which fami
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,13 @@ class Embedded:
     path: Path
     metrics: str | None = None  # "module:attr" of the model's own evaluation metrics
     # Config values this model is meant to be run with, by dotted key: (value, why). They
-    # fill keys the user does not set (`draft.config`), and `draft sample`/`draft eval` use
-    # them too.
+    # fill keys the user does not set (`draft.defaults`), for `draft train`, `draft sample`
+    # and `draft eval` alike.
     defaults: dict = field(default_factory=dict)
     # Settings of the adapter that the model was trained with (class attributes it overrides).
     options: dict = field(default_factory=dict)
+    pretrain: str = ""  # "module:attr" of the recipe that rebuilds it (`draft pretrain-shapes`)
+    license: str = "apache-2.0"  # the project's own
 
 
 # The joint blocks' attention, feed-forward and adaptive-norm projections of an SD3 transformer.
@@ -37,26 +40,29 @@ SD3_WIDE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_pro
 SHAPES_METRICS = "draft.rewards.shapes:attribute_metrics"  # the shapes world's attribute accuracy
 # Models that ship inside the package, by name.
 EMBEDDED = {
-    "shapes-sd": Embedded(ASSETS / "shapes-sd", SHAPES_METRICS),
+    # The main job's recipe (README; BENCHMARKS.md, "shapes-sd, the embedded default").
+    "shapes-sd": Embedded(ASSETS / "shapes-sd", SHAPES_METRICS, {
+        "method": ("draft-lv", "the paper's low-variance one-step estimator, cheap and effective on this model"),
+        "steps": (500, "the main job's length, within its time on a 2-core CPU"),
+        "kl_coeff": (0.03, "keeps the samples varied at no cost in held-out accuracy (BENCHMARKS.md)"),
+        "log.eval_samples": (360, "every held-out prompt twice, so diversity across seeds is measured"),
+    }, pretrain="draft.models.shapes_pretrain:pretrain"),
     # Its own recipe (BENCHMARKS.md, "The main job on shapes-flow"): the flow chain settles the
     # shape between sigma 0.9 and 0.2, so the tail windows of shapes-sd's recipe (DRaFT-LV's last
     # step sits at sigma 0.001) barely move it; full DRaFT over a 20-step chain does.
     "shapes-flow": Embedded(ASSETS / "shapes-flow", SHAPES_METRICS, {
-        "sampling.guidance_scale": (4.0, "its held-out accuracy is highest there (3-6 measured), "
-                                         "docs/shapes-flow.md"),
-        "sampling.num_steps": (20, "20 Euler steps sample it about as well as 50 (held-out joint "
-                                   "71.1% and 72.8%, 360 images) at 40% of the cost"),
-        "sampling.checkpointing": (False, "its whole chain's activations take about 0.3 GB; "
-                                          "without the recompute a step takes 0.55 s, not 0.70 s, here"),
-        "method": ("draft", "the flow chain decides shapes far from its last steps, where "
-                            "truncated windows sit"),
-        "kl_coeff": (0.0, "the recipe was tuned without it; diversity stays above 70% of the "
-                          "base's (BENCHMARKS.md)"),
-        "steps": (800, "the run, both of its evaluations included, takes about 9 minutes on "
-                       "a 2-core CPU"),
-        "lora.target_modules": (SD3_WIDE_TARGETS, "attention alone gained less (DRaFT-K, K=30, "
-                                                  "400 steps: +2.2 against +7.2 points)"),
-    }, {"max_sequence_length": 0}),  # trained without T5's zero tokens (docs/shapes-flow.md)
+        "sampling.guidance_scale": (4.0, "its held-out accuracy is highest there (docs/shapes-flow.md)"),
+        "sampling.num_steps": (20, "20 Euler steps sample it about as well as 50 at 40% of the cost "
+                                   "(docs/shapes-flow.md)"),
+        "sampling.checkpointing": (False, "its whole chain's activations are small, and a step is faster without "
+                                          "the recompute (BENCHMARKS.md)"),
+        "method": ("draft", "the flow chain decides shapes far from its last steps, where truncated windows sit"),
+        "kl_coeff": (0.0, "the recipe was tuned without it; diversity stays above 70% of the base's (BENCHMARKS.md)"),
+        "steps": (800, "the main job's length, within its time on a 2-core CPU"),
+        "lora.target_modules": (SD3_WIDE_TARGETS, "attention alone gained less (BENCHMARKS.md)"),
+        "log.eval_samples": (360, "every held-out prompt twice, so diversity across seeds is measured"),
+    }, {"max_sequence_length": 0},  # trained without T5's zero tokens (docs/shapes-flow.md)
+        pretrain="draft.models.shapes_flow_pretrain:pretrain"),
 }
 
 
@@ -65,19 +71,15 @@ def model_defaults(name: str) -> dict:
     embedded = EMBEDDED.get(name) if isinstance(name, str) else None
     return dict(embedded.defaults) if embedded else {}
 
-
-def model_default(name: str, key: str, fallback):
-    """The value of dotted `key` that model `name` is meant to be run with, else `fallback`."""
-    return model_defaults(name).get(key, (fallback,))[0]
-
 # Pipeline class -> "module:adapter class".
 ADAPTERS = {
     "StableDiffusionPipeline": "draft.models.sd:StableDiffusion",
+    # Same components as text-to-image; draft samples them from noise.
     "StableDiffusionImg2ImgPipeline": "draft.models.sd:StableDiffusion",
-    "StableDiffusionInpaintPipeline": "draft.models.sd:StableDiffusion",
     "StableDiffusion3Pipeline": "draft.models.sd3:StableDiffusion3",
     "StableDiffusionXLPipeline": "draft.models.sdxl:StableDiffusionXL",
     "FluxPipeline": "draft.models.flux:Flux",
+    "WanPipeline": "draft.models.wan:Wan",
 }
 
 
@@ -88,9 +90,10 @@ def resolve(path_or_id: str) -> tuple[str, bool]:
         if not (path / "model_index.json").is_file():
             raise UserError(f"the embedded model {path_or_id!r} is missing from this install ({path})")
         return str(path), True
+    from draft.hub import is_hub_id
+
     path = Path(path_or_id).expanduser()
-    looks_like_hub_id = path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~"))
-    if path.exists() or not looks_like_hub_id:
+    if not is_hub_id(path_or_id):
         if not path.is_dir():
             names = ", ".join(sorted(EMBEDDED))
             raise UserError(f"model folder {path_or_id!r} not found (give a pipeline folder, a hub id, or one of: {names})")
@@ -109,10 +112,30 @@ def pipeline_class(folder: str) -> str:
     except (json.JSONDecodeError, AttributeError):
         raise UserError(f"{index} is not valid JSON") from None
     if cls not in ADAPTERS:
-        raise UserError(f"{folder!r} holds a {cls or 'unknown'} pipeline; supported: {', '.join(sorted(ADAPTERS))}")
+        raise UserError(f"{folder!r} holds a {cls or 'unknown'} pipeline, which draft cannot train; "
+                        f"supported: {', '.join(sorted(ADAPTERS))}")
     return cls
 
 
+def family(model: str):
+    """The adapter class that serves `model`, from its model_index.json alone (None when
+    that cannot be read now: a missing folder, or a hub id with no network)."""
+    from draft.models.base import load_callable
+
+    try:
+        source, local = resolve(model)
+        cls_name = pipeline_class(source) if local else _hub_pipeline_class(source)
+    except UserError:
+        from draft.models.architectures import ARCHITECTURES, architecture
+
+        if model not in ARCHITECTURES:
+            return None
+        # No hub now: the models draft knows the architecture of (`draft.models.architectures`).
+        cls_name = architecture(model)["model_index.json"]["_class_name"]
+    return load_callable(ADAPTERS[cls_name])
+
+
+@functools.lru_cache(maxsize=16)
 def _hub_pipeline_class(repo_id: str) -> str:
     """The pipeline class of a hub model, from its model_index.json alone."""
     from diffusers import DiffusionPipeline
@@ -122,15 +145,17 @@ def _hub_pipeline_class(repo_id: str) -> str:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {repo_id!r}: {str(e).strip().splitlines()[0]}") from None
     if cls not in ADAPTERS:
-        raise UserError(f"{repo_id!r} holds a {cls or 'unknown'} pipeline; supported: {', '.join(sorted(ADAPTERS))}")
+        raise UserError(f"{repo_id!r} holds a {cls or 'unknown'} pipeline, which draft cannot train; "
+                        f"supported: {', '.join(sorted(ADAPTERS))}")
     return cls
 
 
-def load_model(path_or_id: str = "shapes-sd", device=None, dtype=None):
+def load_model(path_or_id: str = "shapes-sd", device=None, dtype=None, options: dict | None = None):
     """Load a pipeline folder, hub id or embedded model as its family's adapter.
 
     Weights are read from safetensors only. `dtype` is the dtype of the frozen weights
-    (default float32); trainable LoRA parameters are always float32.
+    (default float32); trainable LoRA parameters are always float32. `options` are settings
+    of the adapter (`TrainConfig.model_options`), over an embedded model's own.
     """
     from draft.models.base import load_callable
 
@@ -139,5 +164,5 @@ def load_model(path_or_id: str = "shapes-sd", device=None, dtype=None):
     adapter = load_callable(ADAPTERS[cls_name])
     embedded = EMBEDDED.get(path_or_id)
     metrics = load_callable(embedded.metrics) if embedded and embedded.metrics else None
-    options = embedded.options if embedded else {}
+    options = {**(embedded.options if embedded else {}), **(options or {})}
     return adapter.from_pretrained(source, local, path_or_id, device=device, dtype=dtype, metrics=metrics, **options)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -23,10 +24,31 @@ from torch.utils.checkpoint import checkpoint
 from draft.errors import UserError
 
 
+@dataclass(frozen=True)
+class Size:
+    """What to generate: height and width in pixels, and video frames (0: an image).
+
+    In a requested size a zero means the model's native value (`DiffusionModel.size`).
+    """
+
+    height: int = 0
+    width: int = 0
+    frames: int = 0
+
+    @property
+    def video(self) -> bool:
+        return self.frames > 0
+
+    def __str__(self) -> str:
+        return f"{self.frames} frames of {self.width}x{self.height}" if self.video else f"{self.width}x{self.height}"
+
+
 @runtime_checkable
 class DiffusionModel(Protocol):
     """What reward fine-tuning needs of a model. Conditioning is any batch-first tensor or
-    dict of tensors; latents are [B, C, h, w] whatever the model's internal layout."""
+    dict of tensors; latents are [B, C, *spatial] (h, w for images, f, h, w for videos)
+    whatever the model's internal layout; samples are images [B, 3, H, W] or videos
+    [B, F, 3, H, W] in [0, 1]."""
 
     name: str
     # The trainable network (a UNet or a transformer), where LoRA goes. The trainer may
@@ -36,31 +58,47 @@ class DiffusionModel(Protocol):
     lora_prefix: str
     # Modules that get a LoRA adapter unless the config names others.
     default_lora_targets: tuple[str, ...]
+    # Config values this family samples with by default: dotted key -> (value, why) (`draft.defaults`).
+    defaults: dict
+    fps: int  # frames per second of the family's videos (0 for image models)
 
     @property
-    def resolution(self) -> int: ...  # native image size in pixels
+    def native_size(self) -> Size: ...
 
     @property
     def device(self) -> torch.device: ...
 
     def to(self, device) -> "DiffusionModel": ...
 
-    def latent_shape(self, height: int = 0, width: int = 0) -> tuple[int, int, int]:
-        """(C, h, w) of the latent of a height x width image (0: native); UserError if the
-        model cannot make that size."""
+    def size(self, requested: Size = Size()) -> Size:
+        """The concrete size for a request (zeros: native); UserError if the model cannot make it."""
 
-    def schedule(self, num_steps: int, height: int = 0, width: int = 0):
+    def latent_shape(self, size: Size = Size()) -> tuple[int, ...]:
+        """(C, *spatial) of the latent of a sample of that size."""
+
+    def schedule(self, num_steps: int, size: Size = Size()):
         """The `draft.sampling.Schedule` the model's own pipeline would sample with."""
 
-    def conditioning(self, prompts: list[str], guidance_scale: float) -> tuple[Any, Any]:
+    def conditioning(self, prompts: list[str], guidance_scale: float, size: Size = Size(),
+                     negative_prompt: str = "") -> tuple[Any, Any]:
         """(cond, uncond) encodings; uncond is None when no unconditional pass is needed
         (guidance 1, or guidance that is an input of the model)."""
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """The raw model output at x_t (ε, v or flow velocity), differentiable in the LoRA."""
 
-    def decode(self, latents: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1], differentiable in the latents; VAE frozen."""
+    def guide(self, uncond_out: torch.Tensor, cond_out: torch.Tensor, scale: float) -> torch.Tensor:
+        """The guided prediction from the two passes (classifier-free guidance by default)."""
+
+    def guidance(self, scale: float, scale_2: float | None):
+        """The guidance scale, or a function of t where it changes along the chain (Wan 2.2's
+        second expert has its own, `sampling.guidance_scale_2`)."""
+
+    def decode(self, latents: torch.Tensor, frames: Sequence[int] | None = None,
+               use_checkpoint: bool = False) -> torch.Tensor:
+        """Samples in [0, 1], differentiable in the latents; VAE frozen. For videos, `frames`
+        picks the output frames (all when None) and only the latent frames they need are
+        decoded; images take no `frames`."""
 
     def adapters_disabled(self) -> contextlib.AbstractContextManager: ...
 
@@ -69,8 +107,9 @@ class DiffusionModel(Protocol):
     def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor], metadata: dict) -> None:
         """Write a LoRA state dict (peft key names, no prefix) as the family's diffusers LoRA."""
 
-    def metrics(self, images: torch.Tensor, prompts: list[str]) -> dict:
-        """Figures the model defines for its own world (empty for most models)."""
+    def metrics(self, samples: torch.Tensor, prompts: list[str]) -> dict:
+        """Figures the model defines for its own world (empty for most models): means over
+        the samples, so that batches can be averaged."""
 
 
 class PipelineAdapter:
@@ -78,15 +117,34 @@ class PipelineAdapter:
     and fill in the family-specific calls."""
 
     pipeline_class: ClassVar[str]
+    family_name: ClassVar[str]  # how messages and notes name the family ("Stable Diffusion")
     lora_prefix: ClassVar[str]
     default_lora_targets: ClassVar[tuple[str, ...]]
+    # What the family's pipeline samples with where draft's own defaults differ (`draft.defaults`).
+    defaults: ClassVar[dict[str, tuple[Any, str]]] = {}
+    fps: ClassVar[int] = 0  # video families: the frame rate their videos are played at
+    # LoRA formats other tools read for this family: name -> "module:function" (`draft.export`).
+    export_formats: ClassVar[dict[str, str]] = {}
+    # Adapter options that are also arguments of the pipeline's __call__ (the card's snippet
+    # passes them, e.g. SD3's max_sequence_length for a model trained without T5).
+    call_options: ClassVar[tuple[str, ...]] = ()
     # Keyword arguments for `from_pretrained` beyond the shared ones.
     load_kwargs: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, pipe, name: str = "", metrics: Callable | None = None, **options):
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False).eval()
+        self.setup(pipe, name, metrics, options)
+        self.check()
+
+    def setup(self, pipe, name: str, metrics: Callable | None, options: dict) -> None:
+        """Take the pipeline's parts and the settings (`model_options`); families add theirs."""
         for key, value in options.items():  # e.g. SD3's max_sequence_length for a model trained without T5
-            if not hasattr(type(self), key):
-                raise TypeError(f"{type(self).__name__} has no option {key!r}")
+            if key not in self.settings():
+                known = ", ".join(sorted(self.settings())) or "none"
+                raise UserError(f"model_options.{key}: the {self.family_name} adapter has no such setting "
+                                f"(its settings: {known})")
             setattr(self, key, value)
         self.pipe = pipe
         self.name = name
@@ -94,12 +152,60 @@ class PipelineAdapter:
         self.vae = pipe.vae
         self.scheduler_config = pipe.scheduler.config
         self._metrics = metrics
-        for module in pipe.components.values():
-            if isinstance(module, torch.nn.Module):
-                module.requires_grad_(False).eval()
         # The denoiser runs in its own dtype: a pipeline may keep its VAE in float32 (SDXL's
         # overflows in fp16) while the denoiser is in half precision.
         self.weight_dtype = next(self.denoiser.parameters()).dtype
+
+    @classmethod
+    def on_meta(cls, folder: str | Path, components: dict[str, torch.nn.Module], **options) -> "PipelineAdapter":
+        """The adapter over a pipeline folder's components built on the meta device
+        (`draft.models.meta`), for the memory estimate: its sizes and its denoiser and decoder
+        calls are the real ones, on tensors without storage; nothing is loaded or checked."""
+        import json
+        from types import SimpleNamespace
+
+        import diffusers
+        from diffusers.configuration_utils import FrozenDict
+
+        folder = Path(folder)
+        index = json.loads((folder / "model_index.json").read_text())
+        scheduler_file = folder / "scheduler" / "scheduler_config.json"
+        scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+        pipeline = getattr(diffusers, cls.pipeline_class)
+        # The pipeline class without its __init__: its static helpers (FLUX's packing) work,
+        # and its components are the meta modules.
+        pipe = pipeline.__new__(pipeline)
+        pipe.__dict__.update({name: None for name in index if not name.startswith("_")})
+        pipe.__dict__.update(components, scheduler=SimpleNamespace(config=scheduler),
+                             _internal_dict=FrozenDict(index))
+        model = cls.__new__(cls)
+        model.setup(pipe, str(folder), None, options)
+        model.folder = folder
+        return model
+
+    def meta_conditioning(self, batch: int, dtype: torch.dtype):
+        """Conditioning of the shapes `conditioning` returns, on the meta device (for the
+        estimate); None where the family's is not modelled."""
+        return None
+
+    def text_tokens(self, tokenizer: str = "tokenizer", default: int = 77) -> int:
+        """A tokenizer's length, read from the folder (77 for CLIP)."""
+        import json
+
+        try:
+            length = json.loads((Path(self.folder) / tokenizer / "tokenizer_config.json").read_text()).get(
+                "model_max_length", default)
+        except (OSError, ValueError, AttributeError):
+            length = default
+        return length if isinstance(length, int) and 0 < length <= 4096 else default
+
+    def check(self) -> None:
+        """Refuse, at load time, a pipeline the sampler cannot run (an unknown scheduler or
+        prediction type), rather than fail with a traceback at the first step."""
+        try:
+            self.schedule(2)
+        except ValueError as e:
+            raise UserError(f"{self.name}: {e}") from None
 
     @classmethod
     def from_pretrained(cls, source: str, local: bool, name: str, device=None, dtype=None, metrics=None, **options):
@@ -111,13 +217,7 @@ class PipelineAdapter:
         quiet_diffusers()
         pipeline = getattr(diffusers, cls.pipeline_class)
         try:
-            # Optional components the folder does not have (SD3 saved without its T5, no
-            # image encoder) must be passed as None, or diffusers refuses the folder.
-            index = pipeline.load_config(source, local_files_only=local)
-            expected, _ = pipeline._get_signature_keys(pipeline)
-            absent = {name: None for name in expected
-                      if (name in index or name in pipeline._optional_components)
-                      and (not isinstance(index.get(name), (list, tuple)) or index[name][0] is None)}
+            absent = dict.fromkeys(cls.absent_components(source, local))
             pipe = pipeline.from_pretrained(
                 source,
                 dtype=cls.load_dtype(dtype or torch.float32),
@@ -136,6 +236,44 @@ class PipelineAdapter:
         return model
 
     @classmethod
+    def settings(cls) -> dict[str, Any]:
+        """The adapter's settings a config may change (`model_options`): its plain class
+        attributes that are not part of the protocol, with their defaults."""
+        fixed = set(vars(PipelineAdapter)) | {"pipeline_class", "family_name", "lora_prefix", "default_lora_targets",
+                                               "max_shift"}
+        out = {}
+        for klass in reversed(cls.__mro__):
+            for key, value in vars(klass).items():
+                if (not key.startswith("_") and key not in fixed and isinstance(value, (int, float, str, bool))
+                        and not callable(value)):
+                    out[key] = getattr(cls, key)
+        return out
+
+    @classmethod
+    def pipeline_kwargs(cls, sampling: dict, options: dict) -> dict[str, Any]:
+        """Arguments of the pipeline's own __call__ that reproduce draft's sampling settings,
+        beyond the prompt, the steps and the guidance (for the model card's snippet)."""
+        kwargs = {k: v for k, v in options.items() if k in cls.call_options}
+        for key in ("height", "width"):
+            if sampling.get(key):
+                kwargs[key] = sampling[key]
+        if sampling.get("negative_prompt"):
+            kwargs["negative_prompt"] = sampling["negative_prompt"]
+        return kwargs
+
+    @classmethod
+    def absent_components(cls, source: str, local: bool = True) -> list[str]:
+        """Optional components the folder does not have (SD3 saved without its T5, no image
+        encoder): diffusers refuses such a folder unless each is passed as None."""
+        import diffusers
+
+        pipeline = getattr(diffusers, cls.pipeline_class)
+        index = pipeline.load_config(source, local_files_only=local)
+        expected, _ = pipeline._get_signature_keys(pipeline)
+        return [name for name in expected if (name in index or name in pipeline._optional_components)
+                and (not isinstance(index.get(name), (list, tuple)) or index[name][0] is None)]
+
+    @classmethod
     def load_dtype(cls, dtype: torch.dtype):
         """`from_pretrained`'s dtype: one for all components, or a dict by component name."""
         return dtype
@@ -151,6 +289,15 @@ class PipelineAdapter:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def size_multiple(self) -> int:
+        """Heights and widths must be multiples of this many pixels."""
+        return self.vae_scale_factor
+
+    @property
+    def native_size(self) -> Size:
+        return Size(self.resolution, self.resolution)
+
+    @property
     def device(self) -> torch.device:
         return self.vae.device
 
@@ -158,21 +305,49 @@ class PipelineAdapter:
         self.pipe.to(device)
         return self
 
-    def check_size(self, height: int, width: int, multiple: int) -> tuple[int, int]:
-        """(height, width) with 0 meaning native; UserError unless both are multiples of `multiple`."""
-        h, w = height or self.resolution, width or self.resolution
-        if h % multiple or w % multiple:
-            raise UserError(f"{self.name}: image sizes must be multiples of {multiple} pixels, got {h}x{w}")
-        return h, w
+    def size(self, requested: Size = Size()) -> Size:
+        native, m = self.native_size, self.size_multiple
+        if requested.frames and not native.video:
+            raise UserError(f"{self.name} is an image model: it makes no video frames (got frames={requested.frames})")
+        h, w = requested.height or native.height, requested.width or native.width
+        if h % m or w % m:
+            raise UserError(f"{self.name}: image sizes must be multiples of {m} pixels, got {h}x{w}")
+        size = Size(h, w, requested.frames or native.frames)
+        self.check_frames(size.frames)
+        return size
 
-    def schedule(self, num_steps: int, height: int = 0, width: int = 0):
+    def check_frames(self, frames: int) -> None:
+        """UserError unless the model can make that many frames (video families override)."""
+
+    def latent_shape(self, size: Size = Size()) -> tuple[int, ...]:
+        size = self.size(size)
+        f = self.vae_scale_factor
+        return (self.latent_channels, size.height // f, size.width // f)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.denoiser_config.in_channels
+
+    def schedule(self, num_steps: int, size: Size = Size()):
         from draft.sampling import Schedule
 
         return Schedule.from_scheduler_config(self.scheduler_config, num_steps)
 
+    def guide(self, uncond_out: torch.Tensor, cond_out: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance: ε̃ = ε_u + s·(ε_c - ε_u)."""
+        from draft.sampling import cfg
+
+        return cfg(uncond_out, cond_out, scale)
+
+    def guidance(self, scale: float, scale_2: float | None):
+        return scale  # one scale for the whole chain
+
     # --- decoding ---
 
-    def decode(self, latents: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, frames: Sequence[int] | None = None,
+               use_checkpoint: bool = False) -> torch.Tensor:
+        if frames is not None:
+            raise ValueError(f"{self.name} makes images, which have no frames to choose")
         if use_checkpoint and torch.is_grad_enabled():
             return checkpoint(self._decode, latents, use_reentrant=False)
         return self._decode(latents)
@@ -186,8 +361,8 @@ class PipelineAdapter:
         # The pipelines' postprocessing: [-1, 1] -> [0, 1], clamped.
         return (images / 2 + 0.5).clamp(0, 1)
 
-    def metrics(self, images: torch.Tensor, prompts: list[str]) -> dict:
-        return self._metrics(images, prompts) if self._metrics is not None else {}
+    def metrics(self, samples: torch.Tensor, prompts: list[str]) -> dict:
+        return self._metrics(samples, prompts) if self._metrics is not None else {}
 
     # --- LoRA ---
 
@@ -215,8 +390,8 @@ class PipelineAdapter:
         """Fold the active LoRA adapters into the denoiser's weights for gradient-free sampling.
 
         peft runs an adapted layer as the base layer plus two small LoRA products; in the
-        T - 1 steps that carry no gradient, that is pure overhead (about 45% of a shapes-sd
-        step with LoRA on the convolutions too). Inside this block the adapted layers run as
+        T - 1 steps that carry no gradient, that is pure overhead (BENCHMARKS.md, "folding the LoRA
+        into the weights for gradient-free steps"). Inside this block the adapted layers run as
         plain layers with W + ΔW. On exit the saved base weights are copied back, so they
         come out bit for bit as they went in (subtracting ΔW again would not, and in bf16
         would drift visibly). Costs one copy of the adapted layers' weights while inside.
@@ -260,6 +435,11 @@ def _base_weights(layers, saved) -> Iterator[None]:
     finally:
         for m, weight in zip(layers, merged):
             m.get_base_layer().weight.data = weight
+
+
+def meta(*shape, dtype=torch.float32) -> torch.Tensor:
+    """A tensor without storage (the memory estimate's inputs)."""
+    return torch.empty(tuple(shape), device="meta", dtype=dtype)
 
 
 def load_callable(spec: str) -> Callable:

@@ -19,11 +19,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from draft.models.base import PipelineAdapter
+from draft.models.base import Size, meta
+from draft.models.flow import FlowMatching
 
 
-class Flux(PipelineAdapter):
+class Flux(FlowMatching):
     pipeline_class = "FluxPipeline"
+    family_name = "FLUX.1"
     lora_prefix = "transformer"
     # The attention projections diffusers' FLUX LoRA script (train_dreambooth_lora_flux.py)
     # adapts, without its feed-forward layers: in the joint blocks the image stream's
@@ -32,6 +34,10 @@ class Flux(PipelineAdapter):
     default_lora_targets = (
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
     )
+    defaults = {
+        "sampling.num_steps": (28, "FluxPipeline's default"),
+        "sampling.guidance_scale": (3.5, "FluxPipeline's default, fed to FLUX.1-dev's guidance embedding"),
+    }
 
     @property
     def max_sequence_length(self) -> int:
@@ -58,30 +64,25 @@ class Flux(PipelineAdapter):
             size = size[0]
         return int(size) if size else self.pipe.default_sample_size * self.vae_scale_factor
 
-    def latent_shape(self, height: int = 0, width: int = 0) -> tuple[int, int, int]:
-        """(C, h, w) before packing; sizes must be multiples of the VAE factor times the 2x2 patch
-        (16 px for FLUX.1)."""
-        f = self.vae_scale_factor
-        h, w = self.check_size(height, width, 2 * f)
-        return (self.denoiser_config.in_channels // 4, h // f, w // f)
+    @property
+    def size_multiple(self) -> int:
+        """The VAE factor times the 2x2 patch (16 px for FLUX.1)."""
+        return 2 * self.vae_scale_factor
 
-    def schedule(self, num_steps: int, height: int = 0, width: int = 0):
-        """The schedule `FluxPipeline.__call__` builds: a linear sigma grid from 1 to 1/T, shifted
-        by mu from the packed token count."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    @property
+    def latent_channels(self) -> int:
+        return self.denoiser_config.in_channels // 4  # the transformer reads packed 2x2 patches
 
-        from draft.sampling import Schedule
-
-        cfg = self.scheduler_config
-        _, h, w = self.latent_shape(height, width)
-        sigmas = None if cfg.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
-        tokens = (h // 2) * (w // 2)  # the packed sequence: one token per 2x2 latent patch
-        mu = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        return Schedule.from_scheduler_config(cfg, num_steps, sigmas=sigmas, mu=mu)
+    def sigmas(self, num_steps: int):
+        """The grid `FluxPipeline.__call__` passes: linear from 1 to 1/T (unless the scheduler
+        builds its own flow sigmas)."""
+        if self.scheduler_config.get("use_flow_sigmas", False):
+            return None
+        return np.linspace(1.0, 1 / num_steps, num_steps)
 
     @torch.no_grad()
-    def conditioning(self, prompts: list[str], guidance_scale: float = 3.5):
+    def conditioning(self, prompts: list[str], guidance_scale: float = 3.5, size: Size = Size(),
+                     negative_prompt: str = ""):
         """({prompt_embeds, pooled[, guidance]}, None): the pipeline's encoding; on dev the
         guidance scale as one value per sample, fed to the guidance embedding. Never an
         unconditional half: FLUX.1 is not sampled with classifier-free guidance."""
@@ -95,6 +96,15 @@ class Flux(PipelineAdapter):
             # float32, as the pipeline builds it; the transformer casts it to its own dtype.
             cond["guidance"] = torch.full((len(prompts),), float(guidance_scale), device=self.device)
         return cond, None
+
+    def meta_conditioning(self, batch: int, dtype: torch.dtype):
+        cfg = self.denoiser_config
+        cond = {"prompt_embeds": meta(batch, min(512, self.text_tokens("tokenizer_2", 512)), cfg.joint_attention_dim,
+                                      dtype=dtype),
+                "pooled": meta(batch, cfg.pooled_projection_dim, dtype=dtype)}
+        if self.guidance_embedded:
+            cond["guidance"] = meta(batch)
+        return cond
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The transformer's velocity at x_t ([B, C, h, w] in and out), called as the pipeline calls it."""

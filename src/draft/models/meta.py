@@ -3,12 +3,9 @@
 `components(folder)` builds every torch component that `model_index.json` names (UNet or
 transformer, VAE, text encoders) from its config on PyTorch's `meta` device: the modules
 have their real parameter shapes and dtypes but no storage, so nothing is read or
-allocated. `denoiser_saved_bytes` and `decoder_saved_bytes` run one gradient-carrying
-denoiser call and one VAE decode on meta inputs and count the bytes autograd keeps for the
-backward pass (`saved_bytes`), which is what a training step's activations cost.
-
-This is the one place outside the adapters that knows each denoiser class's call
-signature, for the dummy inputs; a class not listed has no activation footprint here.
+allocated. `saved_bytes` runs a call on meta inputs (the family adapter's own denoiser
+call and decode, `PipelineAdapter.on_meta`) and counts the bytes autograd keeps for the
+backward pass, which is what a training step's activations cost.
 """
 
 from __future__ import annotations
@@ -106,7 +103,7 @@ def _mixed_precision():
     save) in float32, matmuls and convolutions cast their input to the weights' half dtype.
     Autocast itself does nothing to meta tensors, so its rules are applied by hand."""
     F = torch.nn.functional
-    group_norm, layer_norm, linear, conv2d = F.group_norm, F.layer_norm, F.linear, F.conv2d
+    group_norm, layer_norm, linear, conv2d, conv3d = F.group_norm, F.layer_norm, F.linear, F.conv2d, F.conv3d
 
     def f32(t):
         return None if t is None else t.float()
@@ -115,10 +112,11 @@ def _mixed_precision():
     F.layer_norm = lambda x, shape, w=None, b=None, *a: layer_norm(x.float(), shape, f32(w), f32(b), *a)
     F.linear = lambda x, w, b=None: linear(x.to(w.dtype), w, b)
     F.conv2d = lambda x, w, b=None, *a, **k: conv2d(x.to(w.dtype), w, b, *a, **k)
+    F.conv3d = lambda x, w, b=None, *a, **k: conv3d(x.to(w.dtype), w, b, *a, **k)
     try:
         yield
     finally:
-        F.group_norm, F.layer_norm, F.linear, F.conv2d = group_norm, layer_norm, linear, conv2d
+        F.group_norm, F.layer_norm, F.linear, F.conv2d, F.conv3d = group_norm, layer_norm, linear, conv2d, conv3d
 
 
 def saved_bytes(fn: Callable[[], object], module: torch.nn.Module) -> int:
@@ -138,60 +136,3 @@ def saved_bytes(fn: Callable[[], object], module: torch.nn.Module) -> int:
             (_mixed_precision() if half else contextlib.nullcontext()):
         fn()
     return sum(seen.values())
-
-
-def _meta(*shape, dtype=torch.float32, grad=False):
-    return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=grad)
-
-
-def denoiser_call(module: torch.nn.Module, batch: int, latent: tuple[int, int, int], dtype: torch.dtype,
-                  text_tokens: int = 77) -> Callable[[], object] | None:
-    """One call of the denoiser on meta inputs (a latent that carries gradient), or None if
-    this class's inputs are not known here."""
-    c, h, w = latent
-    cfg = module.config
-    x = _meta(batch, c, h, w, dtype=dtype, grad=True)
-    t = _meta(batch, dtype=torch.float32)
-    name = type(module).__name__
-    if name == "UNet2DConditionModel":
-        dim = cfg.cross_attention_dim
-        dim = dim[0] if isinstance(dim, (list, tuple)) else dim
-        kwargs = {}
-        if cfg.addition_embed_type == "text_time":  # SDXL: pooled text and size/crop ids
-            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {"text_embeds": _meta(batch, pooled, dtype=dtype),
-                                           "time_ids": _meta(batch, 6, dtype=dtype)}
-        text = _meta(batch, text_tokens, dim, dtype=dtype)
-        return lambda: module(x, t, encoder_hidden_states=text, return_dict=False, **kwargs)
-    if name == "SD3Transformer2DModel":
-        text = _meta(batch, text_tokens, cfg.joint_attention_dim, dtype=dtype)
-        pooled = _meta(batch, cfg.pooled_projection_dim, dtype=dtype)
-        return lambda: module(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-                              return_dict=False)
-    if name == "FluxTransformer2DModel":
-        # FLUX packs 2x2 latent patches into tokens of 4x the channels.
-        tokens = _meta(batch, (h // 2) * (w // 2), cfg.in_channels, dtype=dtype, grad=True)
-        text = _meta(batch, text_tokens, cfg.joint_attention_dim, dtype=dtype)
-        pooled = _meta(batch, cfg.pooled_projection_dim, dtype=dtype)
-        extra = {"guidance": _meta(batch, dtype=torch.float32)} if cfg.guidance_embeds else {}
-        return lambda: module(hidden_states=tokens, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-                              img_ids=_meta((h // 2) * (w // 2), 3), txt_ids=_meta(text_tokens, 3), return_dict=False,
-                              **extra)
-    return None
-
-
-def denoiser_saved_bytes(module, batch: int, latent: tuple[int, int, int], dtype, text_tokens: int = 77) -> int | None:
-    call = denoiser_call(module, batch, latent, dtype, text_tokens)
-    return None if call is None else saved_bytes(call, module)
-
-
-def decoder_saved_bytes(vae: torch.nn.Module, batch: int, latent: tuple[int, int, int], dtype) -> int:
-    """Bytes the VAE decode of `batch` latents keeps for its backward."""
-    c, h, w = latent
-    z = _meta(batch, vae.config.latent_channels, h, w, dtype=dtype, grad=True)
-    return saved_bytes(lambda: vae.decode(z, return_dict=False), vae)
-
-
-def denoiser_name(comps: dict[str, torch.nn.Module]) -> str | None:
-    """The trainable network's component name: 'unet' or 'transformer'."""
-    return next((n for n in ("unet", "transformer") if n in comps), None)

@@ -4,43 +4,62 @@ from __future__ import annotations
 
 import torch
 
-from draft.models.base import PipelineAdapter, quiet_diffusers  # noqa: F401  (re-exported)
+from draft.errors import UserError
+from draft.models.base import PipelineAdapter, Size, meta
 
 
 class StableDiffusion(PipelineAdapter):
     """UNet (+ LoRA) denoiser, one CLIP text encoder, VAE; DDIM with ε or v prediction."""
 
     pipeline_class = "StableDiffusionPipeline"
+    family_name = "Stable Diffusion"
     lora_prefix = "unet"
     # Attention projections (what the paper and diffusers' scripts adapt), the transformer
     # blocks' input/output and feed-forward projections, and the resnets' convolutions: on
-    # shapes-sd this wider adapter lifts held-out accuracy about 4 points more in the same
-    # steps (BENCHMARKS.md), and with `sampling.merge_lora` it costs no time in the
-    # gradient-free steps. The SD 1.5 configs keep attention only, as the paper did.
+    # shapes-sd this wider adapter lifts held-out accuracy more in the same steps
+    # (BENCHMARKS.md, "LoRA targets"), and with `sampling.merge_lora` it costs no time in
+    # the gradient-free steps. The SD 1.5 configs keep attention only, as the paper did.
     default_lora_targets = (
         "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
     )
     load_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    export_formats = {"kohya": "draft.models.kohya:export_kohya"}
+
+    def check(self) -> None:
+        # An inpainting UNet also reads the masked image and the mask (9 input channels);
+        # draft generates from noise alone.
+        if self.denoiser_config.in_channels != self.vae.config.latent_channels:
+            raise UserError(f"{self.name}: its UNet takes {self.denoiser_config.in_channels} input channels, not the "
+                            f"VAE's {self.vae.config.latent_channels} (an inpainting or image-conditioned UNet); draft "
+                            "trains text-to-image models")
+        super().check()
 
     @property
     def unet(self):
         return self.denoiser
 
     @property
-    def resolution(self) -> int:
-        return self.pipe.unet.config.sample_size * self.vae_scale_factor
+    def denoiser_config(self):
+        return self.pipe.unet.config
 
-    def latent_shape(self, height: int = 0, width: int = 0) -> tuple[int, int, int]:
-        f = self.vae_scale_factor
-        h, w = self.check_size(height, width, f)
-        return (self.pipe.unet.config.in_channels, h // f, w // f)
+    @property
+    def resolution(self) -> int:
+        return self.denoiser_config.sample_size * self.vae_scale_factor
 
     @torch.no_grad()
-    def conditioning(self, prompts: list[str], guidance_scale: float = 7.5):
-        """(cond, uncond) text encodings, uncond being the empty prompt, as the pipeline does."""
+    def conditioning(self, prompts: list[str], guidance_scale: float = 7.5, size: Size = Size(),
+                     negative_prompt: str = ""):
+        """(cond, uncond) text encodings, uncond being the negative (by default empty) prompt,
+        as the pipeline encodes them."""
+        prompts = list(prompts)
         return self.pipe.encode_prompt(
-            list(prompts), self.device, num_images_per_prompt=1, do_classifier_free_guidance=guidance_scale != 1
+            prompts, self.device, num_images_per_prompt=1, do_classifier_free_guidance=guidance_scale != 1,
+            negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
         )
+
+    def meta_conditioning(self, batch: int, dtype: torch.dtype):
+        dim = self.denoiser_config.cross_attention_dim
+        return meta(batch, self.text_tokens(), dim[0] if isinstance(dim, (list, tuple)) else dim, dtype=dtype)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The UNet's raw output at x_t (ε for SD 1.x, v for SD 2.x-v), in the latent's dtype."""

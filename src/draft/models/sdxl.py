@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from draft.models.base import Size, meta
 from draft.models.sd import StableDiffusion
 
 
@@ -21,6 +22,8 @@ class StableDiffusionXL(StableDiffusion):
     embeddings and the added time ids."""
 
     pipeline_class = "StableDiffusionXLPipeline"
+    family_name = "SDXL"
+    defaults = {"sampling.guidance_scale": (5.0, "StableDiffusionXLPipeline's default")}
     # The invisible watermark applies to decoded images only, which the adapter makes itself.
     load_kwargs = {"add_watermarker": False}
 
@@ -39,7 +42,7 @@ class StableDiffusionXL(StableDiffusion):
         if not getattr(pipe.vae.config, "force_upcast", False):
             pipe.vae.to(pipe.unet.dtype)
 
-    def schedule(self, num_steps: int, height: int = 0, width: int = 0):
+    def schedule(self, num_steps: int, size: Size = Size()):
         from draft.sampling import Schedule
 
         config = dict(self.scheduler_config)
@@ -50,17 +53,25 @@ class StableDiffusionXL(StableDiffusion):
         return Schedule.from_scheduler_config(config, num_steps)
 
     @torch.no_grad()
-    def conditioning(self, prompts: list[str], guidance_scale: float = 5.0):
-        """({prompt_embeds, text_embeds}, the same for the empty prompt or None), encoded by the
-        pipeline's own `encode_prompt` (both encoders; zeros for the empty prompt when the
-        pipeline's `force_zeros_for_empty_prompt` says so)."""
+    def conditioning(self, prompts: list[str], guidance_scale: float = 5.0, size: Size = Size(),
+                     negative_prompt: str = ""):
+        """({prompt_embeds, text_embeds}, the same for the negative prompt or None), encoded by
+        the pipeline's own `encode_prompt` (both encoders; zeros for an empty negative prompt
+        when the pipeline's `force_zeros_for_empty_prompt` says so)."""
+        prompts = list(prompts)
         embeds, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-            list(prompts), device=self.device, num_images_per_prompt=1,
+            prompts, device=self.device, num_images_per_prompt=1,
             do_classifier_free_guidance=guidance_scale != 1,
+            negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
         )
         cond = {"prompt_embeds": embeds, "text_embeds": pooled}
         uncond = None if guidance_scale == 1 else {"prompt_embeds": neg, "text_embeds": neg_pooled}
         return cond, uncond
+
+    def meta_conditioning(self, batch: int, dtype: torch.dtype):
+        cfg = self.denoiser_config
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        return {"prompt_embeds": super().meta_conditioning(batch, dtype), "text_embeds": meta(batch, pooled, dtype=dtype)}
 
     def time_ids(self, height: int, width: int, batch: int, dtype=torch.float32) -> torch.Tensor:
         """[batch, 6] micro-conditioning for a height x width image, as the pipeline builds it
@@ -74,8 +85,8 @@ class StableDiffusionXL(StableDiffusion):
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The UNet's raw output at x_t (ε, or v for v-prediction fine-tunes), in the latent's dtype.
 
-        The time ids come from the latent's size, which is the sampling size: the protocol's
-        `conditioning` is not told the size, and this way they cannot disagree with it.
+        The time ids come from the latent's size, which is the sampling size, so they cannot
+        disagree with it.
         """
         dtype = self.weight_dtype
         f = self.vae_scale_factor

@@ -20,7 +20,6 @@ averaging, in numpy, with no external assets.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -105,7 +104,9 @@ class Attributes:
         return {name: classes.index(getattr(self, name)) for name, classes in ATTRIBUTES.items()}
 
 
-class Batch(NamedTuple):
+class Examples(NamedTuple):
+    """Rendered scenes of the world: images, their prompts and their attributes."""
+
     images: np.ndarray  # float32 [N, 3, H, W] in [0, 1]
     prompts: list[str]
     attributes: list[Attributes]
@@ -274,17 +275,11 @@ def _split_seed(split: str) -> int:
     return SPLITS.index(split)
 
 
-def sample(n: int, seed: int = 0, split: str = "all", size: int = DEFAULT_SIZE) -> Batch:
+def draw_examples(n: int, seed: int = 0, split: str = "all", size: int = DEFAULT_SIZE) -> Examples:
     """`n` random images of a split with their prompts and attributes, reproducible from `seed`."""
     combos = combinations(split)
     rng = np.random.default_rng([seed, _split_seed(split)])
     picks = rng.integers(len(combos), size=n)
     attrs = [combos[i] for i in picks]
     images = np.stack([render(a, rng, size) for a in attrs]) if n else np.zeros((0, 3, size, size), np.float32)
-    return Batch(images, [prompt_of(a) for a in attrs], attrs)
-
-
-def stream(batch_size: int, seed: int = 0, split: str = "all", size: int = DEFAULT_SIZE) -> Iterator[Batch]:
-    """An endless sequence of fresh batches, reproducible from `seed`."""
-    for i in itertools.count():
-        yield sample(batch_size, seed=seed * 1_000_003 + i, split=split, size=size)
+    return Examples(images, [prompt_of(a) for a in attrs], attrs)

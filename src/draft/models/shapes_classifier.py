@@ -139,7 +139,7 @@ def train_classifier(
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    data = shapes.sample(pool, seed=seed, split="all")
+    data = shapes.draw_examples(pool, seed=seed, split="all")
     images = torch.from_numpy(data.images)
     model = ShapesClassifier().to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -155,21 +155,3 @@ def train_classifier(
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{min(acc.values()):.3f}")
     return model.eval()
-
-
-@torch.no_grad()
-def heldout_accuracy(
-    model: ShapesClassifier, n: int = 2000, seed: int = 12345, corrupt: bool = False
-) -> dict[str, float]:
-    """Per-attribute accuracy on `n` fresh renders (a seed the training pool did not use)."""
-    data = shapes.sample(n, seed=seed, split="all")
-    x = torch.from_numpy(data.images)
-    if corrupt:
-        x = augment(x, torch.Generator().manual_seed(seed))
-    device = next(model.parameters()).device
-    correct = {k: 0.0 for k in shapes.ATTRIBUTES}
-    for i in range(0, n, 500):
-        _, acc = loss_and_accuracy(model, x[i:i + 500].to(device), data.attributes[i:i + 500])
-        for k, v in acc.items():
-            correct[k] += v * len(data.attributes[i:i + 500])
-    return {k: v / n for k, v in correct.items()}

@@ -67,7 +67,7 @@ class Recipe:
     # Fraction of samples whose pooled embedding is replaced by the empty prompt's, so that
     # the text tokens (joint attention), not one global vector per prompt, carry the
     # attributes: without it the model memorised the train split's shape-colour pairs
-    # through the pooled vector (train 93%, held-out 62% shape accuracy; docs/shapes-flow.md).
+    # through the pooled vector (docs/shapes-flow.md, "Why pooled dropout").
     pooled_dropout: float = 0.5
     logit_mean: float = 0.0  # sigma = sigmoid(N(logit_mean, logit_std)), SD3's logit-normal sampling
     logit_std: float = 1.0

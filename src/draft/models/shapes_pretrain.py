@@ -138,7 +138,7 @@ def render_pool(n: int, seed: int, size: int, split: str = "train") -> tuple[tor
     """`n` renders of a split as uint8 [n, 3, H, W] (to save memory) and their prompts."""
     chunks, texts = [], []
     for i, start in enumerate(range(0, n, 5000)):
-        batch = shapes.sample(min(5000, n - start), seed=seed * 1000 + i, split=split, size=size)
+        batch = shapes.draw_examples(min(5000, n - start), seed=seed * 1000 + i, split=split, size=size)
         chunks.append(torch.from_numpy(np.round(batch.images * 255).astype(np.uint8)))
         texts += batch.prompts
     return torch.cat(chunks), texts

@@ -224,3 +224,14 @@ def tiny_sdxl_pipeline(folder: Path, seed: int = 0):
 
 
 TINY["sdxl"] = tiny_sdxl_pipeline
+
+
+def _tiny_wan(folder: Path, seed: int = 0, two_experts: bool = False):
+    from draft.models.tiny_wan import tiny_wan_pipeline
+
+    return tiny_wan_pipeline(folder, seed, two_experts=two_experts)
+
+
+# Wan 2.1 (one transformer) and Wan 2.2 A14B (two experts), at 16 px and 9 frames.
+TINY["wan"] = _tiny_wan
+TINY["wan22"] = lambda folder, seed=0: _tiny_wan(folder, seed, two_experts=True)

@@ -10,6 +10,11 @@ images. Learned rewards keep their weights frozen (`requires_grad=False`, eval m
 never run under `no_grad`, so the gradient reaches the images. Shaping (scales, offsets,
 clipping) belongs to the reward; the training loss stays `-reward.mean()`.
 
+Videos are `[B, F, 3, H, W]`. An image reward scores each frame it is given and the
+video's score is their mean (the frames are chosen by the caller: `reward_frames`). A
+reward that looks at motion takes the video whole: a `Reward` with `video = True`, or a
+plug-in function with a `video = True` attribute, gets `[B, F, 3, H, W]`.
+
 A reward is named by a *spec*:
 
 - a registered name, e.g. ``brightness`` (``draft rewards`` lists them);
@@ -33,7 +38,7 @@ import torch
 
 from draft.errors import UserError, unknown
 
-__all__ = ["Reward", "RewardInfo", "available", "get", "from_config", "check_images"]
+__all__ = ["Reward", "RewardInfo", "available", "get", "from_config", "check_images", "check_videos"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,9 @@ _REGISTRY: dict[str, RewardInfo] = {
         RewardInfo("classifier", "draft.rewards.classifier:Classifier",
                    "log-probability of target=CLASS under a Hugging Face image classifier, <= 0",
                    needs=("model",)),
+        # Videos only.
+        RewardInfo("motion", "draft.rewards.motion:MotionMagnitude",
+                   "videos: mean absolute change between consecutive frames, in [0, 1] (counters static videos)"),
     ]
 }
 
@@ -104,42 +112,61 @@ def available() -> dict[str, RewardInfo]:
     return dict(_REGISTRY)
 
 
-def register(info: RewardInfo) -> None:
-    """Register a reward under `info.name` (overwriting an earlier one of that name)."""
-    _REGISTRY[info.name] = info
-
-
 def check_images(images: torch.Tensor, prompts: list[str] | tuple[str, ...]) -> None:
     """Raise ValueError unless images is a float [B,3,H,W] batch in [0,1] with B prompts."""
-    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"reward expects images of shape [B, 3, H, W], got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(f"reward expects float images in [0, 1], got dtype {images.dtype}")
-    if len(prompts) != images.shape[0]:
-        raise ValueError(f"reward got {images.shape[0]} images but {len(prompts)} prompts")
-    lo, hi = images.detach().aminmax()
+    _check(images, prompts, "images", 4, "[B, 3, H, W]")
+
+
+def check_videos(videos: torch.Tensor, prompts: list[str] | tuple[str, ...]) -> None:
+    """Raise ValueError unless videos is a float [B,F,3,H,W] batch in [0,1] with B prompts."""
+    _check(videos, prompts, "videos", 5, "[B, F, 3, H, W]")
+
+
+def _check(samples, prompts, what: str, ndim: int, layout: str) -> None:
+    if not torch.is_tensor(samples) or samples.ndim != ndim or samples.shape[-3] != 3:
+        shape = tuple(samples.shape) if torch.is_tensor(samples) else type(samples).__name__
+        raise ValueError(f"reward expects {what} of shape {layout}, got {shape}")
+    if not samples.is_floating_point():
+        raise ValueError(f"reward expects float {what} in [0, 1], got dtype {samples.dtype}")
+    if len(prompts) != samples.shape[0]:
+        raise ValueError(f"reward got {samples.shape[0]} {what} but {len(prompts)} prompts")
+    lo, hi = samples.detach().aminmax()
     if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"reward expects images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+        raise ValueError(f"reward expects {what} in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
 
 
 class Reward(torch.nn.Module):
     """Base class: subclasses implement `score(images, prompts) -> Tensor[B]`.
 
-    Calling the reward checks the input, scores, and checks that one score per image came
-    back. Call `self.freeze()` at the end of `__init__` in learned rewards.
+    Calling the reward checks the input, scores, and checks that one score per sample came
+    back; an image reward given videos scores their frames and averages. Call
+    `self.freeze()` at the end of `__init__` in learned rewards.
     """
+
+    video = False  # True: `score` takes videos [B, F, 3, H, W] whole
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_images(images, prompts)
-        r = self.score(images, list(prompts))
-        if not torch.is_tensor(r) or r.shape != (images.shape[0],):
+    def forward(self, samples: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        is_video = torch.is_tensor(samples) and samples.ndim == 5
+        if is_video and not self.video:  # an image reward: every frame it is given, averaged
+            b, f = samples.shape[:2]
+            per_frame = self(samples.flatten(0, 1), [p for p in prompts for _ in range(f)])
+            return per_frame.view(b, f).mean(1)
+        if self.video and not is_video:
+            raise ValueError(f"reward {self._name} scores videos [B, F, 3, H, W], not images")
+        (check_videos if is_video else check_images)(samples, prompts)
+        return self._checked(self.score(samples, list(prompts)), samples)
+
+    @property
+    def _name(self) -> str:
+        return getattr(self, "name", type(self).__name__)
+
+    def _checked(self, r, samples: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(r) or r.shape != (samples.shape[0],):
             shape = tuple(r.shape) if torch.is_tensor(r) else type(r).__name__
-            name = getattr(self, "name", type(self).__name__)
-            raise ValueError(f"reward {name} returned shape {shape}; expected shape ({images.shape[0]},)")
+            raise ValueError(f"reward {self._name} returned shape {shape}; expected shape ({samples.shape[0]},)")
         return r
 
     def freeze(self) -> "Reward":
@@ -159,6 +186,7 @@ class FunctionReward(Reward):
         super().__init__()
         self.fn = fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.video = bool(getattr(fn, "video", False))
 
     def score(self, images, prompts):
         return self.fn(images, prompts)
@@ -168,13 +196,18 @@ class FunctionReward(Reward):
 
 
 class Mixture(Reward):
-    """A weighted sum of rewards: sum_j w_j r_j(images, prompts)."""
+    """A weighted sum of rewards: sum_j w_j r_j(samples, prompts); videos go to each part
+    whole, and each scores them its own way (frame by frame, or as a video)."""
 
     def __init__(self, rewards: Mapping[str, torch.nn.Module], weights: Mapping[str, float]):
         super().__init__()
         self.parts = torch.nn.ModuleDict({k.replace(".", "_"): v for k, v in rewards.items()})
         self.names = list(rewards)
         self.weights = [float(weights[k]) for k in rewards]
+
+    def forward(self, samples, prompts):
+        (check_videos if torch.is_tensor(samples) and samples.ndim == 5 else check_images)(samples, prompts)
+        return self._checked(self.score(samples, list(prompts)), samples)
 
     def score(self, images, prompts):
         parts = [w * r(images, prompts) for w, r in zip(self.weights, self.parts.values())]

@@ -55,7 +55,9 @@ def weights_file(source: str | os.PathLike | None, filenames: Iterable[str], key
 
 def _looks_local(source: str) -> bool:
     # A hub id is "name" or "owner/name"; anything else that does not exist is a typo'd path.
-    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".safetensors")
+    from draft.hub import is_hub_id
+
+    return source.endswith(".safetensors") or not is_hub_id(source, bare=True)
 
 
 def _check_safetensors(path: Path) -> Path:

@@ -1,0 +1,42 @@
+"""What the rectified-flow families share: the schedule and its resolution-dependent shift.
+
+Every flow family samples x_t = (1 - σ)·x_0 + σ·ε with Euler steps on the sigmas its
+pipeline builds with `FlowMatchEulerDiscreteScheduler.set_timesteps`; they differ in small
+ways, each an override here:
+
+- `image_tokens`: the image sequence length the dynamic shift mu is computed from (SD3:
+  patches of the transformer's patch size; FLUX.1 and Qwen-Image: 2x2 packed latents);
+- `sigmas`: the sigma grid passed in (FLUX.1: linear from 1 to 1/T; SD3: the scheduler's);
+- `max_shift`: calculate_shift's fallback when the scheduler config does not name it.
+"""
+
+from __future__ import annotations
+
+from draft.models.base import PipelineAdapter, Size
+
+
+class FlowMatching(PipelineAdapter):
+    max_shift = 1.15  # FLUX.1's and Qwen-Image's pipelines; SD3's says 1.16
+
+    def schedule(self, num_steps: int, size: Size = Size()):
+        """The pipeline's schedule: its shift, and with dynamic shifting mu from the token count."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        from draft.sampling import Schedule
+
+        cfg = self.scheduler_config
+        mu = None
+        if cfg.get("use_dynamic_shifting", False):
+            mu = calculate_shift(self.image_tokens(self.size(size)), cfg.get("base_image_seq_len", 256),
+                                 cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                                 cfg.get("max_shift", self.max_shift))
+        return Schedule.from_scheduler_config(cfg, num_steps, sigmas=self.sigmas(num_steps), mu=mu)
+
+    def sigmas(self, num_steps: int):
+        """The sigma grid the pipeline passes to `set_timesteps` (None: the scheduler's own)."""
+        return None
+
+    def image_tokens(self, size: Size) -> int:
+        """The length of the transformer's image sequence for a sample of this size."""
+        _, h, w = self.latent_shape(size)[-3:]
+        return (h // 2) * (w // 2)
