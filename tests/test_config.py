@@ -41,7 +41,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["sampling.num_step=3"], "did you mean 'num_steps'"),
         (["steps=abc"], "steps must be an integer"),
         (["lr=fast"], "lr must be a number"),
-        (["sampling.checkpointing=maybe"], "must be true or false"),
+        (["sampling.checkpointing=maybe"], "must be true, false or auto"),
         (["steps=0"], "steps must be positive"),
         (["sampling.num_steps=-5"], "must be positive"),
         (["method=draft-k", "k=80"], "k=80 is larger than sampling.num_steps=50"),
@@ -113,3 +113,12 @@ def test_mixed_precision_no_is_read_as_the_word_not_a_boolean(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("mixed_precision: no\n")
     assert load_config(f).mixed_precision == "no"
+
+
+def test_checkpointing_takes_true_false_or_auto():
+    from draft.errors import UserError
+
+    assert load_config(None, ["sampling.checkpointing=auto"]).sampling.checkpointing == "auto"
+    assert load_config(None, ["sampling.checkpointing=false"]).sampling.checkpointing is False
+    with pytest.raises(UserError, match="memory_budget_gb"):
+        load_config(None, ["sampling.memory_budget_gb=-1"])

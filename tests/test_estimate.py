@@ -72,11 +72,14 @@ def test_activations_follow_the_method_table(configs_only):
 
 def test_peak_activations_table():
     u, d, s = 8, 20, 1
-    assert peak_activations("draft-k", True, u, d, s, 10) == 20 + 10
-    assert peak_activations("draft-k", False, u, d, s, 10) == 80 + 20
-    assert peak_activations("refl", True, u, d, s, 1) == 28  # ReFL's step is never checkpointed
-    assert peak_activations("ddpo", True, u, d, s, 50) == 8 + 50
-    assert peak_activations("ddpo", False, u, d, s, 50) == 400
+    # the second argument: how many of the g gradient steps keep their graphs (0: checkpointed)
+    assert peak_activations("draft-k", 0, u, d, s, 10) == 20 + 10
+    assert peak_activations("draft-k", 10, u, d, s, 10) == 80 + 20
+    assert peak_activations("draft-k", 4, u, d, s, 10) == 4 * 8 + 6 * 1 + 20
+    assert peak_activations("refl", 0, u, d, s, 1) == 28  # ReFL's step is never checkpointed
+    assert peak_activations("ddpo", 0, u, d, s, 50) == 8 + 50
+    assert peak_activations("ddpo", 50, u, d, s, 50) == 400
+    assert peak_activations("ddpo", 10, u, d, s, 50) == 80 + 40 + 8
 
 
 def test_fits_and_printout(configs_only):
@@ -162,3 +165,24 @@ def test_every_family_has_its_activations_estimated(family, tmp_path_factory):
                                             "method=draft-k", "k=1", "sampling.checkpointing=false", "reward_frames=1",
                                             "reward_frame_choice=first", *size]), folder)
         assert first.activations < est.activations
+
+
+def test_checkpointing_auto_keeps_what_the_budget_holds(configs_only):
+    """checkpointing=auto: the split the estimate chooses never puts the peak over the budget,
+    keeps every graph when the budget is large and none when it is tight, and costs in time
+    between the two fixed settings."""
+    from draft.estimate import GIB
+
+    base = ["method=draft", "batch_size=2", "sampling.num_steps=10"]
+    run = lambda *o: estimate(load_config(None, [*base, *o]), configs_only)  # noqa: E731
+    on, off = run(), run("sampling.checkpointing=false")
+    for budget in (on.peak / GIB * 0.5, on.peak / GIB, (on.peak + off.peak) / 2 / GIB, off.peak / GIB * 2):
+        auto = run("sampling.checkpointing=auto", f"sampling.memory_budget_gb={budget}")
+        if auto.kept_graphs:
+            assert auto.peak <= budget * GIB
+        assert on.time_ratio >= auto.time_ratio >= off.time_ratio
+        assert any(n.startswith("checkpointing auto") for n in auto.notes)
+    assert run("sampling.checkpointing=auto", f"sampling.memory_budget_gb={on.peak / GIB * 0.5}").kept_graphs == 0
+    assert run("sampling.checkpointing=auto", f"sampling.memory_budget_gb={off.peak / GIB * 2}").kept_graphs == 10
+    middle = run("sampling.checkpointing=auto", f"sampling.memory_budget_gb={(on.peak + off.peak) / 2 / GIB}")
+    assert 0 < middle.kept_graphs < 10 and on.peak < middle.peak <= (on.peak + off.peak) / 2

@@ -69,3 +69,55 @@ def test_the_first_pass_builds_no_graph_and_x_gets_its_gradient(setup, prompts):
         grads.append(torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in params]))
     assert type(out.grad_fn).__name__ == "_RecomputedBackward"
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("method,keep", [("draft", 2), ("draft", 3), ("draft-k", 1)])
+def test_a_budget_split_gives_the_gradients_of_full_checkpointing(setup, prompts, method, keep):
+    """checkpointing=auto keeps the graphs of the window's last `keep` steps and checkpoints the
+    rest: the same loss and gradients as checkpointing every step, and the checkpointed steps
+    are exactly the window's first ones."""
+    from draft.config import TrainConfig
+
+    model, params, schedule = setup
+    results = []
+    for kept in (0, keep):
+        loop = Sampler(model, rewards.get("brightness"), schedule, guidance_scale=3.0, merge_lora=False,
+                       keep_graphs=kept)
+        for p in params:
+            p.grad = None
+        out = METHODS[method](loop, _batch(model, prompts[:2]), TrainConfig(k=2))
+        out.loss.backward()
+        results.append((out.loss.detach(), torch.cat([p.grad.flatten() for p in params])))
+    (loss, grad), (split_loss, split_grad) = results
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(split_loss, loss, rtol=0, atol=0)
+    torch.testing.assert_close(split_grad, grad, rtol=1e-6, atol=1e-9)
+    loop = Sampler(model, rewards.get("brightness"), schedule, keep_graphs=keep)
+    assert loop.checkpointed(range(1, T)) == range(1, max(1, T - keep))
+    assert Sampler(model, rewards.get("brightness"), schedule, use_checkpoint=False).checkpointed(range(T)) == range(0)
+
+
+def test_only_the_checkpointed_steps_are_recomputed(setup, prompts):
+    """Each checkpointed step runs its denoiser twice (forward, then again in the backward);
+    a step that keeps its graph runs once."""
+    from draft.config import TrainConfig
+
+    model, params, schedule = setup
+    calls = []
+    denoise = model.denoise
+
+    def counting(x, t, cond):
+        calls.append(int(t.flatten()[0]))
+        return denoise(x, t, cond)
+
+    model.denoise = counting
+    try:
+        loop = Sampler(model, rewards.get("brightness"), schedule, guidance_scale=1.0, merge_lora=False, keep_graphs=1)
+        out = METHODS["draft"](loop, _batch(model, prompts[:2]), TrainConfig())
+        forward = list(calls)
+        out.loss.backward()
+    finally:
+        del model.denoise
+    assert len(forward) == T
+    # the backward recomputes the first T - 1 steps, not the last one
+    assert sorted(calls[T:]) == sorted(forward[:T - 1])

@@ -47,9 +47,15 @@ class SamplingConfig:
     # gradient window at the cost of one extra forward per step in it. Even with a
     # one-step window (DRaFT-1, DRaFT-LV) it keeps the denoiser's activations from sitting
     # in memory beside the VAE decoder's and the reward's (BENCHMARKS.md, SD 1.5); turn it
-    # off when memory is plentiful and time is not. None: on, unless the model says
-    # otherwise (shapes-flow: off).
-    checkpointing: bool | None = None
+    # off when memory is plentiful and time is not. `auto`: keep the graphs of as many of
+    # the window's steps as fit in `memory_budget_gb` and checkpoint the rest (the split
+    # comes from the memory estimate; `--dry-run` prints it). None: on, unless the model
+    # says otherwise (shapes-flow: off).
+    checkpointing: bool | str | None = None
+    # The peak memory per process that checkpointing=auto plans for, in GB (GiB). 0: the
+    # accelerator's memory less 1 GiB for the CUDA context; on the CPU half of the memory
+    # available at the start.
+    memory_budget_gb: float = 0.0
     # Also checkpoint the VAE decode (saves its activations; worth it at high resolution
     # and for video).
     decode_checkpointing: bool = False
@@ -80,6 +86,7 @@ class SamplingConfig:
             # root of a negative number.
             (prefix + "eta", self.eta, 0, 1), (prefix + "height", self.height, 0, None),
             (prefix + "width", self.width, 0, None), (prefix + "frames", self.frames, 0, None),
+            (prefix + "memory_budget_gb", self.memory_budget_gb, 0, None),
         ]
 
     def validate(self) -> "SamplingConfig":
@@ -266,6 +273,8 @@ class TrainConfig:
         for key, value, lo, hi in self._numeric_ranges():
             if value is not None:
                 check_number(key, value, lo, hi)
+        if isinstance(s.checkpointing, str) and s.checkpointing != "auto":
+            raise UserError(f"sampling.checkpointing must be true, false or auto, got {s.checkpointing!r}")
         for key in ("model", "reward", "prompts", "eval_prompts", "output_dir"):
             value = getattr(self, key)
             if not isinstance(value, str) or not value.strip():

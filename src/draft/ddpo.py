@@ -138,8 +138,9 @@ class DDPO:
         adv = ro.advantages.clamp(-cfg.ddpo_adv_clip, cfg.ddpo_adv_clip)
         denoise = sampler.denoiser()
         losses, kls, clipped = [], [], []
-        for i in steps:
-            out, x0, eps = model_step(denoise, ro.latents[i], i, sampler.schedule, ro.cond, sampler.use_checkpoint)
+        checkpointed = sampler.checkpointed(range(len(steps)))
+        for j, i in enumerate(steps):
+            out, x0, eps = model_step(denoise, ro.latents[i], i, sampler.schedule, ro.cond, j in checkpointed)
             s = sampler.schedule
             sigma = s.sigma(i, sampler.eta)
             logp = gaussian_log_prob(ro.next_latents[i], step_mean(x0, eps, s.a_prev[i], s.s_prev[i], sigma), sigma)

@@ -22,6 +22,10 @@ gradient-carrying steps, s = one batch of latents:
 | ReFL (its one step is never checkpointed) | U + D | U + D |
 | DDPO (no reward gradient; G trained steps) | U + G·s | G·U |
 
+With `sampling.checkpointing=auto`, m of the G steps keep their graphs and the rest are
+checkpointed: m·U + (G - m)·s + max(D, U) (no U in the max when m = G), the largest m whose
+peak stays within the budget (`checkpoint_split`); m = 0 and m = G are the two columns.
+
 One factor, `CALIBRATION`, scales the counted activations to what the CUDA allocator
 reports; it was fitted on Stable Diffusion 1.5's architecture at 512 px on an H100/H200
 (BENCHMARKS.md, "Memory estimate against measurements"), the only architecture measured so
@@ -65,6 +69,7 @@ class Estimate:
     lora_params: int
     parts: dict[str, int] = field(default_factory=dict)  # weights by component
     time_ratio: float = 0.0  # a training step in units of plain sampling of the batch (denoiser calls)
+    kept_graphs: int = 0  # gradient steps whose graphs are kept (not checkpointed)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -120,16 +125,46 @@ def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> 
     b, n = config.batch_size, _method(config).passes(config)
     precision = {"no": "float32"}.get(config.mixed_precision, config.mixed_precision)
     step = b * n * math.prod(latent) * 4  # a checkpointed step keeps its float32 input latents
-    acts = peak_activations(config.method, config.sampling.checkpointing, u, d, step, grad_steps(config))
+    g = grad_steps(config)
+    ck = config.sampling.checkpointing
+    weights = sum(parts.values())
+    if ck == "auto":
+        fixed = weights + n_lora * 16 + reward_bytes
+        budget = memory_budget(config.sampling.memory_budget_gb)
+        kept = checkpoint_split(config.method, u, d, step, g, budget - fixed)
+        notes.append(f"checkpointing auto: the graphs of {kept} of the {g} gradient-carrying step(s) kept, "
+                     f"{g - kept} checkpointed, to stay within a budget of {budget / GIB:.1f} GiB")
+    else:
+        kept = 0 if ck else g
+    acts = peak_activations(config.method, kept, u, d, step, g)
     procs = int(os.environ.get("WORLD_SIZE", "1"))
+    how = {True: "on", False: "off"}.get(ck, f"{g - kept} of {g} steps")
     notes.append(f"{config.batch_size} sample(s) per process at {size}, {precision} weights, checkpointing "
-                 f"{'on' if config.sampling.checkpointing else 'off'}; activations calibrated on SD 1.5's "
+                 f"{how}; activations calibrated on SD 1.5's "
                  f"architecture only" + (f"; x{procs} processes, each this much" if procs > 1 else ""))
     if config.method != "ddpo" and not reward_bytes:
         notes.append("the reward model's weights and activations are not included")
-    est = Estimate(sum(parts.values()), n_lora * 16, reward_bytes, int(acts * CALIBRATION), n_lora, parts, notes=notes)
-    est.time_ratio = time_ratio(config)
+    est = Estimate(weights, n_lora * 16, reward_bytes, int(acts * CALIBRATION), n_lora, parts, notes=notes)
+    est.kept_graphs = kept
+    est.time_ratio = time_ratio(config, kept)
     return est
+
+
+def memory_budget(gb: float = 0.0) -> int:
+    """The peak memory per process that checkpointing=auto plans for, in bytes: `gb` GiB,
+    or the accelerator's memory less the CUDA context, or half the CPU memory available now."""
+    if gb > 0:
+        return int(gb * GIB)
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory - int(RESERVED)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def checkpoint_split(method: str, u: int, d: int, step: int, g: int, budget: int) -> int:
+    """How many of the g gradient-carrying steps keep their graphs so that the calibrated
+    activations stay within `budget` bytes (0 when even full checkpointing does not)."""
+    fits = [m for m in range(g + 1) if peak_activations(method, m, u, d, step, g) * CALIBRATION <= budget]
+    return max(fits, default=0)
 
 
 def _method(config: TrainConfig):
@@ -202,26 +237,33 @@ def grad_steps(config: TrainConfig) -> int:
     return _method(config).grad_steps(config)
 
 
-def peak_activations(method: str, checkpointing: bool, u: int, d: int, step: int, g: int) -> int:
-    """The table in this module's docstring, by how the method's activations add up."""
+def peak_activations(method: str, kept: int, u: int, d: int, step: int, g: int) -> int:
+    """The table in this module's docstring, by how the method's activations add up, with
+    `kept` of the g gradient steps holding their graphs (0: all checkpointed; g: none)."""
     from draft.methods import METHODS
 
     memory = METHODS[method].memory
     if memory == "one-step":
         return u + d
+    kept = min(kept, g)
+    recompute = u if kept < g else 0  # a checkpointed step's recomputed graph in the backward
     if memory == "policy":
-        return u + g * step if checkpointing else g * u
-    return max(u, d) + g * step if checkpointing else g * u + d
+        return kept * u + (g - kept) * step + recompute
+    return kept * u + (g - kept) * step + max(d, recompute)
 
 
-def time_ratio(config: TrainConfig) -> float:
+def time_ratio(config: TrainConfig, kept: int | None = None) -> float:
     """Denoiser-call units of a step over those of sampling the batch (T): a gradient-carrying
     call costs a forward and a backward (about two forwards), plus one forward when
-    checkpointed (`draft.methods.Method.calls` counts the calls)."""
+    checkpointed (`draft.methods.Method.calls` counts the calls); `kept` of the window's
+    gradient steps are not checkpointed (None: as `sampling.checkpointing` is set)."""
     method = _method(config)
     free, grad = method.calls(config)
-    c = 3 + (config.sampling.checkpointing and method.memory != "one-step")
-    return (free + grad * c) / config.sampling.num_steps
+    g = grad_steps(config)
+    if kept is None:
+        kept = 0 if config.sampling.checkpointing else g
+    checkpointed = 0.0 if method.memory == "one-step" or not g else (g - min(kept, g)) / g
+    return (free + grad * (3 + checkpointed)) / config.sampling.num_steps
 
 
 def lora_parameters(module: torch.nn.Module, targets, rank: int) -> int:

@@ -55,7 +55,7 @@ class Sampler:
     schedule: Schedule
     guidance_scale: float = 7.5
     eta: float = 0.0
-    use_checkpoint: bool = True  # checkpoint every gradient-carrying denoiser call
+    use_checkpoint: bool = True  # checkpoint the gradient-carrying denoiser calls (but `keep_graphs`)
     decode_checkpoint: bool = False
     kl_coeff: float = 0.0
     merge_lora: bool = True  # fold the LoRA into the weights for steps without gradient
@@ -63,6 +63,9 @@ class Sampler:
     size: Size = Size()  # what to generate (zeros: the model's native size)
     negative_prompt: str = ""
     guidance_scale_2: float | None = None  # Wan 2.2's second expert (None: guidance_scale)
+    # With use_checkpoint: how many of a window's gradient steps (its last ones) keep their
+    # graphs instead, as many as the memory budget holds (`draft.estimate.checkpoint_split`).
+    keep_graphs: int = 0
 
     def denoiser(self):
         scale = self.model.guidance(self.guidance_scale, self.guidance_scale_2)
@@ -85,8 +88,11 @@ class Sampler:
             # recomputes each call, `sampling._Recomputed`), so that pass runs with the LoRA
             # merged, as the gradient-free steps do; the weights are restored before the
             # backward. `base` then runs the DRaFT+ base model without unmerging.
+            checkpointed = self.checkpointed(grad_steps)
             base, params = None, None
-            if (self.merged_recompute and self.use_checkpoint and self.merge_lora and len(grad_steps)
+            # A step that keeps its graph needs the LoRA unmerged, so a window that mixes the
+            # two uses torch.utils.checkpoint for its checkpointed steps.
+            if (self.merged_recompute and self.merge_lora and len(grad_steps) and len(checkpointed) == len(grad_steps)
                     and torch.is_grad_enabled()):
                 with torch.no_grad():
                     base = merged.enter_context(self.model.adapters_merged())
@@ -102,8 +108,14 @@ class Sampler:
             copies = x.shape[0] // len(noise.generators)
             step_noise = lambda i: torch.cat([noise.draw() for _ in range(copies)])  # noqa: E731
             return sample_chain(denoise, x, self.schedule, cond, steps=steps, grad_steps=grad_steps,
-                                use_checkpoint=self.use_checkpoint, eta=self.eta, step_noise=step_noise,
+                                use_checkpoint=checkpointed, eta=self.eta, step_noise=step_noise,
                                 on_step=on_step, params=params)
+
+    def checkpointed(self, grad_steps: range) -> range:
+        """The steps of a gradient window that are checkpointed: all but the last `keep_graphs`."""
+        if not self.use_checkpoint:
+            return range(0)
+        return grad_steps[:max(0, len(grad_steps) - self.keep_graphs)]
 
     def run_no_grad(self, x, cond, noise: SampleNoise, steps: range | None = None):
         """Sample over `steps` without gradient, the LoRA merged into the weights (same

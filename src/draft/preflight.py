@@ -42,29 +42,12 @@ class Checked:
 
 def check(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Checked:
     """Run every check; raise UserError at the first failure."""
-    from draft.models import resolve
+    from draft.defaults import resolve as resolve_defaults
     from draft.prompts import load_prompts
     from draft.runs import RunFolder
 
-    from draft.defaults import resolve as resolve_defaults
-
     config = resolve_defaults(config)
-    source, local = resolve(config.model)
-    folder = Path(source) if local else cached_hub_configs(source)
-    notes = []
-    if not local and folder is not None:
-        from draft.models import pipeline_class
-
-        pipeline_class(str(folder))  # the cached model_index.json names a pipeline we serve
-        notes.append(f"model {config.model!r}: configs from the local Hugging Face cache")
-    elif not local:
-        from draft.models.architectures import builtin_configs
-
-        notes.append(f"model {config.model!r} comes from the Hugging Face hub: checked when it loads")
-        folder = builtin_configs(source)  # its configs are not cached: draft's own copy, if it has one
-        if folder is not None:
-            notes.append("the memory estimate comes from draft's built-in copy of the model's architecture "
-                         "(draft.models.architectures), not from the hub's files")
+    folder, notes = model_configs(config.model)
     reward_bytes = check_reward(config.reward, config.reward_args)
     prompts = load_prompts(config.prompts, config.model)
     eval_prompts = load_prompts(config.eval_prompts, config.model)
@@ -72,6 +55,30 @@ def check(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     if config.name:
         RunFolder(Path(config.output_dir) / config.name).check_usable(resume, overwrite)
     return Checked(folder, prompts, eval_prompts, reward_bytes, notes)
+
+
+def model_configs(model: str) -> tuple[Path | None, list[str]]:
+    """The folder of the model's configs (its own, the Hugging Face cache's, or draft's built-in
+    copy of a known architecture), or None; and notes on where they came from."""
+    from draft.models import resolve
+
+    source, local = resolve(model)
+    if local:
+        return Path(source), []
+    folder = cached_hub_configs(source)
+    if folder is not None:
+        from draft.models import pipeline_class
+
+        pipeline_class(str(folder))  # the cached model_index.json names a pipeline we serve
+        return folder, [f"model {model!r}: configs from the local Hugging Face cache"]
+    from draft.models.architectures import builtin_configs
+
+    notes = [f"model {model!r} comes from the Hugging Face hub: checked when it loads"]
+    folder = builtin_configs(source)  # its configs are not cached: draft's own copy, if it has one
+    if folder is not None:
+        notes.append("the memory estimate comes from draft's built-in copy of the model's architecture "
+                     "(draft.models.architectures), not from the hub's files")
+    return folder, notes
 
 
 # --- rewards -----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ Notation (DDIM, Song et al. 2021, eq. 12; DRaFT, Clark et al. 2024, alg. 1):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import torch
@@ -346,7 +346,7 @@ def sample_chain(
     *,
     steps: range | None = None,
     grad_steps: range = range(0),
-    use_checkpoint: bool = False,
+    use_checkpoint: bool | Container[int] = False,
     eta: float = 0.0,
     step_noise: Callable[[int], torch.Tensor] | None = None,
     on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
@@ -354,7 +354,8 @@ def sample_chain(
 ) -> torch.Tensor:
     """Run DDIM steps `steps` (default: all T) from x and return the final latent.
 
-    Steps in `grad_steps` carry gradient (each under checkpointing if `use_checkpoint`);
+    Steps in `grad_steps` carry gradient, each under checkpointing if `use_checkpoint` is
+    True or, given a set of steps, if it is among them (the others keep their graphs);
     the others run under `no_grad`, so the latent entering the window is a constant. With
     eta > 0, `step_noise(i)` returns the noise z (shaped like x) added at step i.
     `on_step(i, x_t, model_output, x_prev)` is called after each step outside any
@@ -364,9 +365,10 @@ def sample_chain(
     steps = range(len(schedule)) if steps is None else steps
     if eta > 0 and step_noise is None:
         raise ValueError("sampling with eta > 0 needs step_noise passed in")
+    checkpointed = grad_steps if use_checkpoint is True else (use_checkpoint or ())
     for i in steps:
         with torch.set_grad_enabled(i in grad_steps and torch.is_grad_enabled()):
-            out, x0, eps = model_step(denoise, x, i, schedule, cond, use_checkpoint and i in grad_steps, params)
+            out, x0, eps = model_step(denoise, x, i, schedule, cond, i in grad_steps and i in checkpointed, params)
             sigma = schedule.sigma(i, eta)
             noise = step_noise(i) if sigma > 0 else None
             x_prev = sampler_step(x0, eps, schedule.a_prev[i], schedule.s_prev[i], sigma, noise)

@@ -155,14 +155,31 @@ class Trainer:
         s = config.sampling
         self.size = self.model.size(sample_size(s))
         self.sampler = Sampler(self.model, self.reward, self.model.schedule(s.num_steps, self.size), s.guidance_scale,
-                               s.eta, s.checkpointing, s.decode_checkpointing, config.kl_coeff, s.merge_lora,
-                               s.merged_recompute, self.size, s.negative_prompt, s.guidance_scale_2)
+                               s.eta, bool(s.checkpointing), s.decode_checkpointing, config.kl_coeff, s.merge_lora,
+                               s.merged_recompute, self.size, s.negative_prompt, s.guidance_scale_2,
+                               keep_graphs=self._kept_graphs(config))
         self.info = METHODS[config.method]
         self.method = self.info.make()
         self.latent_shape = self.model.latent_shape(self.size)
         self.progress = Progress()
         self.watch = Watch(self.model, self.reward, load_prompts(config.eval_prompts, config.model), config,
                            accelerator.device, self._bare)
+
+    def _kept_graphs(self, config: TrainConfig) -> int:
+        """checkpointing=auto: how many gradient steps keep their graphs (the estimate's split)."""
+        if config.sampling.checkpointing != "auto":
+            return 0
+        from draft.estimate import estimate
+        from draft.preflight import check_reward, model_configs
+
+        folder, _ = model_configs(config.model)
+        if folder is None:
+            self.acc.print("checkpointing auto: the model's configs are not found, so every gradient step is "
+                           "checkpointed")
+            return 0
+        est = estimate(config, folder, check_reward(config.reward, config.reward_args))
+        self.acc.print(next(n for n in est.notes if n.startswith("checkpointing auto")))
+        return est.kept_graphs
 
     # --- derived numbers ---
 
