@@ -69,7 +69,8 @@ CASES = [
     ("misspelt nested key", T("sampling.num_step=3"), "did you mean 'num_steps'"),
     ("unknown section", T("sampler.steps=3"), "unknown config key 'sampler'"),
     ("wrong type int", T("steps=many"), "steps must be an integer"),
-    ("wrong type bool", T("sampling.checkpointing=maybe"), "must be true or false"),
+    ("wrong type bool", T("sampling.merge_lora=maybe"), "must be true or false"),
+    ("unknown mode", T("sampling.checkpointing=maybe"), "must be true, false or auto"),
     ("wrong type float", T("lr=fast"), "lr must be a number"),
     ("negative steps", T("steps=-1"), "steps must be positive"),
     ("zero steps", T("steps=0"), "steps must be positive"),
@@ -196,7 +197,10 @@ def _bad_values(key: str, hint) -> list[str]:
 
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):  # `X | None`: None leaves it to draft.defaults; X's bad values
-        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if args == [bool, str]:  # a switch with named modes (sampling.checkpointing: true, false, auto)
+            return ["[1, 2]", "{a: 1}", "maybe", "2", "nan", ""]
+        (hint,) = args
         origin = typing.get_origin(hint)
     wrong = ["[1, 2]", "{a: 1}"]
     if hint is bool:
