@@ -71,27 +71,32 @@ def test_the_first_pass_builds_no_graph_and_x_gets_its_gradient(setup, prompts):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("method,keep", [("draft", 2), ("draft", 3), ("draft-k", 1)])
-def test_a_budget_split_gives_the_gradients_of_full_checkpointing(setup, prompts, method, keep):
+@pytest.mark.parametrize("method,keep,merge,kl", [("draft", 2, False, 0.0), ("draft", 3, False, 0.0),
+                                                   ("draft-k", 1, False, 0.0), ("draft", 2, True, 0.0),
+                                                   ("draft-k", 1, True, 0.1), ("draft", 3, True, 0.1)])
+def test_a_budget_split_gives_the_gradients_of_full_checkpointing(setup, prompts, method, keep, merge, kl):
     """checkpointing=auto keeps the graphs of the window's last `keep` steps and checkpoints the
-    rest: the same loss and gradients as checkpointing every step, and the checkpointed steps
-    are exactly the window's first ones."""
+    rest: the same loss and gradients as checkpointing every step (with the LoRA merged for
+    the checkpointed steps' first pass or not, with the DRaFT+ penalty or not), and the
+    checkpointed steps are exactly the window's first ones."""
     from draft.config import TrainConfig
 
     model, params, schedule = setup
     results = []
     for kept in (0, keep):
-        loop = Sampler(model, rewards.get("brightness"), schedule, guidance_scale=3.0, merge_lora=False,
-                       keep_graphs=kept)
+        loop = Sampler(model, rewards.get("brightness"), schedule, guidance_scale=3.0, merge_lora=merge,
+                       keep_graphs=kept, kl_coeff=kl)
         for p in params:
             p.grad = None
-        out = METHODS[method](loop, _batch(model, prompts[:2]), TrainConfig(k=2))
+        out = METHODS[method](loop, _batch(model, prompts[:2]), TrainConfig(k=2, kl_coeff=kl))
         out.loss.backward()
         results.append((out.loss.detach(), torch.cat([p.grad.flatten() for p in params])))
     (loss, grad), (split_loss, split_grad) = results
     assert grad.abs().sum() > 0
-    torch.testing.assert_close(split_loss, loss, rtol=0, atol=0)
-    torch.testing.assert_close(split_grad, grad, rtol=1e-6, atol=1e-9)
+    # Unmerged, the two runs do the same arithmetic; merged, the kept steps' first pass adds
+    # the LoRA in another order than the folded weights do (float32 rounding).
+    torch.testing.assert_close(split_loss, loss, rtol=1e-5 if merge else 0, atol=0)
+    torch.testing.assert_close(split_grad, grad, rtol=1e-4 if merge else 1e-6, atol=1e-7 if merge else 1e-9)
     loop = Sampler(model, rewards.get("brightness"), schedule, keep_graphs=keep)
     assert loop.checkpointed(range(1, T)) == range(1, max(1, T - keep))
     assert Sampler(model, rewards.get("brightness"), schedule, use_checkpoint=False).checkpointed(range(T)) == range(0)

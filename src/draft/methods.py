@@ -83,33 +83,36 @@ class Sampler:
         several copies of the batch, as in DRaFT-LV).
         """
         denoise = self.denoiser()
-        with contextlib.ExitStack() as merged:
-            # A checkpointed gradient window needs no graph on its first pass (the backward
-            # recomputes each call, `sampling._Recomputed`), so that pass runs with the LoRA
-            # merged, as the gradient-free steps do; the weights are restored before the
-            # backward. `base` then runs the DRaFT+ base model without unmerging.
-            checkpointed = self.checkpointed(grad_steps)
-            base, params = None, None
-            # A step that keeps its graph needs the LoRA unmerged, so a window that mixes the
-            # two uses torch.utils.checkpoint for its checkpointed steps.
-            if (self.merged_recompute and self.merge_lora and len(grad_steps) and len(checkpointed) == len(grad_steps)
-                    and torch.is_grad_enabled()):
+        steps = range(len(self.schedule)) if steps is None else steps
+        checkpointed = self.checkpointed(grad_steps)
+        base, on_step = None, None  # base: the base model's weights while the LoRA is merged (below)
+        if self.kl_coeff > 0 and penalty is not None:
+
+            def on_step(i, x_t, out, _):
+                if i in grad_steps:
+                    penalty.append(self._drift(denoise, x_t, i, cond, out, base))
+
+        copies = x.shape[0] // len(noise.generators)
+        step_noise = lambda i: torch.cat([noise.draw() for _ in range(copies)])  # noqa: E731
+        chain = dict(grad_steps=grad_steps, eta=self.eta, step_noise=step_noise, on_step=on_step)
+        # A checkpointed gradient step needs no graph on its first pass (the backward
+        # recomputes each call, `sampling._Recomputed`), so that pass runs with the LoRA
+        # merged, as the gradient-free steps do; the weights are restored before the
+        # backward, and `base` runs the DRaFT+ base model without unmerging. The steps that
+        # keep their graphs (the window's last `keep_graphs`) need the LoRA unmerged, so the
+        # chain runs in two parts: merged up to the last checkpointed step, unmerged after.
+        split = checkpointed.stop if len(checkpointed) else steps.start
+        if self.merged_recompute and self.merge_lora and len(checkpointed) and torch.is_grad_enabled():
+            with contextlib.ExitStack() as merged:
                 with torch.no_grad():
                     base = merged.enter_context(self.model.adapters_merged())
-                if base is not None:
-                    params = [p for p in self.model.denoiser.parameters() if p.requires_grad]
-            on_step = None
-            if self.kl_coeff > 0 and penalty is not None:
-
-                def on_step(i, x_t, out, _):
-                    if i in grad_steps:
-                        penalty.append(self._drift(denoise, x_t, i, cond, out, base))
-
-            copies = x.shape[0] // len(noise.generators)
-            step_noise = lambda i: torch.cat([noise.draw() for _ in range(copies)])  # noqa: E731
-            return sample_chain(denoise, x, self.schedule, cond, steps=steps, grad_steps=grad_steps,
-                                use_checkpoint=checkpointed, eta=self.eta, step_noise=step_noise,
-                                on_step=on_step, params=params)
+                params = [p for p in self.model.denoiser.parameters() if p.requires_grad] if base is not None else None
+                x = sample_chain(denoise, x, self.schedule, cond, steps=range(steps.start, split),
+                                 use_checkpoint=True, params=params, **chain)
+            base = None
+            return sample_chain(denoise, x, self.schedule, cond, steps=range(split, steps.stop),
+                                use_checkpoint=False, **chain)
+        return sample_chain(denoise, x, self.schedule, cond, steps=steps, use_checkpoint=checkpointed, **chain)
 
     def checkpointed(self, grad_steps: range) -> range:
         """The steps of a gradient window that are checkpointed: all but the last `keep_graphs`."""
