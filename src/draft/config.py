@@ -53,8 +53,8 @@ class SamplingConfig:
     # says otherwise (shapes-flow: off).
     checkpointing: bool | str | None = None
     # The peak memory per process that checkpointing=auto plans for, in GB (GiB). 0: the
-    # accelerator's memory less 1 GiB for the CUDA context; on the CPU half of the memory
-    # available at the start.
+    # accelerator's memory less 1 GiB for the CUDA context; on the CPU half of the machine's
+    # memory.
     memory_budget_gb: float = 0.0
     # Also checkpoint the VAE decode (saves its activations; worth it at high resolution
     # and for video).

@@ -152,12 +152,14 @@ def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> 
 
 def memory_budget(gb: float = 0.0) -> int:
     """The peak memory per process that checkpointing=auto plans for, in bytes: `gb` GiB,
-    or the accelerator's memory less the CUDA context, or half the CPU memory available now."""
+    or the accelerator's memory less the CUDA context, or half the machine's memory (not its
+    free memory, which the run's own loaded weights would shrink: `--dry-run` and the run
+    choose the same split)."""
     if gb > 0:
         return int(gb * GIB)
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory - int(RESERVED)
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 def checkpoint_split(method: str, u: int, d: int, step: int, g: int, budget: int) -> int:
@@ -252,16 +254,14 @@ def peak_activations(method: str, kept: int, u: int, d: int, step: int, g: int) 
     return kept * u + (g - kept) * step + max(d, recompute)
 
 
-def time_ratio(config: TrainConfig, kept: int | None = None) -> float:
+def time_ratio(config: TrainConfig, kept: int) -> float:
     """Denoiser-call units of a step over those of sampling the batch (T): a gradient-carrying
     call costs a forward and a backward (about two forwards), plus one forward when
     checkpointed (`draft.methods.Method.calls` counts the calls); `kept` of the window's
-    gradient steps are not checkpointed (None: as `sampling.checkpointing` is set)."""
+    gradient steps are not checkpointed."""
     method = _method(config)
     free, grad = method.calls(config)
     g = grad_steps(config)
-    if kept is None:
-        kept = 0 if config.sampling.checkpointing else g
     checkpointed = 0.0 if method.memory == "one-step" or not g else (g - min(kept, g)) / g
     return (free + grad * (3 + checkpointed)) / config.sampling.num_steps
 

@@ -101,8 +101,8 @@ class Sampler:
         # backward, and `base` runs the DRaFT+ base model without unmerging. The steps that
         # keep their graphs (the window's last `keep_graphs`) need the LoRA unmerged, so the
         # chain runs in two parts: merged up to the last checkpointed step, unmerged after.
-        split = checkpointed.stop if len(checkpointed) else steps.start
         if self.merged_recompute and self.merge_lora and len(checkpointed) and torch.is_grad_enabled():
+            split = checkpointed.stop
             with contextlib.ExitStack() as merged:
                 with torch.no_grad():
                     base = merged.enter_context(self.model.adapters_merged())
