@@ -477,11 +477,28 @@ def test_a_failing_config_write_leaves_no_run_folder(tiny_sd, tmp_path, monkeypa
 
 # --- DDPO: advantages over the whole step ------------------------------------------------------------
 
-# Four samples of two prompts per step, so each prompt's own statistics are used. The LoRAs
-# agree to ~1e-3 against updates of 3e-2 per step: Adam's first steps move every weight by
-# about lr·sign(g), so round-off in gradients near zero shows; advantages from each
-# micro-batch alone (as before) differ by whole updates (0.12 after two steps).
-DDPO_ATOL = 5e-3
+# Four samples of two prompts per step, so each prompt's own statistics are used. Adam's
+# first steps move each weight by about lr·sign(g), so a gradient element near zero can
+# flip its update under round-off and single weights may differ by up to 2·lr; the test
+# therefore compares the whole update (lora_B starts at zero, so lora_B is the update) by
+# its relative norm, and each step's gradient norm. Advantages taken from each micro-batch
+# alone differ by whole updates (relative difference of order 1), far above these bounds.
+DDPO_UPDATE_RTOL = 2e-2
+
+
+def assert_same_ddpo_run(a: Path, b: Path) -> None:
+    la, lb = lora_of(a), lora_of(b)
+    assert la.keys() == lb.keys()
+    updates = [k for k in la if ".lora_B." in k]
+    diff = sum(float(((la[k] - lb[k]) ** 2).sum()) for k in updates) ** 0.5
+    size = sum(float((la[k] ** 2).sum()) for k in updates) ** 0.5
+    assert size > 0 and diff / size < DDPO_UPDATE_RTOL, (diff, size)
+    norms = [[json.loads(line)["grad_norm"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+             for run in (a, b)]
+    assert len(norms[0]) == len(norms[1]) > 0
+    torch.testing.assert_close(torch.tensor(norms[0]), torch.tensor(norms[1]), rtol=1e-4, atol=0)
+
+
 DDPO = ["method=ddpo", "sampling.eta=1.0", "ddpo_rollout_reuse=1", "ddpo_clip=0.2", "steps=2", "lr=3e-2",
         "prompts=a small red circle|a green star", "lora.target_modules=to_q,to_k,to_v,to_out.0", "kl_coeff=0"]
 
@@ -490,7 +507,7 @@ def test_ddpo_two_micro_batches_train_as_one_batch(tiny_sd, tmp_path):
     common = [f"model={tiny_sd}", *FAST, *DDPO, f"output_dir={tmp_path}", "--no-progress"]
     assert main(["train", *common, "name=one", "batch_size=4"]) == 0
     assert main(["train", *common, "name=two", "batch_size=2", "grad_accum=2"]) == 0
-    assert_same_lora(tmp_path / "one", tmp_path / "two", atol=DDPO_ATOL)
+    assert_same_ddpo_run(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.slow
@@ -501,4 +518,4 @@ def test_ddpo_two_processes_train_as_one(tiny_sd, tmp_path, one_thread, launch_t
                          env=env, timeout=600)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert main(["train", *common, "name=one", "batch_size=4"]) == 0
-    assert_same_lora(tmp_path / "one", tmp_path / "two", atol=DDPO_ATOL)
+    assert_same_ddpo_run(tmp_path / "one", tmp_path / "two")
