@@ -8,11 +8,13 @@ peak on a GPU, or the growth of the process's peak RSS over its RSS before the s
 the CPU.
 
     python benchmarks/speed_memory.py --preset shapes-sd                 # CPU
+    python benchmarks/speed_memory.py --preset shapes-flow               # CPU, the flow family
     python benchmarks/speed_memory.py --preset sd15 --device cuda         # GPU, SD 1.5-sized
     python benchmarks/speed_memory.py --preset tiny --repeats 2           # quick check
     python benchmarks/speed_memory.py --preset flux-dev --device cuda --cases 0,2 --t-sweep ""
 
-Presets: `tiny` (the test suite's random pipeline), `shapes-sd` (the shipped model),
+Presets: `tiny` (the test suite's random pipeline), `shapes-sd` and `shapes-flow` (the
+shipped models, sampled with their own recipe's steps and guidance unless `--steps` says),
 `sd15` (random weights in Stable Diffusion 1.5's exact architecture at 512 px), and at
 their real sizes with random weights, built on the GPU from draft's own copies of the
 configs (`draft.models.architectures`, nothing downloaded): `sdxl`, `sd35-medium` and
@@ -67,19 +69,20 @@ REAL = {
     "flux-dev": ("black-forest-labs/FLUX.1-dev", (1024, 1024, 0)),
     "wan21-1.3b": ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", (480, 832, 33)),
 }
+EMBEDDED = ("shapes-sd", "shapes-flow")
 VIDEO_REWARD_FRAMES = 3  # frames of a video the reward scores, evenly spaced (the Wan preset's)
 
 
 def load(preset: str, folder: Path, device: str, dtype):
-    """The model adapter for a preset (random weights except shapes-sd)."""
+    """The model adapter for a preset (random weights except the embedded models)."""
     from draft.models import load_model
     from draft.models.base import quiet_diffusers
     from draft.models.sd import StableDiffusion
     from draft.models.tiny import sd15_pipeline, tiny_pipeline
 
     quiet_diffusers()
-    if preset == "shapes-sd":
-        return load_model("shapes-sd", device=device, dtype=dtype)
+    if preset in EMBEDDED:
+        return load_model(preset, device=device, dtype=dtype)
     if preset in REAL:
         return random_model(REAL[preset][0], folder, device, dtype, preset)
     pipe = (tiny_pipeline if preset == "tiny" else sd15_pipeline)(folder)
@@ -182,6 +185,8 @@ class Bench:
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
         self.reward = rewards.get("brightness").to(args.device)
         self.prompts = ["a small red circle on a blue background"] * args.batch
+        # The embedded models sample at their recipe's guidance (shapes-flow: 4); others at 7.5.
+        self.guidance = _recipe(args.preset).guidance_scale if args.preset in EMBEDDED else 7.5
         self.size = self.model.size(Size(*REAL[args.preset][1]) if args.preset in REAL else Size())
         # A video's reward scores a few frames; only the latent frames they need are decoded.
         self.frames = choose_frames(0, 0, self.size.frames, VIDEO_REWARD_FRAMES, "even")
@@ -210,7 +215,7 @@ class Bench:
         merge = overrides.pop("merge_lora", True)
         kl = overrides.pop("kl_coeff", 0.0)
         decode_checkpoint = overrides.pop("decode_checkpointing", args.decode_checkpoint)
-        sampling_cfg = SamplingConfig(num_steps=steps, guidance_scale=7.5, checkpointing=checkpointing,
+        sampling_cfg = SamplingConfig(num_steps=steps, guidance_scale=self.guidance, checkpointing=checkpointing,
                                       merge_lora=merge, decode_checkpointing=decode_checkpoint,
                                       height=size.height, width=size.width, frames=size.frames)
         cfg = TrainConfig(method=method, sampling=sampling_cfg, alignprop_k_max=min(10, steps), kl_coeff=kl,
@@ -218,7 +223,7 @@ class Bench:
                           reward_frames=VIDEO_REWARD_FRAMES if size.frames else 0, **overrides)
         # The family's own schedule (FLUX.1's resolution-dependent shift; DDIM for SD).
         schedule = model.schedule(steps, size)
-        loop = Sampler(model, self.reward, schedule, 7.5, 0.0, checkpointing, decode_checkpoint, kl, merge, size=size)
+        loop = Sampler(model, self.reward, schedule, self.guidance, 0.0, checkpointing, decode_checkpoint, kl, merge, size=size)
         shape = model.latent_shape(size)
         autocast = torch.autocast("cuda", dtype=self.dtype, enabled=self.cuda and args.bf16)
 
@@ -296,10 +301,10 @@ def run_case(args, bench: Bench | None, method: str, overrides: dict, steps: int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["tiny", "shapes-sd", "sd15", *REAL], default="shapes-sd")
+    p.add_argument("--preset", choices=["tiny", *EMBEDDED, "sd15", *REAL], default="shapes-sd")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=None, help="samples per step (default 4; 1 at real size)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the embedded model's recipe, else 50)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bf16", action="store_true", help="frozen weights in bfloat16 (GPU)")
     p.add_argument("--t-sweep", default="10,25,50,100", help="sampling steps for the full-DRaFT memory sweep")
@@ -321,6 +326,7 @@ def main() -> None:
         p.error(f"--preset {args.preset} builds the real architecture (billions of parameters): run it with "
                 "--device cuda, or pass --allow-cpu to force the CPU")
     args.batch = args.batch or (1 if real else 4)
+    args.steps = args.steps or (_recipe(args.preset).num_steps if args.preset in EMBEDDED else 50)
     args.bf16 = args.bf16 or real  # real sizes are trained in bf16; float32 would double the weights
     folder = Path(tempfile.mkdtemp(prefix="draft-bench-"))
     if args.child:
@@ -329,7 +335,7 @@ def main() -> None:
     bench = Bench(args, folder) if args.device.startswith("cuda") else None
     results = {"preset": args.preset, "device": args.device, "batch": args.batch, "steps": args.steps,
                "bf16": args.bf16, "lora_targets": args.targets, "cases": [], "t_sweep": []}
-    print(f"# preset {args.preset}, device {args.device}, batch {args.batch}, {args.steps} DDIM steps, "
+    print(f"# preset {args.preset}, device {args.device}, batch {args.batch}, {args.steps} sampling steps, "
           f"median of {args.repeats}; ratio = step time / no-grad sampling time in the same process")
     print("| method | step s | sampling s | ratio | peak MB | peak / DRaFT-1 | estimate MB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -361,6 +367,13 @@ def main() -> None:
             continue
         print(f"| {t} | {r['step_s']:.3f} | {r['sample_s']:.3f} | {r['step_s'] / r['sample_s']:.2f}x | "
               f"{r['peak_mb']:.0f} | {_mb(r.get('estimate_mb'))} |", flush=True)
+
+
+def _recipe(preset: str):
+    """The sampling settings an embedded model trains with (`draft.defaults`, as `draft train`)."""
+    from draft.defaults import resolve_sampling
+
+    return resolve_sampling(preset)
 
 
 def _mb(value) -> str:
