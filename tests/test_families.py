@@ -349,7 +349,9 @@ def _trained_lora_loads_in_plain_diffusers(path, cls_name, tmp_path, lora=LoraCo
     _, plain = _our_latents(base, prompts, [7, 8], steps, guidance)
     assert (ours - plain).abs().max() > 1e-4  # training moved the model
     theirs = _pipeline_latents(pipe, model, prompts, x_T, steps, guidance)
-    assert (ours - theirs).abs().max() <= 1e-5
+    # float32 round-off of the same sums in another order (peft's layers against ours), so
+    # the bound grows with the latents' size
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

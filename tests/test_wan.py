@@ -171,5 +171,10 @@ def test_two_processes_equal_one_on_tiny_wan(wan, tmp_path, one_thread, launch_t
     assert main(["train", *common, "name=one", "batch_size=2"]) == 0
     one, both = (load_file(tmp_path / n / "lora" / "pytorch_lora_weights.safetensors") for n in ("one", "two"))
     assert one.keys() == both.keys()
-    for k in one:  # the round-off of batch 1 against batch 2 kernels and the all-reduce, amplified by Adam
-        np.testing.assert_allclose(one[k].numpy(), both[k].numpy(), rtol=0, atol=3e-4)
+    # The round-off of batch 1 against batch 2 kernels and the all-reduce, amplified by Adam
+    # (whose first steps move a weight by about lr·sign(g) however small g is), can move a
+    # single weight by a visible amount; the update as a whole (lora_B starts at zero, so it
+    # is the update) must agree to 1% of its norm, where a wrong reduction differs by O(1).
+    diff = sum(float(((one[k] - both[k]) ** 2).sum()) for k in one) ** 0.5
+    update = sum(float((one[k] ** 2).sum()) for k in one if ".lora_B." in k) ** 0.5
+    assert update > 0 and diff / update < 1e-2, (diff, update)
