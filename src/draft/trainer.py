@@ -131,10 +131,11 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, accelerator, run: RunFolder, reward_fn: Callable | None):
         from draft import rewards
-        from draft.inference import sample_size
+        from draft.inference import BATCH, sample_size
         from draft.lora import add_lora
         from draft.methods import METHODS, Sampler
         from draft.models import load_model
+        from draft.models.text import place_text_encoders
         from draft.prompts import load_prompts
         from draft.watch import Watch
 
@@ -164,6 +165,10 @@ class Trainer:
         self.progress = Progress()
         self.watch = Watch(self.model, self.reward, load_prompts(config.eval_prompts, config.model), config,
                            accelerator.device, self._bare)
+        # The training prompts are encoded as a step encodes them (its autocast and batch); the grids' as `generate`.
+        place_text_encoders(self.model, config.text_encoders, (s.guidance_scale, self.size, s.negative_prompt),
+                            [(self.prompts, accelerator.autocast, config.batch_size),
+                             (self.watch.prompts(), contextlib.nullcontext, BATCH)])
 
     def _kept_graphs(self, config: TrainConfig) -> int:
         """checkpointing=auto: how many gradient steps keep their graphs (the estimate's split)."""
