@@ -21,10 +21,15 @@ from typing import Any
 
 import torch
 
+def is_text_encoder(component: str) -> bool:
+    """Whether a pipeline component is a text encoder (diffusers names them text_encoder, text_encoder_2, ...)."""
+    return component.startswith("text_encoder")
+
+
 def text_encoders(model) -> dict[str, torch.nn.Module]:
-    """The pipeline's text encoders by component name (text_encoder, text_encoder_2, ...)."""
+    """The pipeline's text encoders by component name."""
     return {name: m for name, m in model.pipe.components.items()
-            if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)}
+            if is_text_encoder(name) and isinstance(m, torch.nn.Module)}
 
 
 def split_rows(cond: Any, n: int) -> list:
