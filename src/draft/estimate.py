@@ -92,7 +92,7 @@ class Estimate:
         return yes, [c for c in CARDS if c not in yes]
 
     def lines(self) -> list[str]:
-        g = _size
+        g = human_bytes
         parts = ", ".join(f"{k} {g(v)}" for k, v in self.parts.items())
         yes, no = self.fits()
         fit = (f"fits {', '.join(f'{c} GB' for c in yes)} cards" if yes else "fits none of the common cards")
@@ -108,7 +108,7 @@ class Estimate:
         return out + [f"  {n}" for n in self.notes]
 
 
-def _size(n: int) -> str:
+def human_bytes(n: int) -> str:
     return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.{0 if n >= 10 * 2**20 else 1}f} MiB"
 
 
@@ -177,14 +177,14 @@ def _text_encoders(config: TrainConfig, model, parts: dict[str, int], dtype):
     if mode == "offload":
         out.encoding = max(encoders.values(), default=0)
         out.notes.append(f"text_encoders=offload: text encoder weights on the accelerator only while encoding "
-                         f"({_size(out.encoding)} at most, outside the step)")
+                         f"({human_bytes(out.encoding)} at most, outside the step)")
     row = model.meta_conditioning(1, dtype) if mode == "cache" else None
     if row is not None:
         row = conditioning_bytes(row) * (1 if config.sampling.guidance_scale == 1 else 2)  # with the negative prompt's
         n = _prompt_count(config)
         out.embeddings, out.host = config.batch_size * row, n * row
-        held = (f"{n} prompts' embeddings {_size(out.host)} in host memory, a micro-batch's "
-                f"{_size(out.embeddings)} on the accelerator") if n else \
+        held = (f"{n} prompts' embeddings {human_bytes(out.host)} in host memory, a micro-batch's "
+                f"{human_bytes(out.embeddings)} on the accelerator") if n else \
             "the prompt sets are not found here: the embeddings' host memory is not counted"
         out.notes.append(f"text_encoders=cache: text encoder weights released after encoding; {held}")
     elif mode == "cache":
