@@ -186,3 +186,36 @@ def test_checkpointing_auto_keeps_what_the_budget_holds(configs_only):
     assert run("sampling.checkpointing=auto", f"sampling.memory_budget_gb={off.peak / GIB * 2}").kept_graphs == 10
     middle = run("sampling.checkpointing=auto", f"sampling.memory_budget_gb={(on.peak + off.peak) / 2 / GIB}")
     assert 0 < middle.kept_graphs < 10 and on.peak < middle.peak <= (on.peak + off.peak) / 2
+
+
+def test_text_encoders_count_on_the_device_transiently_when_offloaded_and_not_when_cached(tiny_sd, configs_only):
+    """device: the encoders' weights are resident; offload: only the largest, while it encodes
+    (outside the step's backward); cache: none, but a micro-batch's embeddings are, and the
+    host holds exactly what the cache keeps of the run's prompts."""
+    from draft.models import load_model
+    from draft.models.text import PromptCache
+    from draft.watch import Watch
+
+    prompts = ["a small red circle", "a large blue square", "a green star"]
+    options = [f"prompts={'|'.join(prompts)}", "eval_prompts=a green star|a yellow ring", "batch_size=2",
+               "log.eval_samples=2", "sampling.guidance_scale=3", "method=draft-k", "k=1"]
+    run = lambda mode: estimate(load_config(None, [*options, f"text_encoders={mode}"]), configs_only)  # noqa: E731
+    device, offload, cache = run("device"), run("offload"), run("cache")
+    encoder = device.parts["text_encoder"]
+    assert encoder > 0 and device.encoding == device.embeddings == device.host == 0
+    assert offload.weights == cache.weights == device.weights - encoder
+    assert offload.encoding == encoder and offload.peak == device.peak - encoder  # the step's peak is the larger
+    small = run("offload")
+    small.activations = 0  # with nothing else on the device, the encoding is the peak
+    assert small.peak == small.weights + small.lora + small.reward + encoder
+    assert cache.peak == device.peak - encoder + cache.embeddings and cache.encoding == 0
+
+    model = load_model(str(tiny_sd))
+    config = load_config(None, [*options, "text_encoders=cache"])
+    used = prompts + Watch(None, None, ["a green star", "a yellow ring"], config, None).prompts()
+    held = PromptCache(model)
+    held.warm(used, 3.0, model.size(), "")
+    assert cache.host == held.nbytes() > 0
+    assert cache.embeddings == held.nbytes() // len(set(used)) * 2  # a micro-batch of two prompts
+    assert any("text_encoders=cache" in line and "4 prompts" in line for line in cache.lines())
+    assert any("text_encoders=offload" in line for line in offload.lines())

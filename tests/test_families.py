@@ -418,3 +418,23 @@ def test_two_processes_equal_one_on_a_flow_model(tmp_path_factory, tmp_path, one
     # sample or noise would move every weight by a whole update. (SD's own test allows 2e-4.)
     for k in one:
         torch.testing.assert_close(one[k], both[k], rtol=0, atol=1e-4)
+
+
+def test_the_prompt_cache_returns_each_familys_own_conditioning(family):
+    """text_encoders=cache cuts any family's conditioning into rows and stacks them back: a
+    batch of cached prompts gets what encoding it gives, with its unconditional half."""
+    from draft.models.text import PromptCache, conditioning_bytes
+
+    name, path, _ = family
+    model = _load(name, path)
+    prompts, size = ["a red circle", "a blue square", "a green star"], model.size()
+    cond, uncond = model.conditioning(prompts[::-1], 3.0, size, "blurry")
+    cache = PromptCache(model)
+    cache.warm(prompts, 3.0, size, "blurry", batch=3)
+    cache.release()
+    cached, cached_uncond = model.conditioning(prompts[::-1], 3.0, size, "blurry")
+    assert (uncond is None) == (cached_uncond is None) == (name in NO_CFG)
+    assert conditioning_bytes(cached) == conditioning_bytes(cond) > 0
+    torch.testing.assert_close(cached, cond, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached_uncond, uncond, rtol=1e-5, atol=1e-6)
+    assert cache.nbytes() == conditioning_bytes(cond) + conditioning_bytes(uncond)

@@ -519,3 +519,44 @@ def test_ddpo_two_processes_train_as_one(tiny_sd, tmp_path, one_thread, launch_t
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert main(["train", *common, "name=one", "batch_size=4"]) == 0
     assert_same_ddpo_run(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("phase", ["decode", "backward"])
+def test_out_of_memory_in_a_step_is_an_answer_and_resume_continues_with_other_options(phase, tiny_sd, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """torch.OutOfMemoryError in step 2 (raised on the CPU where the decode or the backward
+    would allocate) ends the run with one line naming the phase, the estimated peak and
+    options that fit; step 1's checkpoint stands and `--resume` with some of them finishes."""
+    from draft import checkpoint as ckpt
+    from draft.models.base import PipelineAdapter
+
+    grad_calls = [0]
+
+    def running_out(real):
+        def call(*args, **kwargs):
+            if torch.is_grad_enabled():  # the training step's, not the sample grid's
+                grad_calls[0] += 1
+                if grad_calls[0] == 2:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return real(*args, **kwargs)
+        return call
+
+    if phase == "decode":
+        monkeypatch.setattr(PipelineAdapter, "decode", running_out(PipelineAdapter.decode))
+    else:
+        from accelerate import Accelerator
+
+        monkeypatch.setattr(Accelerator, "backward", running_out(Accelerator.backward))
+    run = tmp_path / "r"
+    args = [f"model={tiny_sd}", *FAST, "steps=3", "log.checkpoint_every=1", f"output_dir={tmp_path}", "name=r"]
+    assert main(["train", *args, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: out of accelerator memory in the {phase} of step 2 (estimated peak ")
+    assert f"draft train --resume {run}" in err and "text_encoders=cache" in err and "estimated to fit" in err
+    assert ckpt.latest(run / "checkpoints").name == "step-00000001" and steps_logged(run) == [1]
+    assert not (tmp_path / ".r.lock").exists()
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run), "text_encoders=cache", "batch_size=1", "grad_accum=2",
+                 "--no-progress"]) == 0
+    assert steps_logged(run) == [1, 2, 3]

@@ -7,7 +7,9 @@ Exit codes:
       no permission, an I/O error), with one line on stderr saying what and where; the
       last complete checkpoint is intact and `draft train --resume RUN` continues;
 - 2   bad input, with a one-line message on stderr and no traceback (including a run
-      folder that another `draft train` is using);
+      folder that another `draft train` is using, and a training step that ran out of
+      accelerator memory: the line names the phase and the options estimated to fit, and
+      `--resume` with them continues from the last checkpoint, `draft.oom`);
 - 128 + N   `draft train` stopped on signal N (143 SIGTERM, 130 SIGINT/Ctrl-C, 138
       SIGUSR1) after finishing its step and writing a checkpoint: resumable with
       `--resume`. A second signal ends it at once, by the signal itself.

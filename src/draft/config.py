@@ -21,6 +21,7 @@ from draft.errors import UserError, unknown
 
 PRECISIONS = ("no", "bf16", "fp16")
 FRAME_CHOICES = ("even", "random", "first")
+TEXT_ENCODERS = ("device", "offload", "cache")  # `draft.models.text`
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,9 @@ class TrainConfig:
     name: str = ""
     # Force the CPU even when an accelerator is present.
     cpu: bool = False
+    # Text encoders: device (encode every micro-batch), offload (host memory but while encoding) or cache (the run's
+    # prompts encoded once, encoders dropped); a training run's memory plan, so not in `sampling` (`draft.models.text`).
+    text_encoders: str = "device"
 
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -268,6 +272,8 @@ class TrainConfig:
                 raise unknown("method", self.method, METHODS)
         if self.mixed_precision not in PRECISIONS:
             raise unknown("mixed_precision", self.mixed_precision, PRECISIONS)
+        if self.text_encoders not in TEXT_ENCODERS:
+            raise unknown("text_encoders", self.text_encoders, TEXT_ENCODERS)
         if self.reward_frame_choice not in FRAME_CHOICES:
             raise unknown("reward_frame_choice", self.reward_frame_choice, FRAME_CHOICES)
         for key, value, lo, hi in self._numeric_ranges():

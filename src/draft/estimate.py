@@ -11,6 +11,9 @@
   counted, with autocast's rules (normalisations in float32) and fused attention;
 - **the method** decides which of those are alive at once (below), and the checkpointed
   steps each keep their input latents.
+- **the text encoders** (`text_encoders`) count with the weights on `device`; with
+  `offload` only the largest, while it encodes, outside the step; with `cache` not at all,
+  but a micro-batch's cached embeddings do (all of them are in host memory, reported apart).
 
 Peak activations by method, U = one denoiser call on the batch (doubled by classifier-free
 guidance, times lv_n for DRaFT-LV), D = the decode of the batch (times lv_n), G = the
@@ -68,13 +71,20 @@ class Estimate:
     activations: int  # the method's peak activations, calibrated
     lora_params: int
     parts: dict[str, int] = field(default_factory=dict)  # weights by component
+    # text_encoders (`draft.models.text`): offload: the encoder weights on the accelerator while
+    # encoding (not during the step); cache: a micro-batch's embeddings there, and all of them
+    # in host memory.
+    encoding: int = 0
+    embeddings: int = 0
+    host: int = 0
     time_ratio: float = 0.0  # a training step in units of plain sampling of the batch (denoiser calls)
     kept_graphs: int = 0  # gradient steps whose graphs are kept (not checkpointed)
     notes: list[str] = field(default_factory=list)
 
     @property
     def peak(self) -> int:
-        return self.weights + self.lora + self.reward + self.activations
+        fixed = self.weights + self.lora + self.reward
+        return max(fixed + self.activations + self.embeddings, fixed + self.encoding)
 
     def fits(self) -> tuple[list[int], list[int]]:
         """(card sizes in GB it fits, those it does not)."""
@@ -82,7 +92,7 @@ class Estimate:
         return yes, [c for c in CARDS if c not in yes]
 
     def lines(self) -> list[str]:
-        g = lambda n: f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.{0 if n >= 10 * 2**20 else 1}f} MiB"  # noqa: E731
+        g = human_bytes
         parts = ", ".join(f"{k} {g(v)}" for k, v in self.parts.items())
         yes, no = self.fits()
         fit = (f"fits {', '.join(f'{c} GB' for c in yes)} cards" if yes else "fits none of the common cards")
@@ -96,6 +106,10 @@ class Estimate:
             out.append(f"  time: a training step costs about {self.time_ratio:.1f}x sampling its batch, counted in "
                        "denoiser calls (the decode and reward come on top)")
         return out + [f"  {n}" for n in self.notes]
+
+
+def human_bytes(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.{0 if n >= 10 * 2**20 else 1}f} MiB"
 
 
 def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> Estimate:
@@ -127,9 +141,10 @@ def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> 
     step = b * n * math.prod(latent) * 4  # a checkpointed step keeps its float32 input latents
     g = grad_steps(config)
     ck = config.sampling.checkpointing
-    weights = sum(parts.values())
+    encoders, enc = _text_encoders(config, model, parts, dtype)
+    weights = sum(parts.values()) - (sum(encoders.values()) if config.text_encoders != "device" else 0)
     if ck == "auto":
-        fixed = weights + n_lora * 16 + reward_bytes
+        fixed = weights + n_lora * 16 + reward_bytes + enc.embeddings
         budget = memory_budget(config.sampling.memory_budget_gb)
         kept = checkpoint_split(config.method, u, d, step, g, budget - fixed)
         notes.append(f"checkpointing auto: the graphs of {kept} of the {g} gradient-carrying step(s) kept, "
@@ -144,10 +159,50 @@ def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> 
                  f"architecture only" + (f"; x{procs} processes, each this much" if procs > 1 else ""))
     if config.method != "ddpo" and not reward_bytes:
         notes.append("the reward model's weights and activations are not included")
-    est = Estimate(weights, n_lora * 16, reward_bytes, int(acts * CALIBRATION), n_lora, parts, notes=notes)
+    est = Estimate(weights, n_lora * 16, reward_bytes, int(acts * CALIBRATION), n_lora, parts, notes=notes + enc.notes,
+                   encoding=enc.encoding, embeddings=enc.embeddings, host=enc.host)
     est.kept_graphs = kept
     est.time_ratio = time_ratio(config, kept)
     return est
+
+
+def _text_encoders(config: TrainConfig, model, parts: dict[str, int], dtype):
+    """({text encoder: bytes}, an Estimate holding what `config.text_encoders` puts where):
+    offload: the largest encoder, alone on the accelerator while it encodes (the hooks move
+    one at a time); cache: a micro-batch's embeddings, and all the run's in host memory."""
+    from draft.models.text import conditioning_bytes, is_text_encoder
+
+    encoders = {k: v for k, v in parts.items() if is_text_encoder(k)}
+    out, mode = Estimate(0, 0, 0, 0, 0), config.text_encoders
+    if mode == "offload":
+        out.encoding = max(encoders.values(), default=0)
+        out.notes.append(f"text_encoders=offload: text encoder weights on the accelerator only while encoding "
+                         f"({human_bytes(out.encoding)} at most, outside the step)")
+    row = model.meta_conditioning(1, dtype) if mode == "cache" else None
+    if row is not None:
+        row = conditioning_bytes(row) * (1 if config.sampling.guidance_scale == 1 else 2)  # with the negative prompt's
+        n = _prompt_count(config)
+        out.embeddings, out.host = config.batch_size * row, n * row
+        held = (f"{n} prompts' embeddings {human_bytes(out.host)} in host memory, a micro-batch's "
+                f"{human_bytes(out.embeddings)} on the accelerator") if n else \
+            "the prompt sets are not found here: the embeddings' host memory is not counted"
+        out.notes.append(f"text_encoders=cache: text encoder weights released after encoding; {held}")
+    elif mode == "cache":
+        out.notes.append("text_encoders=cache: text encoder weights released after encoding; the embeddings of "
+                         "this family are not modelled")
+    return encoders, out
+
+
+def _prompt_count(config: TrainConfig) -> int:
+    """How many distinct prompts a run encodes (training, grids, held-out), 0 when unknown."""
+    from draft.prompts import load_prompts
+    from draft.watch import Watch
+
+    try:
+        train, held_out = load_prompts(config.prompts, config.model), load_prompts(config.eval_prompts, config.model)
+    except UserError:
+        return 0
+    return len(set(train) | set(Watch(None, None, held_out, config, None).prompts()))
 
 
 def memory_budget(gb: float = 0.0) -> int:

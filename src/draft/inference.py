@@ -20,6 +20,9 @@ from draft.models.base import Size
 from draft.sampling import SampleNoise, guided, sample_chain
 
 
+BATCH = 16  # samples generated (and prompts encoded) at once
+
+
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device) -> torch.Tensor:
     """x_T for each seed: the first draw of its stream, on the CPU so it is identical on every device."""
     return SampleNoise(seeds, shape, device).draw()
@@ -32,7 +35,7 @@ def sample_size(sampling: SamplingConfig) -> Size:
 
 @torch.no_grad()
 def generate(model, prompts: Sequence[str], seeds: Sequence[int], sampling: SamplingConfig | None = None,
-             batch_size: int = 16) -> torch.Tensor:
+             batch_size: int = BATCH) -> torch.Tensor:
     """Samples for N (prompt, seed) pairs, on the CPU: images [N, 3, H, W] or videos
     [N, F, 3, H, W] in [0, 1]."""
     return torch.cat(list(generate_batches(model, prompts, seeds, sampling, batch_size)))
@@ -40,7 +43,7 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int], sampling: Samp
 
 @torch.no_grad()
 def generate_batches(model, prompts: Sequence[str], seeds: Sequence[int], sampling: SamplingConfig | None = None,
-                     batch_size: int = 16) -> Iterator[torch.Tensor]:
+                     batch_size: int = BATCH) -> Iterator[torch.Tensor]:
     """`generate`, one batch at a time, so that a caller can keep only what it needs of each."""
     from draft.defaults import resolve_sampling
 

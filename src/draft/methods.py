@@ -66,6 +66,9 @@ class Sampler:
     # With use_checkpoint: how many of a window's gradient steps (its last ones) keep their
     # graphs instead, as many as the memory budget holds (`draft.estimate.checkpoint_split`).
     keep_graphs: int = 0
+    # What the step is doing (sampling, text encoding, decode, reward; the trainer adds
+    # backward and the optimizer step), for the answer to running out of memory (`draft.oom`).
+    phase: str = "sampling"
 
     def denoiser(self):
         scale = self.model.guidance(self.guidance_scale, self.guidance_scale_2)
@@ -73,6 +76,7 @@ class Sampler:
 
     def conditioning(self, prompts: list[str]):
         """(cond, uncond) for the prompts, as the model encodes them for this sampler."""
+        self.phase = "text encoding"
         return self.model.conditioning(list(prompts), self.guidance_scale, self.size, self.negative_prompt)
 
     def run(self, x, cond, noise: SampleNoise, steps: range | None = None, grad_steps: range = range(0),
@@ -82,7 +86,7 @@ class Sampler:
         With η > 0 each step's noise is drawn from the samples' own streams (x may hold
         several copies of the batch, as in DRaFT-LV).
         """
-        denoise = self.denoiser()
+        denoise, self.phase = self.denoiser(), "sampling"
         steps = range(len(self.schedule)) if steps is None else steps
         checkpointed = self.checkpointed(grad_steps)
         base, on_step = None, None  # base: the base model's weights while the LoRA is merged (below)
@@ -137,7 +141,9 @@ class Sampler:
     def score(self, latents: torch.Tensor, prompts: list[str], frames=None) -> torch.Tensor:
         """The reward of each sample; of a video, on the `frames` it is scored on (only the
         latent frames those need are decoded, so the gradient reaches no others)."""
+        self.phase = "decode"
         samples = self.model.decode(latents, frames=frames, use_checkpoint=self.decode_checkpoint)
+        self.phase = "reward"
         return self.reward(samples, prompts)
 
 

@@ -131,10 +131,11 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, accelerator, run: RunFolder, reward_fn: Callable | None):
         from draft import rewards
-        from draft.inference import sample_size
+        from draft.inference import BATCH, sample_size
         from draft.lora import add_lora
         from draft.methods import METHODS, Sampler
         from draft.models import load_model
+        from draft.models.text import place_text_encoders
         from draft.prompts import load_prompts
         from draft.watch import Watch
 
@@ -164,6 +165,10 @@ class Trainer:
         self.progress = Progress()
         self.watch = Watch(self.model, self.reward, load_prompts(config.eval_prompts, config.model), config,
                            accelerator.device, self._bare)
+        # The training prompts are encoded as a step encodes them (its autocast and batch); the grids' as `generate`.
+        place_text_encoders(self.model, config.text_encoders, (s.guidance_scale, self.size, s.negative_prompt),
+                            [(self.prompts, accelerator.autocast, config.batch_size),
+                             (self.watch.prompts(), contextlib.nullcontext, BATCH)])
 
     def _kept_graphs(self, config: TrainConfig) -> int:
         """checkpointing=auto: how many gradient steps keep their graphs (the estimate's split)."""
@@ -251,6 +256,7 @@ class Trainer:
     def loop(self, show_progress: bool) -> None:
         from tqdm.auto import tqdm
 
+        from draft.oom import out_of_memory
         from draft.stopping import GracefulStop
 
         c, p = self.config, self.progress
@@ -258,7 +264,10 @@ class Trainer:
         # SIGTERM, SIGINT and SIGUSR1 end the run after the current step, with a checkpoint.
         with GracefulStop() as stop:
             while p.step < c.steps:
-                row = self.optimizer_step()
+                try:
+                    row = self.optimizer_step()
+                except torch.OutOfMemoryError:  # the step is abandoned; the last checkpoint stands
+                    raise out_of_memory(c, self.sampler.phase, p.step + 1, self.run) from None
                 p.step += 1
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_mean']:.4g}", loss=f"{row['loss']:.4g}")
@@ -297,7 +306,7 @@ class Trainer:
         """One optimizer step: grad_accum micro-batches, clip, guard, update."""
         c, acc, p = self.config, self.acc, self.progress
         t0 = time.perf_counter()
-        outs = []
+        outs, self.sampler.phase = [], "sampling"
         batches = self.batches()
         if hasattr(self.method, "prepare"):  # DDPO: sample the whole step first, advantages over all of it
             with acc.autocast():
@@ -306,10 +315,12 @@ class Trainer:
             with acc.accumulate(self.model.denoiser):
                 with acc.autocast():
                     out = self.method(self.sampler, batch, c)
+                self.sampler.phase = "backward"
                 acc.backward(out.loss)
             outs.append(out)
         rewards = acc.gather(torch.cat([o.rewards.float() for o in outs]))
         loss = acc.gather(torch.stack([o.loss.detach().float() for o in outs]).mean().reshape(1)).mean()
+        self.sampler.phase = "optimizer step"
         grad_norm = acc.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
         bad = _non_finite(rewards, loss, grad_norm)
         if bad is None or (bad == "gradient" and acc.scaler is not None):

@@ -36,6 +36,12 @@ class Watch:
         chosen, seeds = self.grid_prompts(), range(self.config.log.sample_seeds)
         return [p for _ in seeds for p in chosen], [s for s in seeds for _ in chosen]
 
+    def prompts(self) -> list[str]:
+        """Every prompt the grids and evaluations sample (what `text_encoders=cache` encodes for them)."""
+        n = self.config.log.eval_samples
+        held_out = [self.eval_prompts[g] for g in spread(len(self.eval_prompts), n)] if n else []
+        return self.grid_prompts() + held_out
+
     def grid(self) -> torch.Tensor:
         """The fixed-seed grid's samples, in `grid_layout`'s order."""
         from draft.inference import generate
@@ -68,7 +74,7 @@ class Watch:
         if n == 0:
             return None
         groups = spread(len(self.eval_prompts), n)
-        prompts = [self.eval_prompts[g] for g in groups]
+        prompts = [self.eval_prompts[g] for g in groups]  # as `prompts` lists them
         frames = choose_frames(0, 0, self.model.size(self._size()).frames, self.config.reward_frames, "even")
         with self.bare():
             return evaluate_model(self.model, prompts, [EVAL_SEED + k for k in range(n)], groups, self.reward,
