@@ -17,7 +17,7 @@ from draft.lora import add_lora
 from draft.methods import METHODS, Batch, Sampler, SampleNoise
 from draft.rewards import FunctionReward
 from draft.plan import micro_batch
-from draft.sampling import Schedule, denoised, sampler_step
+from draft.sampling import Schedule, denoised, model_step, renoise, sampler_step
 
 T = 6
 
@@ -60,6 +60,7 @@ def trainer_batch(cfg: TrainConfig, model, step: int, micro: int, process: int, 
 
 
 @pytest.mark.parametrize("method, extra", [("draft", {}), ("draft-k", {"k": 2}), ("draft-lv", {"lv_n": 3}),
+                                           ("draft-lv", {"lv_n": 2, "lv_step": 3}),
                                            ("alignprop", {"alignprop_k_min": 3, "alignprop_k_max": 3}),
                                            ("refl", {"refl_min_step": 2, "refl_max_step": 2})])
 def test_each_method_costs_what_its_description_says(adapted, method, extra):
@@ -129,6 +130,39 @@ def test_refl_with_the_draft_plus_term_still_has_one_gradient_call(adapted):
     # the base model's prediction for the penalty runs without gradient
     assert grad == [loop.schedule.timesteps[3]] and len(plain) == 4
     assert "kl_penalty" in out.stats
+
+
+def test_draft_lv_by_default_is_algorithm_3_bit_for_bit(adapted):
+    """lv_step left at -1 is the paper's method: one gradient step from the last level, the
+    same numbers as alg. 3 written out."""
+    model, loop, calls = adapted
+    cfg = TrainConfig(method="draft-lv", lv_n=2, batch_size=2, kl_coeff=0.0, sampling=SamplingConfig(num_steps=T))
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    out = METHODS["draft-lv"](loop, trainer_batch(cfg, model, 0, 0, 0, 1), cfg)
+    grads = torch.autograd.grad(out.loss, params)
+    batch, s = trainer_batch(cfg, model, 0, 0, 0, 1), loop.schedule
+    cond = loop.conditioning(batch.prompts)
+    x0 = loop.run_no_grad(batch.noise.draw(), cond, batch.noise)
+    eps = torch.cat([batch.noise.draw(), batch.noise.draw()])
+    x_t = renoise(torch.cat([x0, x0]), s.a[T - 1], s.s[T - 1], eps)
+    _, x0_hat, eps_hat = model_step(loop.denoiser(), x_t, T - 1, s, tuple(None if c is None else torch.cat([c, c]) for c in cond))
+    r = loop.score(sampler_step(x0_hat, eps_hat, s.a_prev[T - 1], s.s_prev[T - 1]), batch.prompts * 2)
+    assert torch.equal(out.loss, -r.mean())
+    for g, want in zip(grads, torch.autograd.grad(-r.mean(), params)):
+        assert torch.equal(g, want)
+
+
+def test_draft_lv_from_an_earlier_level_carries_gradient_through_the_steps_from_there(adapted):
+    model, loop, calls = adapted
+    cfg = TrainConfig(method="draft-lv", lv_n=2, lv_step=2, batch_size=1, kl_coeff=0.0,
+                      sampling=SamplingConfig(num_steps=T))
+    out = METHODS["draft-lv"](loop, trainer_batch(cfg, model, 0, 0, 0, 1), cfg)
+    grad, plain = calls.take()
+    assert grad == list(loop.schedule.timesteps[2:])  # from lv_step to the end, n copies per call
+    assert plain == list(loop.schedule.timesteps)  # x_0 itself sampled without gradient
+    assert [n for n, g in calls.sizes if g] == [2] * (T - 2)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.unet.parameters() if p.requires_grad)
 
 
 # --- η > 0 inside the gradient window ------------------------------------------------------------

@@ -188,6 +188,8 @@ class TrainConfig:
     # DRaFT-LV: how many times the final latent is re-noised and denoised with gradient.
     # Each pass costs one denoiser step, one decode and one reward call.
     lv_n: int = 2
+    # DRaFT-LV: the step whose noise level x_0 is re-noised to; all steps from it carry gradient (-1: the last).
+    lv_step: int = -1
     # AlignProp: the gradient window K is drawn uniformly from [k_min, k_max] once per
     # optimizer step (not per sampling step).
     alignprop_k_min: int = 1
@@ -305,7 +307,7 @@ class TrainConfig:
         s, lora, lg = self.sampling, self.lora, self.log
         big = None  # no upper bound
         return [
-            ("k", self.k, 1, big), ("lv_n", self.lv_n, 1, big),
+            ("k", self.k, 1, big), ("lv_n", self.lv_n, 1, big), ("lv_step", self.lv_step, -1, big),
             ("alignprop_k_min", self.alignprop_k_min, 1, big), ("alignprop_k_max", self.alignprop_k_max, 1, big),
             ("refl_min_step", self.refl_min_step, -1, big), ("refl_max_step", self.refl_max_step, -1, big),
             ("kl_coeff", self.kl_coeff, 0, big), ("ddpo_clip", self.ddpo_clip, (0,), big),

@@ -7,7 +7,8 @@ They differ only in which sampling steps carry gradient (DRaFT, Clark et al. 202
 | draft     | all T steps (checkpointed, so memory stays flat in T)                  |
 | draft-k   | the last K steps; the first T-K run under no_grad                      |
 | draft-lv  | x_0 sampled under no_grad, re-noised n times to the last step's level, |
-|           | one gradient step each (alg. 3); the n passes run as one batch         |
+|           | one gradient step each (alg. 3; or from an earlier step's level, the   |
+|           | steps from there with gradient); the n passes run as one batch         |
 | alignprop | the last K steps, K drawn once per optimizer step (Prabhudesai et al.) |
 | refl      | stop at a random late step, predict x̂_0 in one gradient step (Xu et   |
 |           | al. 2023, ImageReward §4)                                              |
@@ -187,20 +188,29 @@ def alignprop(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
 
 
 def draft_lv(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
-    """DRaFT-LV (alg. 3): re-noise x_0 to the last step's level n times; one gradient step each.
+    """DRaFT-LV (alg. 3): re-noise x_0 n times to the level of step `lv_step` (default the
+    last) and denoise from there with gradient.
 
     The n passes use independent fresh noise and run as one batch of n·B; the loss is the
-    mean over all n·B rewards, i.e. the average of the n per-pass losses.
+    mean over all n·B rewards, i.e. the average of the n per-pass losses. At an earlier
+    level every remaining step carries gradient: the reward is a function of the whole path
+    from the re-noised latent to x_0, and cutting the gradient after the path's first step
+    would drop the part of it that DRaFT-K keeps (alg. 3 is the one-step path, unchanged).
     """
-    T, n = len(sampler.schedule), cfg.lv_n
+    T, n, i = len(sampler.schedule), cfg.lv_n, lv_step(cfg)
     cond = sampler.conditioning(batch.prompts)
     x0 = sampler.run_no_grad(batch.noise.draw(), cond, batch.noise)
     eps = torch.cat([batch.noise.draw() for _ in range(n)])  # [n·B], pass-major
-    x_t = renoise(_repeat(x0, n), sampler.schedule.a[T - 1], sampler.schedule.s[T - 1], eps)
+    x_t = renoise(_repeat(x0, n), sampler.schedule.a[i], sampler.schedule.s[i], eps)
     cond_n = tuple(_repeat(c, n) for c in cond)
     penalty: list = []
-    x0_lv = sampler.run(x_t, cond_n, batch.noise, steps=range(T - 1, T), grad_steps=range(T - 1, T), penalty=penalty)
+    x0_lv = sampler.run(x_t, cond_n, batch.noise, steps=range(i, T), grad_steps=range(i, T), penalty=penalty)
     return _finish(sampler, sampler.score(x0_lv, batch.prompts * n, batch.frames), penalty, {})
+
+
+def lv_step(cfg) -> int:
+    """DRaFT-LV's re-noising step with -1 resolved (the last step)."""
+    return cfg.lv_step if cfg.lv_step >= 0 else cfg.sampling.num_steps - 1
 
 
 def refl(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
@@ -282,6 +292,15 @@ def _check_refl(c) -> None:
         raise UserError(f"need 0 <= refl_min_step <= refl_max_step < sampling.num_steps, got {lo}, {hi}")
 
 
+def _check_lv(c) -> None:
+    if not -1 <= c.lv_step < c.sampling.num_steps:
+        raise UserError(f"need -1 <= lv_step < sampling.num_steps (-1: the last step), got {c.lv_step}")
+
+
+def _lv_window(c) -> int:
+    return c.sampling.num_steps - lv_step(c)
+
+
 def _check_ddpo(c) -> None:
     if c.sampling.eta <= 0:
         raise UserError("method=ddpo samples stochastically: set sampling.eta > 0 (e.g. sampling.eta=1.0)")
@@ -301,9 +320,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("draft-k", draft_k, "DRaFT-K: the reward's gradient through the last {k} sampling steps",
            "the last `k` steps", lambda c: (c.sampling.num_steps - c.k, c.k), lambda c: c.k, check=_check_k),
     Method("draft-lv", draft_lv,
-           "DRaFT-LV: the last step's gradient, averaged over {lv_n} re-noised copies of the final sample",
-           "x_0 sampled under no_grad, re-noised `lv_n` times to the last step's level, one gradient step each",
-           lambda c: (c.sampling.num_steps, c.lv_n), lambda c: 1, passes=lambda c: c.lv_n),
+           "DRaFT-LV: the gradient of the steps from step {lv_step} (-1: the last), averaged over {lv_n} "
+           "re-noised copies of the final sample",
+           "x_0 sampled under no_grad, re-noised `lv_n` times to the level of step `lv_step` (default the last), "
+           "the steps from there with gradient",
+           lambda c: (c.sampling.num_steps, c.lv_n * _lv_window(c)), _lv_window, passes=lambda c: c.lv_n,
+           check=_check_lv),
     Method("alignprop", alignprop,
            "AlignProp: the gradient through a random number ({alignprop_k_min} to {alignprop_k_max}) of final steps",
            "the last K steps, K ~ U[`alignprop_k_min`, `alignprop_k_max`] drawn once per step",
