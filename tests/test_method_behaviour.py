@@ -17,7 +17,7 @@ from draft.lora import add_lora
 from draft.methods import METHODS, Batch, Sampler, SampleNoise
 from draft.rewards import FunctionReward
 from draft.plan import micro_batch
-from draft.sampling import Schedule, denoised, model_step, renoise, sampler_step
+from draft.sampling import Schedule, denoised, guided, model_step, renoise, sampler_step
 
 T = 6
 
@@ -163,6 +163,55 @@ def test_draft_lv_from_an_earlier_level_carries_gradient_through_the_steps_from_
     assert [n for n, g in calls.sizes if g] == [2] * (T - 2)
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.unet.parameters() if p.requires_grad)
+
+
+# --- which guidance branches carry gradient (sampling.guidance_gradient) ---------------------------
+
+
+def test_guidance_gradient_cond_flows_through_the_conditional_branch_only():
+    w = torch.tensor([0.7, -0.4], dtype=torch.float64, requires_grad=True)
+    seen = []
+
+    def denoise(x, t, c):  # not linear in w, so the two branches' gradients differ
+        out = torch.tanh(x * w[0] + c * w[1]) * w[1]
+        seen.append(out)
+        return out
+
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(3, 2)
+    c, u = torch.full((3, 2), 0.5, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64)
+    g_cond, = torch.autograd.grad(guided(denoise, 4.0, gradient="cond")(x, None, (c, u)).square().sum(), w)
+    out_u, out_c = seen[0], seen[1]
+    assert out_u.grad_fn is None and out_c.grad_fn is not None  # the unconditional pass keeps no graph
+    # The same as guidance with the unconditional output held constant.
+    held = out_u.detach() + 4.0 * (denoise(x, None, c) - out_u.detach())
+    torch.testing.assert_close(g_cond, torch.autograd.grad(held.square().sum(), w)[0], rtol=0, atol=0)
+    # `both` (the default) is guidance as before: one batched call, the gradient through both.
+    both = guided(denoise, 4.0)(x, None, (c, u))
+    assert torch.equal(both, guided(denoise, 4.0, gradient="both")(x, None, (c, u)))
+    out_u, out_c = denoise(torch.cat([x, x]), None, torch.cat([u, c])).chunk(2)
+    assert torch.equal(both, out_u + 4.0 * (out_c - out_u))
+    g_both, = torch.autograd.grad(both.square().sum(), w)
+    assert not torch.allclose(g_both, g_cond)
+
+
+def test_guidance_gradient_cond_in_a_training_step(adapted):
+    """With guidance on, `cond` gives the window's step one call with gradient for the
+    conditional half and one without for the unconditional; the loss is the same."""
+    model, loop, calls = adapted
+    loop.guidance_scale = 3.0
+    cfg = TrainConfig(method="draft-k", k=1, batch_size=2, kl_coeff=0.0, sampling=SamplingConfig(num_steps=T))
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    losses, grads = [], []
+    for policy in ("both", "cond"):
+        loop.guidance_gradient = policy
+        calls.sizes = []
+        out = METHODS["draft-k"](loop, trainer_batch(cfg, model, 0, 0, 0, 1), cfg)
+        window = calls.sizes[T - 1:]
+        assert window == ([(4, True)] if policy == "both" else [(2, False), (2, True)]), (policy, window)
+        losses.append(out.loss.detach())
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(out.loss, params)]))
+    torch.testing.assert_close(losses[0], losses[1])
+    assert not torch.allclose(grads[0], grads[1])
 
 
 # --- η > 0 inside the gradient window ------------------------------------------------------------

@@ -40,6 +40,8 @@ class SamplingConfig:
     # The prompt of the unconditional half of classifier-free guidance ("" as the pipelines
     # use by default); unused where guidance is off or an input of the model (FLUX.1).
     negative_prompt: str = ""
+    # Which CFG branches the reward's gradient flows through: both, or cond (uncond under no_grad, as UniRL).
+    guidance_gradient: str = "both"
     # DDIM stochasticity η: 0 is deterministic, 1 is DDPM-like. None: 0, or the method's
     # own default (method=ddpo: 1).
     eta: float | None = None
@@ -94,6 +96,8 @@ class SamplingConfig:
         for key, value, lo, hi in self.numeric_ranges():
             if value is not None:
                 check_number(key, value, lo, hi)
+        if self.guidance_gradient not in ("both", "cond"):
+            raise unknown("sampling.guidance_gradient", self.guidance_gradient, ("both", "cond"))
         if not isinstance(self.negative_prompt, str):
             raise UserError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
         return self
@@ -275,6 +279,7 @@ class TrainConfig:
         for key, value, lo, hi in self._numeric_ranges():
             if value is not None:
                 check_number(key, value, lo, hi)
+        s.validate()
         if isinstance(s.checkpointing, str) and s.checkpointing != "auto":
             raise UserError(f"sampling.checkpointing must be true, false or auto, got {s.checkpointing!r}")
         for key in ("model", "reward", "prompts", "eval_prompts", "output_dir"):

@@ -67,10 +67,11 @@ class Sampler:
     # With use_checkpoint: how many of a window's gradient steps (its last ones) keep their
     # graphs instead, as many as the memory budget holds (`draft.estimate.checkpoint_split`).
     keep_graphs: int = 0
+    guidance_gradient: str = "both"  # see SamplingConfig.guidance_gradient
 
     def denoiser(self):
         scale = self.model.guidance(self.guidance_scale, self.guidance_scale_2)
-        return guided(self.model.denoise, scale, self.model.guide)
+        return guided(self.model.denoise, scale, self.model.guide, self.guidance_gradient)
 
     def conditioning(self, prompts: list[str]):
         """(cond, uncond) for the prompts, as the model encodes them for this sampler."""
