@@ -62,7 +62,9 @@ def trainer_batch(cfg: TrainConfig, model, step: int, micro: int, process: int, 
 @pytest.mark.parametrize("method, extra", [("draft", {}), ("draft-k", {"k": 2}), ("draft-lv", {"lv_n": 3}),
                                            ("draft-lv", {"lv_n": 2, "lv_step": 3}),
                                            ("alignprop", {"alignprop_k_min": 3, "alignprop_k_max": 3}),
-                                           ("refl", {"refl_min_step": 2, "refl_max_step": 2})])
+                                           ("refl", {"refl_min_step": 2, "refl_max_step": 2}),
+                                           ("direct-align", {}), ("drtune", {"drtune_k": 2}),
+                                           ("drtune", {"drtune_k": T})])
 def test_each_method_costs_what_its_description_says(adapted, method, extra):
     """`draft.methods.METHODS` describes each method once; the estimate, the card and the
     start-up lines read it. Here its denoiser calls are counted against a real step."""

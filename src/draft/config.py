@@ -183,9 +183,9 @@ class TrainConfig:
 
     # --- the method (see `draft.methods`, where each method's costs and defaults live) ---
     # draft: gradient through all steps; draft-k: the last k steps; draft-lv: k=1 with
-    # lv_n re-noised passes; refl, alignprop: the neighbours on the same loop; ddpo: the
-    # reinforcement-learning baseline (no reward gradient). None: the model's recommended
-    # method (shapes-flow: draft), else draft-lv.
+    # lv_n re-noised passes; refl, alignprop, direct-align, drtune: the neighbours on the
+    # same loop; ddpo: the reinforcement-learning baseline (no reward gradient). None: the
+    # model's recommended method (shapes-flow: draft), else draft-lv.
     method: str | None = None
     # DRaFT-K: how many final sampling steps carry gradient (1 <= k <= num_steps).
     k: int = 1
@@ -203,6 +203,10 @@ class TrainConfig:
     # means "num_steps - 10" and "num_steps - 1", ImageReward's late-step range.
     refl_min_step: int = -1
     refl_max_step: int = -1
+    # Direct-Align: the noise level σ (flow's σ; s/(a+s) for DDIM) is drawn from [low, high] per step.
+    direct_align_sigmas: tuple[float, ...] = (0.2, 0.9)
+    # DRTune: how many evenly spaced sampling steps run the denoiser with gradient.
+    drtune_k: int = 5
     # DRaFT+: weight of the mean squared difference between the adapted and the base
     # model's predictions over the gradient-carrying steps (0 disables it). None: the
     # model's own value (shapes-sd: 0.03, which keeps its samples varied at no cost in
@@ -315,6 +319,7 @@ class TrainConfig:
             ("k", self.k, 1, big), ("lv_n", self.lv_n, 1, big), ("lv_step", self.lv_step, -1, big),
             ("alignprop_k_min", self.alignprop_k_min, 1, big), ("alignprop_k_max", self.alignprop_k_max, 1, big),
             ("refl_min_step", self.refl_min_step, -1, big), ("refl_max_step", self.refl_max_step, -1, big),
+            ("drtune_k", self.drtune_k, 1, big),
             ("kl_coeff", self.kl_coeff, 0, big), ("ddpo_clip", self.ddpo_clip, (0,), big),
             ("ddpo_adv_clip", self.ddpo_adv_clip, (0,), big), ("ddpo_rollout_reuse", self.ddpo_rollout_reuse, 1, big),
             ("ddpo_timestep_fraction", self.ddpo_timestep_fraction, (0,), 1),

@@ -13,6 +13,7 @@ They differ only in which sampling steps carry gradient (DRaFT, Clark et al. 202
 | refl      | stop at a random late step, predict x̂_0 in one gradient step (Xu et   |
 |           | al. 2023, ImageReward §4)                                              |
 
+and, in `draft.neighbours`, Direct-Align (SRPO) and DRTune.
 The loss is -reward.mean(), plus the DRaFT+ penalty when `kl_coeff` > 0. DDPO, the
 reinforcement-learning baseline that needs no reward gradient, is in `draft.ddpo`.
 `METHODS` at the end describes each method once (its window, costs, defaults and checks)
@@ -243,7 +244,8 @@ class Method:
     memory and time estimate, the model card and the docs all read it."""
 
     name: str
-    run: Callable | str  # the loss function, or "module:Class" of a method that keeps state
+    # The loss function, or "module:attr" of one defined elsewhere (a class: a method that keeps state).
+    run: Callable | str
     summary: str  # one line for the model card; {field} is the config's value
     window: str  # which sampling steps carry gradient
     # Per sample and optimizer step: (denoiser calls without gradient, with gradient).
@@ -260,15 +262,16 @@ class Method:
     check: Callable[[Any], None] = lambda c: None  # the method's own constraints (UserError)
 
     def __call__(self, sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
-        return self.run(sampler, batch, cfg)
+        return (self.run if callable(self.run) else self.make())(sampler, batch, cfg)
 
     def make(self) -> Callable[[Sampler, Batch, object], MethodOutput]:
         """The method, ready for one run (a fresh instance of a method that keeps state)."""
         if isinstance(self.run, str):
             import importlib
 
-            module, _, cls = self.run.partition(":")
-            return getattr(importlib.import_module(module), cls)()
+            module, _, name = self.run.partition(":")
+            run = getattr(importlib.import_module(module), name)
+            return run() if isinstance(run, type) else run
         return self.run
 
     def queries(self, cfg) -> float:
@@ -302,6 +305,17 @@ def _lv_window(c) -> int:
     return c.sampling.num_steps - lv_step(c)
 
 
+def _check_direct_align(c) -> None:
+    sig = c.direct_align_sigmas
+    if len(sig) != 2 or not 0 <= sig[0] <= sig[1] <= 1:
+        raise UserError(f"need direct_align_sigmas = [low, high] with 0 <= low <= high <= 1, got {list(sig)}")
+
+
+def _check_drtune(c) -> None:
+    if c.drtune_k > c.sampling.num_steps:
+        raise UserError(f"drtune_k={c.drtune_k} is larger than sampling.num_steps={c.sampling.num_steps}")
+
+
 def _check_ddpo(c) -> None:
     if c.sampling.eta <= 0:
         raise UserError("method=ddpo samples stochastically: set sampling.eta > 0 (e.g. sampling.eta=1.0)")
@@ -321,8 +335,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("draft-k", draft_k, "DRaFT-K: the reward's gradient through the last {k} sampling steps",
            "the last `k` steps", lambda c: (c.sampling.num_steps - c.k, c.k), lambda c: c.k, check=_check_k),
     Method("draft-lv", draft_lv,
-           "DRaFT-LV: the gradient of the steps from step {lv_step} (-1: the last), averaged over {lv_n} "
-           "re-noised copies of the final sample",
+           "DRaFT-LV: {lv_n} re-noised copies of the final sample, denoised with gradient from step {lv_step} "
+           "(-1: the last step only)",
            "x_0 sampled under no_grad, re-noised `lv_n` times to the level of step `lv_step` (default the last), "
            "the steps from there with gradient",
            lambda c: (c.sampling.num_steps, c.lv_n * _lv_window(c)), _lv_window, passes=lambda c: c.lv_n,
@@ -335,6 +349,17 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("refl", refl, "ReFL: one gradient step to the predicted image from a random late step",
            "stop at a random late step, predict x̂_0 in one gradient step",
            lambda c: (sum(c.refl_range) / 2, 1), lambda c: 1, memory="one-step", check=_check_refl),
+    Method("direct-align", "draft.neighbours:direct_align",
+           "Direct-Align (SRPO): one gradient step from a noise level in {direct_align_sigmas}, x_0 recovered "
+           "with the injected noise",
+           "x_0 sampled under no_grad, noised with known ε to a level σ ~ U[`direct_align_sigmas`]; one gradient "
+           "step, then x_0 recovered with that ε",
+           lambda c: (c.sampling.num_steps, 1), lambda c: 1, memory="one-step", check=_check_direct_align),
+    Method("drtune", "draft.neighbours:drtune",
+           "DRTune: the gradient through {drtune_k} evenly spaced steps, each denoiser's input detached",
+           "`drtune_k` evenly spaced steps with gradient, each denoiser's input detached (the gradient reaches "
+           "them through the sampler's updates only)",
+           lambda c: (c.sampling.num_steps - c.drtune_k, c.drtune_k), lambda c: c.drtune_k, check=_check_drtune),
     Method("ddpo", "draft.ddpo:DDPO", "DDPO: policy gradient on the sampler's log-probabilities (no reward gradient)",
            "none: the RL baseline (PPO on the log-probabilities of stochastic steps), for rewards without a gradient",
            lambda c: (c.sampling.num_steps / c.ddpo_rollout_reuse, _ddpo_steps(c)), _ddpo_steps,

@@ -109,6 +109,11 @@ def renoise(x0: torch.Tensor, a: float, s: float, noise: torch.Tensor) -> torch.
     return a * x0 + s * noise
 
 
+def recover_x0(x_t: torch.Tensor, a: float, s: float, noise: torch.Tensor) -> torch.Tensor:
+    """x_0 = (x_t - s·ε)/a: the forward process undone with its known noise ε (Direct-Align)."""
+    return (x_t - s * noise) / a
+
+
 # --- the schedule ---------------------------------------------------------------------------
 
 
