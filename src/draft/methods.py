@@ -199,7 +199,8 @@ def draft_lv(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
     from the re-noised latent to x_0, and cutting the gradient after the path's first step
     would drop the part of it that DRaFT-K keeps (alg. 3 is the one-step path, unchanged).
     """
-    T, n, i = len(sampler.schedule), cfg.lv_n, lv_step(cfg)
+    T, n = len(sampler.schedule), cfg.lv_n
+    i = lv_step(cfg, T)
     cond = sampler.conditioning(batch.prompts)
     x0 = sampler.run_no_grad(batch.noise.draw(), cond, batch.noise)
     eps = torch.cat([batch.noise.draw() for _ in range(n)])  # [n·B], pass-major
@@ -210,9 +211,9 @@ def draft_lv(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
     return _finish(sampler, sampler.score(x0_lv, batch.prompts * n, batch.frames), penalty, {})
 
 
-def lv_step(cfg) -> int:
-    """DRaFT-LV's re-noising step with -1 resolved (the last step)."""
-    return cfg.lv_step if cfg.lv_step >= 0 else cfg.sampling.num_steps - 1
+def lv_step(cfg, T: int) -> int:
+    """DRaFT-LV's re-noising step of T with -1 resolved (the last step)."""
+    return cfg.lv_step if cfg.lv_step >= 0 else T - 1
 
 
 def refl(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
@@ -302,7 +303,7 @@ def _check_lv(c) -> None:
 
 
 def _lv_window(c) -> int:
-    return c.sampling.num_steps - lv_step(c)
+    return c.sampling.num_steps - lv_step(c, c.sampling.num_steps)
 
 
 def _check_direct_align(c) -> None:
