@@ -51,6 +51,8 @@ def test_resolved_config_round_trips(tmp_path):
         (["sampling=3"], "sampling must be a mapping"),
         (["method=alignprop", "alignprop_k_min=9", "alignprop_k_max=3"], "alignprop_k_min"),
         (["sampling.height=100"], "multiples of 8"),
+        (["sampling.guidance_gradient=uncond"], "unknown sampling.guidance_gradient"),
+        (["method=draft-lv", "lv_step=50"], "lv_step < sampling.num_steps"),
     ],
 )
 def test_bad_values_are_user_errors(overrides, message):

@@ -244,6 +244,7 @@ def test_draft_lv_renoises_as_replayed(family):
 
     class Cfg:
         lv_n = n
+        lv_step = -1
 
     METHODS["draft-lv"](loop, _batch(model), Cfg)
     replay = _batch(model).noise

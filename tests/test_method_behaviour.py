@@ -17,7 +17,7 @@ from draft.lora import add_lora
 from draft.methods import METHODS, Batch, Sampler, SampleNoise
 from draft.rewards import FunctionReward
 from draft.plan import micro_batch
-from draft.sampling import Schedule, denoised, sampler_step
+from draft.sampling import Schedule, denoised, guided, model_step, renoise, sampler_step
 
 T = 6
 
@@ -60,8 +60,11 @@ def trainer_batch(cfg: TrainConfig, model, step: int, micro: int, process: int, 
 
 
 @pytest.mark.parametrize("method, extra", [("draft", {}), ("draft-k", {"k": 2}), ("draft-lv", {"lv_n": 3}),
+                                           ("draft-lv", {"lv_n": 2, "lv_step": 3}),
                                            ("alignprop", {"alignprop_k_min": 3, "alignprop_k_max": 3}),
-                                           ("refl", {"refl_min_step": 2, "refl_max_step": 2})])
+                                           ("refl", {"refl_min_step": 2, "refl_max_step": 2}),
+                                           ("direct-align", {}), ("drtune", {"drtune_k": 2}),
+                                           ("drtune", {"drtune_k": T})])
 def test_each_method_costs_what_its_description_says(adapted, method, extra):
     """`draft.methods.METHODS` describes each method once; the estimate, the card and the
     start-up lines read it. Here its denoiser calls are counted against a real step."""
@@ -129,6 +132,88 @@ def test_refl_with_the_draft_plus_term_still_has_one_gradient_call(adapted):
     # the base model's prediction for the penalty runs without gradient
     assert grad == [loop.schedule.timesteps[3]] and len(plain) == 4
     assert "kl_penalty" in out.stats
+
+
+def test_draft_lv_by_default_is_algorithm_3_bit_for_bit(adapted):
+    """lv_step left at -1 is the paper's method: one gradient step from the last level, the
+    same numbers as alg. 3 written out."""
+    model, loop, calls = adapted
+    cfg = TrainConfig(method="draft-lv", lv_n=2, batch_size=2, kl_coeff=0.0, sampling=SamplingConfig(num_steps=T))
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    out = METHODS["draft-lv"](loop, trainer_batch(cfg, model, 0, 0, 0, 1), cfg)
+    grads = torch.autograd.grad(out.loss, params)
+    batch, s = trainer_batch(cfg, model, 0, 0, 0, 1), loop.schedule
+    cond = loop.conditioning(batch.prompts)
+    x0 = loop.run_no_grad(batch.noise.draw(), cond, batch.noise)
+    eps = torch.cat([batch.noise.draw(), batch.noise.draw()])
+    x_t = renoise(torch.cat([x0, x0]), s.a[T - 1], s.s[T - 1], eps)
+    _, x0_hat, eps_hat = model_step(loop.denoiser(), x_t, T - 1, s, tuple(None if c is None else torch.cat([c, c]) for c in cond))
+    r = loop.score(sampler_step(x0_hat, eps_hat, s.a_prev[T - 1], s.s_prev[T - 1]), batch.prompts * 2)
+    assert torch.equal(out.loss, -r.mean())
+    for g, want in zip(grads, torch.autograd.grad(-r.mean(), params)):
+        assert torch.equal(g, want)
+
+
+def test_draft_lv_from_an_earlier_level_carries_gradient_through_the_steps_from_there(adapted):
+    model, loop, calls = adapted
+    cfg = TrainConfig(method="draft-lv", lv_n=2, lv_step=2, batch_size=1, kl_coeff=0.0,
+                      sampling=SamplingConfig(num_steps=T))
+    out = METHODS["draft-lv"](loop, trainer_batch(cfg, model, 0, 0, 0, 1), cfg)
+    grad, plain = calls.take()
+    assert grad == list(loop.schedule.timesteps[2:])  # from lv_step to the end, n copies per call
+    assert plain == list(loop.schedule.timesteps)  # x_0 itself sampled without gradient
+    assert [n for n, g in calls.sizes if g] == [2] * (T - 2)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.unet.parameters() if p.requires_grad)
+
+
+# --- which guidance branches carry gradient (sampling.guidance_gradient) ---------------------------
+
+
+def test_guidance_gradient_cond_flows_through_the_conditional_branch_only():
+    w = torch.tensor([0.7, -0.4], dtype=torch.float64, requires_grad=True)
+    seen = []
+
+    def denoise(x, t, c):  # not linear in w, so the two branches' gradients differ
+        out = torch.tanh(x * w[0] + c * w[1]) * w[1]
+        seen.append(out)
+        return out
+
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(3, 2)
+    c, u = torch.full((3, 2), 0.5, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64)
+    g_cond, = torch.autograd.grad(guided(denoise, 4.0, gradient="cond")(x, None, (c, u)).square().sum(), w)
+    out_u, out_c = seen[0], seen[1]
+    assert out_u.grad_fn is None and out_c.grad_fn is not None  # the unconditional pass keeps no graph
+    # The same as guidance with the unconditional output held constant.
+    held = out_u.detach() + 4.0 * (denoise(x, None, c) - out_u.detach())
+    torch.testing.assert_close(g_cond, torch.autograd.grad(held.square().sum(), w)[0], rtol=0, atol=0)
+    # `both` (the default) is guidance as before: one batched call, the gradient through both.
+    both = guided(denoise, 4.0)(x, None, (c, u))
+    assert torch.equal(both, guided(denoise, 4.0, gradient="both")(x, None, (c, u)))
+    out_u, out_c = denoise(torch.cat([x, x]), None, torch.cat([u, c])).chunk(2)
+    assert torch.equal(both, out_u + 4.0 * (out_c - out_u))
+    g_both, = torch.autograd.grad(both.square().sum(), w)
+    assert not torch.allclose(g_both, g_cond)
+
+
+def test_guidance_gradient_cond_in_a_training_step(adapted):
+    """With guidance on, `cond` gives the window's step one call with gradient for the
+    conditional half and one without for the unconditional; the loss is the same."""
+    model, loop, calls = adapted
+    loop.guidance_scale = 3.0
+    cfg = TrainConfig(method="draft-k", k=1, batch_size=2, kl_coeff=0.0, sampling=SamplingConfig(num_steps=T))
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    losses, grads = [], []
+    for policy in ("both", "cond"):
+        loop.guidance_gradient = policy
+        calls.sizes = []
+        out = METHODS["draft-k"](loop, trainer_batch(cfg, model, 0, 0, 0, 1), cfg)
+        window = calls.sizes[T - 1:]
+        assert window == ([(4, True)] if policy == "both" else [(2, False), (2, True)]), (policy, window)
+        losses.append(out.loss.detach())
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(out.loss, params)]))
+    torch.testing.assert_close(losses[0], losses[1])
+    assert not torch.allclose(grads[0], grads[1])
 
 
 # --- η > 0 inside the gradient window ------------------------------------------------------------

@@ -41,6 +41,8 @@ class SamplingConfig:
     # The prompt of the unconditional half of classifier-free guidance ("" as the pipelines
     # use by default); unused where guidance is off or an input of the model (FLUX.1).
     negative_prompt: str = ""
+    # Which CFG branches the reward's gradient flows through: both, or cond (uncond under no_grad, as UniRL).
+    guidance_gradient: str = "both"
     # DDIM stochasticity η: 0 is deterministic, 1 is DDPM-like. None: 0, or the method's
     # own default (method=ddpo: 1).
     eta: float | None = None
@@ -95,6 +97,8 @@ class SamplingConfig:
         for key, value, lo, hi in self.numeric_ranges():
             if value is not None:
                 check_number(key, value, lo, hi)
+        if self.guidance_gradient not in ("both", "cond"):
+            raise unknown("sampling.guidance_gradient", self.guidance_gradient, ("both", "cond"))
         if not isinstance(self.negative_prompt, str):
             raise UserError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
         return self
@@ -180,15 +184,17 @@ class TrainConfig:
 
     # --- the method (see `draft.methods`, where each method's costs and defaults live) ---
     # draft: gradient through all steps; draft-k: the last k steps; draft-lv: k=1 with
-    # lv_n re-noised passes; refl, alignprop: the neighbours on the same loop; ddpo: the
-    # reinforcement-learning baseline (no reward gradient). None: the model's recommended
-    # method (shapes-flow: draft), else draft-lv.
+    # lv_n re-noised passes; refl, alignprop, direct-align, drtune: the neighbours on the
+    # same loop; ddpo: the reinforcement-learning baseline (no reward gradient). None: the
+    # model's recommended method (shapes-flow: draft), else draft-lv.
     method: str | None = None
     # DRaFT-K: how many final sampling steps carry gradient (1 <= k <= num_steps).
     k: int = 1
     # DRaFT-LV: how many times the final latent is re-noised and denoised with gradient.
     # Each pass costs one denoiser step, one decode and one reward call.
     lv_n: int = 2
+    # DRaFT-LV: the step whose noise level x_0 is re-noised to; all steps from it carry gradient (-1: the last).
+    lv_step: int = -1
     # AlignProp: the gradient window K is drawn uniformly from [k_min, k_max] once per
     # optimizer step (not per sampling step).
     alignprop_k_min: int = 1
@@ -198,6 +204,10 @@ class TrainConfig:
     # means "num_steps - 10" and "num_steps - 1", ImageReward's late-step range.
     refl_min_step: int = -1
     refl_max_step: int = -1
+    # Direct-Align: the noise level σ (flow's σ; s/(a+s) for DDIM) is drawn from [low, high] per step.
+    direct_align_sigmas: tuple[float, ...] = (0.2, 0.9)
+    # DRTune: how many evenly spaced sampling steps run the denoiser with gradient.
+    drtune_k: int = 5
     # DRaFT+: weight of the mean squared difference between the adapted and the base
     # model's predictions over the gradient-carrying steps (0 disables it). None: the
     # model's own value (shapes-sd: 0.03, which keeps its samples varied at no cost in
@@ -279,6 +289,7 @@ class TrainConfig:
         for key, value, lo, hi in self._numeric_ranges():
             if value is not None:
                 check_number(key, value, lo, hi)
+        s.validate()
         if isinstance(s.checkpointing, str) and s.checkpointing != "auto":
             raise UserError(f"sampling.checkpointing must be true, false or auto, got {s.checkpointing!r}")
         for key in ("model", "reward", "prompts", "eval_prompts", "output_dir"):
@@ -311,9 +322,10 @@ class TrainConfig:
         s, lora, lg = self.sampling, self.lora, self.log
         big = None  # no upper bound
         return [
-            ("k", self.k, 1, big), ("lv_n", self.lv_n, 1, big),
+            ("k", self.k, 1, big), ("lv_n", self.lv_n, 1, big), ("lv_step", self.lv_step, -1, big),
             ("alignprop_k_min", self.alignprop_k_min, 1, big), ("alignprop_k_max", self.alignprop_k_max, 1, big),
             ("refl_min_step", self.refl_min_step, -1, big), ("refl_max_step", self.refl_max_step, -1, big),
+            ("drtune_k", self.drtune_k, 1, big),
             ("kl_coeff", self.kl_coeff, 0, big), ("ddpo_clip", self.ddpo_clip, (0,), big),
             ("ddpo_adv_clip", self.ddpo_adv_clip, (0,), big), ("ddpo_rollout_reuse", self.ddpo_rollout_reuse, 1, big),
             ("ddpo_timestep_fraction", self.ddpo_timestep_fraction, (0,), 1),

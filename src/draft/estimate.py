@@ -271,7 +271,7 @@ def _activations(config: TrainConfig, model, dtype):
     n = _method(config).passes(config)
     size = model.size(sample_size(s))
     latent = model.latent_shape(size)
-    calls = b * n * (1 if s.guidance_scale == 1 else 2)
+    calls = b * n * (1 if s.guidance_scale == 1 or s.guidance_gradient == "cond" else 2)  # passes with a graph
     cond = model.meta_conditioning(calls, dtype)
     u = 0
     if cond is None:

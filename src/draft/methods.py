@@ -7,11 +7,13 @@ They differ only in which sampling steps carry gradient (DRaFT, Clark et al. 202
 | draft     | all T steps (checkpointed, so memory stays flat in T)                  |
 | draft-k   | the last K steps; the first T-K run under no_grad                      |
 | draft-lv  | x_0 sampled under no_grad, re-noised n times to the last step's level, |
-|           | one gradient step each (alg. 3); the n passes run as one batch         |
+|           | one gradient step each (alg. 3; or from an earlier step's level, the   |
+|           | steps from there with gradient); the n passes run as one batch         |
 | alignprop | the last K steps, K drawn once per optimizer step (Prabhudesai et al.) |
 | refl      | stop at a random late step, predict x̂_0 in one gradient step (Xu et   |
 |           | al. 2023, ImageReward §4)                                              |
 
+and, in `draft.neighbours`, Direct-Align (SRPO) and DRTune.
 The loss is -reward.mean(), plus the DRaFT+ penalty when `kl_coeff` > 0. DDPO, the
 reinforcement-learning baseline that needs no reward gradient, is in `draft.ddpo`.
 `METHODS` at the end describes each method once (its window, costs, defaults and checks)
@@ -69,10 +71,11 @@ class Sampler:
     # What the step is doing (sampling, text encoding, decode, reward; the trainer adds
     # backward and the optimizer step), for the answer to running out of memory (`draft.oom`).
     phase: str = "sampling"
+    guidance_gradient: str = "both"  # see SamplingConfig.guidance_gradient
 
     def denoiser(self):
         scale = self.model.guidance(self.guidance_scale, self.guidance_scale_2)
-        return guided(self.model.denoise, scale, self.model.guide)
+        return guided(self.model.denoise, scale, self.model.guide, self.guidance_gradient)
 
     def conditioning(self, prompts: list[str]):
         """(cond, uncond) for the prompts, as the model encodes them for this sampler."""
@@ -193,20 +196,30 @@ def alignprop(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
 
 
 def draft_lv(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
-    """DRaFT-LV (alg. 3): re-noise x_0 to the last step's level n times; one gradient step each.
+    """DRaFT-LV (alg. 3): re-noise x_0 n times to the level of step `lv_step` (default the
+    last) and denoise from there with gradient.
 
     The n passes use independent fresh noise and run as one batch of n·B; the loss is the
-    mean over all n·B rewards, i.e. the average of the n per-pass losses.
+    mean over all n·B rewards, i.e. the average of the n per-pass losses. At an earlier
+    level every remaining step carries gradient: the reward is a function of the whole path
+    from the re-noised latent to x_0, and cutting the gradient after the path's first step
+    would drop the part of it that DRaFT-K keeps (alg. 3 is the one-step path, unchanged).
     """
     T, n = len(sampler.schedule), cfg.lv_n
+    i = lv_step(cfg, T)
     cond = sampler.conditioning(batch.prompts)
     x0 = sampler.run_no_grad(batch.noise.draw(), cond, batch.noise)
     eps = torch.cat([batch.noise.draw() for _ in range(n)])  # [n·B], pass-major
-    x_t = renoise(_repeat(x0, n), sampler.schedule.a[T - 1], sampler.schedule.s[T - 1], eps)
+    x_t = renoise(_repeat(x0, n), sampler.schedule.a[i], sampler.schedule.s[i], eps)
     cond_n = tuple(_repeat(c, n) for c in cond)
     penalty: list = []
-    x0_lv = sampler.run(x_t, cond_n, batch.noise, steps=range(T - 1, T), grad_steps=range(T - 1, T), penalty=penalty)
+    x0_lv = sampler.run(x_t, cond_n, batch.noise, steps=range(i, T), grad_steps=range(i, T), penalty=penalty)
     return _finish(sampler, sampler.score(x0_lv, batch.prompts * n, batch.frames), penalty, {})
+
+
+def lv_step(cfg, T: int) -> int:
+    """DRaFT-LV's re-noising step of T with -1 resolved (the last step)."""
+    return cfg.lv_step if cfg.lv_step >= 0 else T - 1
 
 
 def refl(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
@@ -238,7 +251,8 @@ class Method:
     memory and time estimate, the model card and the docs all read it."""
 
     name: str
-    run: Callable | str  # the loss function, or "module:Class" of a method that keeps state
+    # The loss function, or "module:attr" of one defined elsewhere (a class: a method that keeps state).
+    run: Callable | str
     summary: str  # one line for the model card; {field} is the config's value
     window: str  # which sampling steps carry gradient
     # Per sample and optimizer step: (denoiser calls without gradient, with gradient).
@@ -255,15 +269,16 @@ class Method:
     check: Callable[[Any], None] = lambda c: None  # the method's own constraints (UserError)
 
     def __call__(self, sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
-        return self.run(sampler, batch, cfg)
+        return (self.run if callable(self.run) else self.make())(sampler, batch, cfg)
 
     def make(self) -> Callable[[Sampler, Batch, object], MethodOutput]:
         """The method, ready for one run (a fresh instance of a method that keeps state)."""
         if isinstance(self.run, str):
             import importlib
 
-            module, _, cls = self.run.partition(":")
-            return getattr(importlib.import_module(module), cls)()
+            module, _, name = self.run.partition(":")
+            run = getattr(importlib.import_module(module), name)
+            return run() if isinstance(run, type) else run
         return self.run
 
     def queries(self, cfg) -> float:
@@ -288,6 +303,26 @@ def _check_refl(c) -> None:
         raise UserError(f"need 0 <= refl_min_step <= refl_max_step < sampling.num_steps, got {lo}, {hi}")
 
 
+def _check_lv(c) -> None:
+    if not -1 <= c.lv_step < c.sampling.num_steps:
+        raise UserError(f"need -1 <= lv_step < sampling.num_steps (-1: the last step), got {c.lv_step}")
+
+
+def _lv_window(c) -> int:
+    return c.sampling.num_steps - lv_step(c, c.sampling.num_steps)
+
+
+def _check_direct_align(c) -> None:
+    sig = c.direct_align_sigmas
+    if len(sig) != 2 or not 0 <= sig[0] <= sig[1] <= 1:
+        raise UserError(f"need direct_align_sigmas = [low, high] with 0 <= low <= high <= 1, got {list(sig)}")
+
+
+def _check_drtune(c) -> None:
+    if c.drtune_k > c.sampling.num_steps:
+        raise UserError(f"drtune_k={c.drtune_k} is larger than sampling.num_steps={c.sampling.num_steps}")
+
+
 def _check_ddpo(c) -> None:
     if c.sampling.eta <= 0:
         raise UserError("method=ddpo samples stochastically: set sampling.eta > 0 (e.g. sampling.eta=1.0)")
@@ -307,9 +342,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("draft-k", draft_k, "DRaFT-K: the reward's gradient through the last {k} sampling steps",
            "the last `k` steps", lambda c: (c.sampling.num_steps - c.k, c.k), lambda c: c.k, check=_check_k),
     Method("draft-lv", draft_lv,
-           "DRaFT-LV: the last step's gradient, averaged over {lv_n} re-noised copies of the final sample",
-           "x_0 sampled under no_grad, re-noised `lv_n` times to the last step's level, one gradient step each",
-           lambda c: (c.sampling.num_steps, c.lv_n), lambda c: 1, passes=lambda c: c.lv_n),
+           "DRaFT-LV: {lv_n} re-noised copies of the final sample, denoised with gradient from step {lv_step} "
+           "(-1: the last step only)",
+           "x_0 sampled under no_grad, re-noised `lv_n` times to the level of step `lv_step` (default the last), "
+           "the steps from there with gradient",
+           lambda c: (c.sampling.num_steps, c.lv_n * _lv_window(c)), _lv_window, passes=lambda c: c.lv_n,
+           check=_check_lv),
     Method("alignprop", alignprop,
            "AlignProp: the gradient through a random number ({alignprop_k_min} to {alignprop_k_max}) of final steps",
            "the last K steps, K ~ U[`alignprop_k_min`, `alignprop_k_max`] drawn once per step",
@@ -318,6 +356,17 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("refl", refl, "ReFL: one gradient step to the predicted image from a random late step",
            "stop at a random late step, predict x̂_0 in one gradient step",
            lambda c: (sum(c.refl_range) / 2, 1), lambda c: 1, memory="one-step", check=_check_refl),
+    Method("direct-align", "draft.neighbours:direct_align",
+           "Direct-Align (SRPO): one gradient step from a noise level in {direct_align_sigmas}, x_0 recovered "
+           "with the injected noise",
+           "x_0 sampled under no_grad, noised with known ε to a level σ ~ U[`direct_align_sigmas`]; one gradient "
+           "step, then x_0 recovered with that ε",
+           lambda c: (c.sampling.num_steps, 1), lambda c: 1, memory="one-step", check=_check_direct_align),
+    Method("drtune", "draft.neighbours:drtune",
+           "DRTune: the gradient through {drtune_k} evenly spaced steps, each denoiser's input detached",
+           "`drtune_k` evenly spaced steps with gradient, each denoiser's input detached (the gradient reaches "
+           "them through the sampler's updates only)",
+           lambda c: (c.sampling.num_steps - c.drtune_k, c.drtune_k), lambda c: c.drtune_k, check=_check_drtune),
     Method("ddpo", "draft.ddpo:DDPO", "DDPO: policy gradient on the sampler's log-probabilities (no reward gradient)",
            "none: the RL baseline (PPO on the log-probabilities of stochastic steps), for rewards without a gradient",
            lambda c: (c.sampling.num_steps / c.ddpo_rollout_reuse, _ddpo_steps(c)), _ddpo_steps,

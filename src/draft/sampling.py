@@ -109,6 +109,11 @@ def renoise(x0: torch.Tensor, a: float, s: float, noise: torch.Tensor) -> torch.
     return a * x0 + s * noise
 
 
+def recover_x0(x_t: torch.Tensor, a: float, s: float, noise: torch.Tensor) -> torch.Tensor:
+    """x_0 = (x_t - s·ε)/a: the forward process undone with its known noise ε (Direct-Align)."""
+    return (x_t - s * noise) / a
+
+
 # --- the schedule ---------------------------------------------------------------------------
 
 
@@ -245,14 +250,18 @@ def cfg(out_u: torch.Tensor, out_c: torch.Tensor, scale: float) -> torch.Tensor:
     return out_u + scale * (out_c - out_u)
 
 
-def guided(denoise: Denoiser, scale: float | Callable[[torch.Tensor], float], combine: Callable = cfg) -> Denoiser:
+def guided(denoise: Denoiser, scale: float | Callable[[torch.Tensor], float], combine: Callable = cfg,
+           gradient: str = "both") -> Denoiser:
     """Guidance around a denoiser: both passes in one batched call, combined by `combine`
     (classifier-free guidance unless the model has its own rule, `DiffusionModel.guide`).
 
     The conditioning is a pair (cond, uncond) of batched prompt encodings; with s = 1, or
     when the model takes guidance as an input rather than by two passes (FLUX.1-dev's
     guidance embedding: its adapter returns uncond = None), the unconditional pass is skipped.
-    `scale` may be a function of t (Wan 2.2: each expert has its own).
+    `scale` may be a function of t (Wan 2.2: each expert has its own). `gradient="cond"`
+    runs the unconditional pass under no_grad, as UniRL's ReFL does, so the gradient flows
+    through the conditional branch only and that pass keeps no graph; the two passes are
+    then two calls, since one batched call cannot carry gradient for half its batch.
     """
 
     def denoise_guided(x, t, cond):
@@ -260,6 +269,10 @@ def guided(denoise: Denoiser, scale: float | Callable[[torch.Tensor], float], co
         s = scale(t) if callable(scale) else scale
         if s == 1.0 or u is None:
             return denoise(x, t, c)
+        if gradient == "cond" and torch.is_grad_enabled():
+            with torch.no_grad():
+                out_u = denoise(x, t, u)
+            return combine(out_u, denoise(x, t, c), s)
         out_u, out_c = denoise(torch.cat([x, x]), t, _cat(u, c)).chunk(2)
         return combine(out_u, out_c, s)
 

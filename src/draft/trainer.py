@@ -158,7 +158,7 @@ class Trainer:
         self.sampler = Sampler(self.model, self.reward, self.model.schedule(s.num_steps, self.size), s.guidance_scale,
                                s.eta, bool(s.checkpointing), s.decode_checkpointing, config.kl_coeff, s.merge_lora,
                                s.merged_recompute, self.size, s.negative_prompt, s.guidance_scale_2,
-                               keep_graphs=self._kept_graphs(config))
+                               keep_graphs=self._kept_graphs(config), guidance_gradient=s.guidance_gradient)
         self.info = METHODS[config.method]
         self.method = self.info.make()
         self.latent_shape = self.model.latent_shape(self.size)
