@@ -33,6 +33,7 @@ FAMILIES = {
     "sdxl": ({}, "StableDiffusionXLPipeline"),
     "wan": ({}, "WanPipeline"),
     "wan22": ({}, "WanPipeline"),
+    "qwen-image": ({}, "QwenImagePipeline"),
     "shapes-sd": (None, "StableDiffusionPipeline"),
     "shapes-flow": (None, "StableDiffusion3Pipeline"),
 }
@@ -41,7 +42,8 @@ FAMILIES = {
 NO_CFG = {"flux", "flux-schnell"}
 # The tiny video pipelines' native size (their folders record none; Wan's own is 480p, 81 frames).
 TINY_VIDEO = {"height": 16, "width": 16, "frames": 9}
-OPTIONS = {"wan": TINY_VIDEO, "wan22": TINY_VIDEO}
+# The tiny image pipelines whose folders record no native size (Qwen-Image's own is 1024 px).
+OPTIONS = {"wan": TINY_VIDEO, "wan22": TINY_VIDEO, "qwen-image": {"resolution": 32}}
 
 
 def _load(name, path):
@@ -279,16 +281,23 @@ def _pipeline(path, cls_name):
 
 def _pipeline_latents(pipe, model, prompts, x_T, steps, guidance):
     """The pipeline's final latents [B, C, *spatial] from x_T, at the model's native size and
-    T5 length. FLUX's pipeline takes and returns latents packed into 2x2 patch tokens."""
+    T5 length, guided as the model card's snippet asks the pipeline to guide (Qwen-Image:
+    true_cfg_scale and a negative prompt). FLUX's and Qwen-Image's pipelines take and
+    return latents packed into 2x2 patch tokens (Qwen-Image's unpack to one video frame)."""
     size, packed = model.native_size, hasattr(pipe, "_pack_latents")
     latents = pipe._pack_latents(x_T, *x_T.shape) if packed else x_T
-    extra = {"max_sequence_length": model.max_sequence_length} if hasattr(model, "max_sequence_length") else {}
+    extra = {"guidance_scale": guidance, **model.pipeline_kwargs({"guidance_scale": guidance}, {})}
+    if hasattr(model, "max_sequence_length"):
+        extra["max_sequence_length"] = model.max_sequence_length
     if size.video:
         extra["num_frames"] = size.frames
     out = pipe(prompts, latents=latents, height=size.height, width=size.width, num_inference_steps=steps,
-               guidance_scale=guidance, output_type="latent", **extra)
+               output_type="latent", **extra)
     out = out.frames if size.video else out.images
-    return pipe._unpack_latents(out, size.height, size.width, pipe.vae_scale_factor) if packed else out
+    if not packed:
+        return out
+    out = pipe._unpack_latents(out, size.height, size.width, pipe.vae_scale_factor)
+    return out[:, :, 0] if out.ndim == 5 else out
 
 
 def _our_latents(model, prompts, seeds, steps, guidance):

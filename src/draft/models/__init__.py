@@ -80,6 +80,7 @@ ADAPTERS = {
     "StableDiffusionXLPipeline": "draft.models.sdxl:StableDiffusionXL",
     "FluxPipeline": "draft.models.flux:Flux",
     "WanPipeline": "draft.models.wan:Wan",
+    "QwenImagePipeline": "draft.models.qwen_image:QwenImage",
 }
 
 
