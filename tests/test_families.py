@@ -34,12 +34,16 @@ FAMILIES = {
     "wan": ({}, "WanPipeline"),
     "wan22": ({}, "WanPipeline"),
     "qwen-image": ({}, "QwenImagePipeline"),
+    "z-image": ({}, "ZImagePipeline"),
     "shapes-sd": (None, "StableDiffusionPipeline"),
     "shapes-flow": (None, "StableDiffusion3Pipeline"),
 }
 # Families sampled without an unconditional pass: guidance is an input of the model
 # (FLUX.1-dev's guidance embedding) or absent (schnell).
 NO_CFG = {"flux", "flux-schnell"}
+# The guidance scale that turns guidance off: 1 but where the pipeline counts from 0 (Z-Image's
+# pos + g·(pos - neg)).
+OFF = {"z-image": 0.0}
 # The tiny video pipelines' native size (their folders record none; Wan's own is 480p, 81 frames).
 TINY_VIDEO = {"height": 16, "width": 16, "frames": 9}
 # The tiny image pipelines whose folders record no native size (Qwen-Image's own is 1024 px).
@@ -133,7 +137,8 @@ def test_adapter_conforms_to_the_protocol(family):
     shape = model.latent_shape()
     assert len(shape) == (4 if native.video else 3) and all(n > 0 for n in shape)
     cond, uncond = model.conditioning(PROMPTS[:2], 5.0)
-    assert (uncond is None) == (name in NO_CFG) and model.conditioning(PROMPTS[:2], 1.0)[1] is None
+    assert (uncond is None) == (name in NO_CFG)
+    assert model.conditioning(PROMPTS[:2], OFF.get(name, 1.0))[1] is None
     x = SampleNoise([0, 1], shape, "cpu").draw()
     schedule = model.schedule(4)
     assert len(schedule) == 4
@@ -237,8 +242,8 @@ def test_draft_lv_renoises_as_replayed(family):
     name, path, _ = family
     model = _load(name, path)
     _with_random_lora(model)
-    T, n = 5, 2
-    loop = Sampler(model, FunctionReward(brightness, "brightness"), model.schedule(T), guidance_scale=1.0,
+    T, n, off = 5, 2, OFF.get(name, 1.0)
+    loop = Sampler(model, FunctionReward(brightness, "brightness"), model.schedule(T), guidance_scale=off,
                 use_checkpoint=False, merge_lora=False)
     calls = []
     inner = model.denoise
@@ -252,7 +257,7 @@ def test_draft_lv_renoises_as_replayed(family):
     x_T = replay.draw()
     model.denoise = inner
     with torch.no_grad():
-        x0 = loop.run(x_T, model.conditioning(PROMPTS[:2], 1.0), replay)
+        x0 = loop.run(x_T, model.conditioning(PROMPTS[:2], off), replay)
     eps = torch.cat([replay.draw() for _ in range(n)])
     expected = renoise(x0.repeat(n, *[1] * (x0.ndim - 1)), loop.schedule.a[T - 1], loop.schedule.s[T - 1], eps)
     torch.testing.assert_close(calls[T], expected, rtol=1e-5, atol=1e-5)

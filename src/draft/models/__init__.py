@@ -81,6 +81,7 @@ ADAPTERS = {
     "FluxPipeline": "draft.models.flux:Flux",
     "WanPipeline": "draft.models.wan:Wan",
     "QwenImagePipeline": "draft.models.qwen_image:QwenImage",
+    "ZImagePipeline": "draft.models.z_image:ZImage",
 }
 
 

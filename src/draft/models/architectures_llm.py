@@ -1,11 +1,11 @@
 """Real-size architectures of the families whose text encoder is a language model
-(Qwen-Image: Qwen2.5-VL 7B), as configs only; `draft.models.architectures` registers them
+(Qwen-Image: Qwen2.5-VL 7B; Z-Image: Qwen3 4B), as configs only; `draft.models.architectures` registers them
 beside the others and documents the scheme (what is written, and why no weight is read).
 """
 
 from __future__ import annotations
 
-from draft.models.architectures import D, T, WAN_VAE, _pipeline, tokenizer
+from draft.models.architectures import FLUX_VAE, D, T, WAN_VAE, _pipeline, tokenizer
 
 
 def qwen25_vl_7b() -> dict:
@@ -62,4 +62,39 @@ def qwen_image() -> dict[str, dict]:
         "text_encoder": (T, "Qwen2_5_VLForConditionalGeneration", qwen25_vl_7b()),
         "tokenizer": (T, "Qwen2Tokenizer", QWEN_TOKENIZER),
         "scheduler": (D, "FlowMatchEulerDiscreteScheduler", QWEN_IMAGE_SCHEDULER),
+    })
+
+
+def qwen3_4b() -> dict:
+    """Tongyi-MAI/Z-Image-Turbo text_encoder/config.json: Qwen3-4B's language model (36 layers
+    of width 2560, 32 query and 8 key/value heads of 128, tied embeddings), loaded as
+    `Qwen3Model` (no head)."""
+    return {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 2560,
+        "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645,
+    }
+
+
+# Tongyi-MAI/Z-Image-Turbo transformer/config.json: 30 single-stream layers of width 3840
+# (30 heads of 128) after 2 noise and 2 caption refiner layers, 2x2 patches of 16 channels.
+Z_IMAGE_TRANSFORMER = {
+    "_class_name": "ZImageTransformer2DModel", "all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16,
+    "dim": 3840, "n_layers": 30, "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5,
+    "qk_norm": True, "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
+    "axes_lens": [1536, 512, 512],
+}
+# Tongyi-MAI/Z-Image-Turbo scheduler/scheduler_config.json: a fixed shift of 3.
+Z_IMAGE_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                     "use_dynamic_shifting": False}
+
+
+def z_image_turbo() -> dict[str, dict]:
+    return _pipeline("ZImagePipeline", {
+        "transformer": (D, "ZImageTransformer2DModel", Z_IMAGE_TRANSFORMER),
+        "vae": (D, "AutoencoderKL", FLUX_VAE),  # FLUX.1's VAE
+        "text_encoder": (T, "Qwen3Model", qwen3_4b()),
+        "tokenizer": (T, "Qwen2Tokenizer", QWEN_TOKENIZER),
+        "scheduler": (D, "FlowMatchEulerDiscreteScheduler", Z_IMAGE_SCHEDULER),
     })

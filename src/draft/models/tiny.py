@@ -243,4 +243,11 @@ def _tiny_qwen_image(folder: Path, seed: int = 0):
     return tiny_qwen_image_pipeline(folder, seed)
 
 
+def _tiny_z_image(folder: Path, seed: int = 0):
+    from draft.models.tiny_qwen import tiny_z_image_pipeline
+
+    return tiny_z_image_pipeline(folder, seed)
+
+
 TINY["qwen-image"] = _tiny_qwen_image  # 32 px, 4x4 packed tokens
+TINY["z-image"] = _tiny_z_image  # 32 px, 2x2 patch tokens
