@@ -139,6 +139,8 @@ def test_adapter_conforms_to_the_protocol(family):
     cond, uncond = model.conditioning(PROMPTS[:2], 5.0)
     assert (uncond is None) == (name in NO_CFG)
     assert model.conditioning(PROMPTS[:2], OFF.get(name, 1.0))[1] is None
+    # the memory estimate's count of passes is what conditioning does
+    assert model.guided_passes(5.0) == (1 if uncond is None else 2) and model.guided_passes(OFF.get(name, 1.0)) == 1
     x = SampleNoise([0, 1], shape, "cpu").draw()
     schedule = model.schedule(4)
     assert len(schedule) == 4

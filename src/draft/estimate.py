@@ -216,7 +216,7 @@ def _activations(config: TrainConfig, model, dtype):
     n = _method(config).passes(config)
     size = model.size(sample_size(s))
     latent = model.latent_shape(size)
-    calls = b * n * (1 if s.guidance_scale == 1 else 2)
+    calls = b * n * model.guided_passes(s.guidance_scale)
     cond = model.meta_conditioning(calls, dtype)
     u = 0
     if cond is None:

@@ -80,6 +80,9 @@ class QwenImage(FlowMatching):
         """The grid `QwenImagePipeline.__call__` passes: linear from 1 to 1/T."""
         return np.linspace(1.0, 1 / num_steps, num_steps)
 
+    def guided_passes(self, scale: float) -> int:
+        return 2 if scale > 1 else 1
+
     # --- text ---
 
     @torch.no_grad()

@@ -71,6 +71,9 @@ class ZImage(FlowMatching):
             return scale + 1
         return lambda t: scale + 1 if (1000 - float(t)) / 1000 <= self.cfg_truncation else 1.0
 
+    def guided_passes(self, scale: float) -> int:
+        return 2 if scale > 0 else 1
+
     def guide(self, uncond_out: torch.Tensor, cond_out: torch.Tensor, scale: float) -> torch.Tensor:
         from draft.sampling import cfg
 
