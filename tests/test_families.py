@@ -33,15 +33,21 @@ FAMILIES = {
     "sdxl": ({}, "StableDiffusionXLPipeline"),
     "wan": ({}, "WanPipeline"),
     "wan22": ({}, "WanPipeline"),
+    "qwen-image": ({}, "QwenImagePipeline"),
+    "z-image": ({}, "ZImagePipeline"),
     "shapes-sd": (None, "StableDiffusionPipeline"),
     "shapes-flow": (None, "StableDiffusion3Pipeline"),
 }
 # Families sampled without an unconditional pass: guidance is an input of the model
 # (FLUX.1-dev's guidance embedding) or absent (schnell).
 NO_CFG = {"flux", "flux-schnell"}
+# The guidance scale that turns guidance off: 1 but where the pipeline counts from 0 (Z-Image's
+# pos + g·(pos - neg)).
+OFF = {"z-image": 0.0}
 # The tiny video pipelines' native size (their folders record none; Wan's own is 480p, 81 frames).
 TINY_VIDEO = {"height": 16, "width": 16, "frames": 9}
-OPTIONS = {"wan": TINY_VIDEO, "wan22": TINY_VIDEO}
+# The tiny image pipelines whose folders record no native size (Qwen-Image's own is 1024 px).
+OPTIONS = {"wan": TINY_VIDEO, "wan22": TINY_VIDEO, "qwen-image": {"resolution": 32}}
 
 
 def _load(name, path):
@@ -131,7 +137,10 @@ def test_adapter_conforms_to_the_protocol(family):
     shape = model.latent_shape()
     assert len(shape) == (4 if native.video else 3) and all(n > 0 for n in shape)
     cond, uncond = model.conditioning(PROMPTS[:2], 5.0)
-    assert (uncond is None) == (name in NO_CFG) and model.conditioning(PROMPTS[:2], 1.0)[1] is None
+    assert (uncond is None) == (name in NO_CFG)
+    assert model.conditioning(PROMPTS[:2], OFF.get(name, 1.0))[1] is None
+    # the memory estimate's count of passes is what conditioning does
+    assert model.guided_passes(5.0) == (1 if uncond is None else 2) and model.guided_passes(OFF.get(name, 1.0)) == 1
     x = SampleNoise([0, 1], shape, "cpu").draw()
     schedule = model.schedule(4)
     assert len(schedule) == 4
@@ -235,8 +244,8 @@ def test_draft_lv_renoises_as_replayed(family):
     name, path, _ = family
     model = _load(name, path)
     _with_random_lora(model)
-    T, n = 5, 2
-    loop = Sampler(model, FunctionReward(brightness, "brightness"), model.schedule(T), guidance_scale=1.0,
+    T, n, off = 5, 2, OFF.get(name, 1.0)
+    loop = Sampler(model, FunctionReward(brightness, "brightness"), model.schedule(T), guidance_scale=off,
                 use_checkpoint=False, merge_lora=False)
     calls = []
     inner = model.denoise
@@ -251,7 +260,7 @@ def test_draft_lv_renoises_as_replayed(family):
     x_T = replay.draw()
     model.denoise = inner
     with torch.no_grad():
-        x0 = loop.run(x_T, model.conditioning(PROMPTS[:2], 1.0), replay)
+        x0 = loop.run(x_T, model.conditioning(PROMPTS[:2], off), replay)
     eps = torch.cat([replay.draw() for _ in range(n)])
     expected = renoise(x0.repeat(n, *[1] * (x0.ndim - 1)), loop.schedule.a[T - 1], loop.schedule.s[T - 1], eps)
     torch.testing.assert_close(calls[T], expected, rtol=1e-5, atol=1e-5)
@@ -280,16 +289,23 @@ def _pipeline(path, cls_name):
 
 def _pipeline_latents(pipe, model, prompts, x_T, steps, guidance):
     """The pipeline's final latents [B, C, *spatial] from x_T, at the model's native size and
-    T5 length. FLUX's pipeline takes and returns latents packed into 2x2 patch tokens."""
+    T5 length, guided as the model card's snippet asks the pipeline to guide (Qwen-Image:
+    true_cfg_scale and a negative prompt). FLUX's and Qwen-Image's pipelines take and
+    return latents packed into 2x2 patch tokens (Qwen-Image's unpack to one video frame)."""
     size, packed = model.native_size, hasattr(pipe, "_pack_latents")
     latents = pipe._pack_latents(x_T, *x_T.shape) if packed else x_T
-    extra = {"max_sequence_length": model.max_sequence_length} if hasattr(model, "max_sequence_length") else {}
+    extra = {"guidance_scale": guidance, **model.pipeline_kwargs({"guidance_scale": guidance}, {})}
+    if hasattr(model, "max_sequence_length"):
+        extra["max_sequence_length"] = model.max_sequence_length
     if size.video:
         extra["num_frames"] = size.frames
     out = pipe(prompts, latents=latents, height=size.height, width=size.width, num_inference_steps=steps,
-               guidance_scale=guidance, output_type="latent", **extra)
+               output_type="latent", **extra)
     out = out.frames if size.video else out.images
-    return pipe._unpack_latents(out, size.height, size.width, pipe.vae_scale_factor) if packed else out
+    if not packed:
+        return out
+    out = pipe._unpack_latents(out, size.height, size.width, pipe.vae_scale_factor)
+    return out[:, :, 0] if out.ndim == 5 else out
 
 
 def _our_latents(model, prompts, seeds, steps, guidance):

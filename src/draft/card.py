@@ -158,7 +158,9 @@ def snippet(model: str, config: dict, lora: str = "path/to/this/folder") -> str:
     embedded = EMBEDDED.get(model)
     kwargs = {"num_inference_steps": sampling.get("num_steps", 50), "guidance_scale": sampling.get("guidance_scale", 7.5)}
     if adapter is not None:
-        kwargs.update(adapter.pipeline_kwargs(sampling, embedded.options if embedded else {}))
+        # The adapter's settings as the run loaded the model: the embedded model's, then the config's.
+        options = {**(embedded.options if embedded else {}), **config.get("model_options", {})}
+        kwargs.update(adapter.pipeline_kwargs(sampling, options))
     call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     video = adapter is not None and adapter.fps > 0
     lines = [f"from diffusers import {cls}"] + (["from diffusers.utils import export_to_video"] if video else [])

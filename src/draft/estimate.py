@@ -180,7 +180,7 @@ def _text_encoders(config: TrainConfig, model, parts: dict[str, int], dtype):
                          f"({human_bytes(out.encoding)} at most, outside the step)")
     row = model.meta_conditioning(1, dtype) if mode == "cache" else None
     if row is not None:
-        row = conditioning_bytes(row) * (1 if config.sampling.guidance_scale == 1 else 2)  # with the negative prompt's
+        row = conditioning_bytes(row) * model.guided_passes(config.sampling.guidance_scale)  # with the negative's
         n = _prompt_count(config)
         out.embeddings, out.host = config.batch_size * row, n * row
         held = (f"{n} prompts' embeddings {human_bytes(out.host)} in host memory, a micro-batch's "
@@ -271,7 +271,9 @@ def _activations(config: TrainConfig, model, dtype):
     n = _method(config).passes(config)
     size = model.size(sample_size(s))
     latent = model.latent_shape(size)
-    calls = b * n * (1 if s.guidance_scale == 1 or s.guidance_gradient == "cond" else 2)  # passes with a graph
+    # passes that keep a graph: the family's guided passes, one when the unconditional one runs under no_grad
+    calls = b * n * (min(1, model.guided_passes(s.guidance_scale)) if s.guidance_gradient == "cond"
+                     else model.guided_passes(s.guidance_scale))
     cond = model.meta_conditioning(calls, dtype)
     u = 0
     if cond is None:

@@ -80,6 +80,8 @@ ADAPTERS = {
     "StableDiffusionXLPipeline": "draft.models.sdxl:StableDiffusionXL",
     "FluxPipeline": "draft.models.flux:Flux",
     "WanPipeline": "draft.models.wan:Wan",
+    "QwenImagePipeline": "draft.models.qwen_image:QwenImage",
+    "ZImagePipeline": "draft.models.z_image:ZImage",
 }
 
 

@@ -296,6 +296,13 @@ def _wan(transformer: dict, two_experts: bool = False) -> dict[str, dict]:
     }, boundary_ratio=A14B_BOUNDARY_RATIO if two_experts else None)
 
 
+def _llm_family(name: str) -> dict[str, dict]:
+    """A family whose text encoder is a language model (`draft.models.architectures_llm`)."""
+    from draft.models import architectures_llm
+
+    return getattr(architectures_llm, name)()
+
+
 # Hub id -> its configs, built when asked for (so importing this module builds nothing).
 ARCHITECTURES: dict[str, Callable[[], dict[str, dict]]] = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": _sd15,
@@ -305,6 +312,8 @@ ARCHITECTURES: dict[str, Callable[[], dict[str, dict]]] = {
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": lambda: _wan(WAN_1_3B),
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": lambda: _wan(WAN_14B),
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": lambda: _wan(WAN_14B, two_experts=True),
+    "Qwen/Qwen-Image": lambda: _llm_family("qwen_image"),
+    "Tongyi-MAI/Z-Image-Turbo": lambda: _llm_family("z_image_turbo"),
 }
 
 # Published parameter counts, by hub id and component: (count, relative tolerance, source). The
@@ -338,6 +347,15 @@ PUBLISHED = {
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": {
         "transformer": (14e9, 0.05, "Wan 2.2 model card: two 14B experts, 27B in all, 14B active a step"),
         "transformer_2": (14e9, 0.05, "Wan 2.2 model card: two 14B experts"),
+    },
+    "Qwen/Qwen-Image": {
+        "transformer": (20e9, 0.03, "Qwen-Image technical report (arXiv 2508.02324): a 20B MMDiT"),
+        "text_encoder": (8.29e9, 0.01, "Qwen2.5-VL-7B-Instruct's model page: 8.29B parameters (vision tower included)"),
+        "vae": (127e6, 0.01, "Wan 2.1's VAE, which Qwen-Image's shares (Wan 2.1 report: 127M)"),
+    },
+    "Tongyi-MAI/Z-Image-Turbo": {
+        "transformer": (6e9, 0.03, "Z-Image technical report (arXiv 2511.22699): a 6B single-stream DiT"),
+        "text_encoder": (4.0e9, 0.01, "Qwen3-4B's model card: 4.0B parameters"),
     },
 }
 

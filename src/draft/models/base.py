@@ -90,6 +90,10 @@ class DiffusionModel(Protocol):
     def guide(self, uncond_out: torch.Tensor, cond_out: torch.Tensor, scale: float) -> torch.Tensor:
         """The guided prediction from the two passes (classifier-free guidance by default)."""
 
+    def guided_passes(self, scale: float) -> int:
+        """Denoiser passes per sample and step at this guidance scale: 2 with an unconditional
+        half, else 1 (for the memory estimate)."""
+
     def guidance(self, scale: float, scale_2: float | None):
         """The guidance scale, or a function of t where it changes along the chain (Wan 2.2's
         second expert has its own, `sampling.guidance_scale_2`)."""
@@ -341,6 +345,9 @@ class PipelineAdapter:
 
     def guidance(self, scale: float, scale_2: float | None):
         return scale  # one scale for the whole chain
+
+    def guided_passes(self, scale: float) -> int:
+        return 1 if scale == 1 else 2  # as `conditioning` returns an unconditional half
 
     # --- decoding ---
 

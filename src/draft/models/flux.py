@@ -80,6 +80,9 @@ class Flux(FlowMatching):
             return None
         return np.linspace(1.0, 1 / num_steps, num_steps)
 
+    def guided_passes(self, scale: float) -> int:
+        return 1  # guidance is an input of the model (dev) or absent (schnell)
+
     @torch.no_grad()
     def conditioning(self, prompts: list[str], guidance_scale: float = 3.5, size: Size = Size(),
                      negative_prompt: str = ""):

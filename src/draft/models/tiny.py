@@ -235,3 +235,19 @@ def _tiny_wan(folder: Path, seed: int = 0, two_experts: bool = False):
 # Wan 2.1 (one transformer) and Wan 2.2 A14B (two experts), at 16 px and 9 frames.
 TINY["wan"] = _tiny_wan
 TINY["wan22"] = lambda folder, seed=0: _tiny_wan(folder, seed, two_experts=True)
+
+
+def _tiny_qwen_image(folder: Path, seed: int = 0):
+    from draft.models.tiny_qwen import tiny_qwen_image_pipeline
+
+    return tiny_qwen_image_pipeline(folder, seed)
+
+
+def _tiny_z_image(folder: Path, seed: int = 0):
+    from draft.models.tiny_qwen import tiny_z_image_pipeline
+
+    return tiny_z_image_pipeline(folder, seed)
+
+
+TINY["qwen-image"] = _tiny_qwen_image  # 32 px, 4x4 packed tokens
+TINY["z-image"] = _tiny_z_image  # 32 px, 2x2 patch tokens

@@ -17,9 +17,10 @@ from pathlib import Path
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def _segment(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
-    """The pieces CLIP's BPE splits `word` into under the merges ranked so far."""
-    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+def _segment(word: str, ranks: dict[tuple[str, str], int], suffix: str = "</w>") -> list[str]:
+    """The pieces a BPE splits `word` into under the merges ranked so far (CLIP marks a
+    word's last character with "</w>"; byte-level BPEs mark nothing)."""
+    pieces = list(word[:-1]) + [word[-1] + suffix]
     while len(pieces) > 1:
         rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
         if rank == len(ranks):
@@ -88,3 +89,38 @@ def t5_word_tokenizer(words: Iterable[str], max_length: int = 32):
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
                            extra_ids=0, model_max_length=max_length)
+
+
+# The chat-template markers Qwen's tokenizers add as special tokens (Qwen-Image wraps each
+# prompt in a chat template) and the vision markers Qwen2.5-VL's config names by id.
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>")
+
+
+def qwen_word_tokenizer(words: Iterable[str], max_length: int = 1024):
+    """A `Qwen2Tokenizer` (byte-level BPE, built with the `tokenizers` library) in which every
+    listed word, alone or after a space, is one token and other text falls back to bytes.
+
+    For tiny Qwen-Image pipelines, without downloading Qwen's 151k-token vocabulary. The
+    vocabulary starts with the 256 byte symbols, so any text tokenizes; the merges are
+    written word by word as in `word_tokenizer`. `save_pretrained` writes a tokenizer.json
+    that the pipeline's loader reads back.
+    """
+    from tokenizers import AddedToken, pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    space = pre_tokenizers.ByteLevel.alphabet()  # GPT-2's byte-to-symbol table: " " is "Ġ"
+    vocab = {c: i for i, c in enumerate(sorted(space))}
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in dict.fromkeys(w for word in words for w in (word, "\u0120" + word)):
+        while len(pieces := _segment(word, ranks, suffix="")) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+    for token in QWEN_SPECIALS:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    tokenizer.add_tokens([AddedToken(t, special=True) for t in QWEN_SPECIALS])
+    return tokenizer

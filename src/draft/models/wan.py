@@ -297,6 +297,9 @@ class Wan(PipelineAdapter):
         boundary = self.boundary * self.scheduler_config.get("num_train_timesteps", 1000)
         return lambda t: scale if float(t) >= boundary else scale_2
 
+    def guided_passes(self, scale: float) -> int:
+        return 2 if scale > 1 else 1  # as `conditioning` decides
+
     @torch.no_grad()
     def conditioning(self, prompts: list[str], guidance_scale: float = 5.0, size: Size = Size(),
                      negative_prompt: str = ""):
