@@ -445,13 +445,28 @@ def test_the_prompt_cache_returns_each_familys_own_conditioning(family):
     name, path, _ = family
     model = _load(name, path)
     prompts, size = ["a red circle", "a blue square", "a green star"], model.size()
+    # Qwen-Image and Z-Image pad text to each batch's longest prompt: rows warmed beside a
+    # longer one keep its padding, and must still denoise as the short batch's own encoding.
+    long = "a small red circle and a large blue square and a green star on a yellow background"
     cond, uncond = model.conditioning(prompts[::-1], 3.0, size, "blurry")
+    short = model.conditioning(prompts[:2], 3.0, size, "ugly")
     cache = PromptCache(model)
     cache.warm(prompts, 3.0, size, "blurry", batch=3)
+    table_bytes = cache.nbytes()
+    cache.warm([long], 3.0, size, "blurry")
+    cache.warm([long, *prompts[:2]], 3.0, size, "ugly", batch=3)  # the short ones padded as the long
     cache.release()
     cached, cached_uncond = model.conditioning(prompts[::-1], 3.0, size, "blurry")
     assert (uncond is None) == (cached_uncond is None) == (name in NO_CFG)
     assert conditioning_bytes(cached) == conditioning_bytes(cond) > 0
     torch.testing.assert_close(cached, cond, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cached_uncond, uncond, rtol=1e-5, atol=1e-6)
-    assert cache.nbytes() == conditioning_bytes(cond) + conditioning_bytes(uncond)
+    assert table_bytes == conditioning_bytes(cond) + conditioning_bytes(uncond)
+    mixed = model.conditioning([long, prompts[0]], 3.0, size, "blurry")  # rows of two warm batches
+    assert conditioning_bytes(mixed[0]) > 0
+    x = SampleNoise([0, 1], model.latent_shape(size), "cpu").draw()
+    t = torch.tensor(model.schedule(4, size).timesteps[0])
+    with torch.no_grad():
+        for c, d in zip(model.conditioning(prompts[:2], 3.0, size, "ugly"), short):
+            if d is not None:
+                torch.testing.assert_close(model.denoise(x, t, c), model.denoise(x, t, d), rtol=1e-5, atol=1e-5)

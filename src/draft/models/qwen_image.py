@@ -27,9 +27,13 @@ import torch
 
 from draft.models.base import Size, meta
 from draft.models.flow import FlowMatching
+from draft.models.text import join_padded
 
 
 class QwenImage(FlowMatching):
+    # text of each batch's own length, masked: the prompt cache pads its rows alike
+    join_conditioning = staticmethod(join_padded)
+
     pipeline_class = "QwenImagePipeline"
     family_name = "Qwen-Image"
     lora_prefix = "transformer"

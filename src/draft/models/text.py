@@ -10,9 +10,10 @@
 
 The cache replaces the model's `conditioning` and cuts what it returns into one row per
 prompt. Conditionings are batch-first tensors, or dicts, tuples or lists of them (every
-family's today; their sequences are padded to a fixed length, with no masks); an adapter
-whose conditioning is anything else defines `split_conditioning(cond, n)` (a list of n
-rows) and `join_conditioning(rows)` (their batch), which the cache then uses.
+family's today). An adapter whose conditioning needs more defines
+`split_conditioning(cond, n)` (a list of n rows) and `join_conditioning(rows)` (their
+batch), which the cache then uses: Qwen-Image and Z-Image, whose text is a masked sequence
+of each batch's own length, join with `join_padded`.
 """
 
 from __future__ import annotations
@@ -65,6 +66,32 @@ def join_rows(rows: list) -> Any:
     return first
 
 
+def join_padded(rows: list) -> Any:
+    """`join_rows` for families whose text is a variable-length sequence with a mask (Qwen-Image,
+    Z-Image): every sequence tensor padded with zeros after its end (masked out) to the longest."""
+    first = rows[0]
+    if isinstance(first, dict):
+        return {k: join_padded([r[k] for r in rows]) for k in first}
+    if isinstance(first, torch.Tensor) and first.dim() >= 2:
+        length = max(r.shape[1] for r in rows)
+        pad = [(0, 0) * (r.dim() - 2) + (0, length - r.shape[1]) for r in rows]
+        return torch.cat([torch.nn.functional.pad(r, p) for r, p in zip(rows, pad)])
+    return join_rows(rows)
+
+
+def halves(cond: Any, n: int) -> tuple[Any, Any]:
+    """A batch-first conditioning of 2n rows as its first n and its last n."""
+    if isinstance(cond, torch.Tensor):
+        return cond[:n], cond[n:]
+    if isinstance(cond, dict):
+        parts = {k: halves(v, n) for k, v in cond.items()}
+        return {k: v[0] for k, v in parts.items()}, {k: v[1] for k, v in parts.items()}
+    if isinstance(cond, (tuple, list)):
+        parts = [halves(v, n) for v in cond]
+        return type(cond)(p[0] for p in parts), type(cond)(p[1] for p in parts)
+    return cond, cond
+
+
 def to_device(cond: Any, device) -> Any:
     """Every tensor of a conditioning moved to `device` (dtype unchanged, so values are exact)."""
     if isinstance(cond, torch.Tensor):
@@ -114,7 +141,12 @@ class PromptCache:
         table = self.rows[(guidance_scale, size, negative_prompt, _autocast_state())]
         cond, uncond = zip(*(table[p] for p in prompts))
         device = self.model.device
-        return to_device(self.join(list(cond)), device), to_device(self.join(list(uncond)), device)
+        if uncond[0] is None:
+            return to_device(self.join(list(cond)), device), None
+        # One join, so that a family padding variable-length text pads cond and uncond to one
+        # length, as its own `conditioning` does (the two run as one batch).
+        both = self.join([*cond, *uncond])
+        return tuple(to_device(half, device) for half in halves(both, len(prompts)))
 
     def release(self) -> None:
         """Drop the text encoders' weights (to the meta device: no memory on either side)."""

@@ -23,9 +23,13 @@ import torch
 
 from draft.models.base import Size, meta
 from draft.models.flow import FlowMatching
+from draft.models.text import join_padded
 
 
 class ZImage(FlowMatching):
+    # text of each batch's own length, masked: the prompt cache pads its rows alike
+    join_conditioning = staticmethod(join_padded)
+
     pipeline_class = "ZImagePipeline"
     family_name = "Z-Image"
     lora_prefix = "transformer"
@@ -52,6 +56,7 @@ class ZImage(FlowMatching):
     @property
     def resolution(self) -> int:
         """The VAE's native size (1024 px for Z-Image's, FLUX.1's VAE)."""
+
         size = self.vae.config.sample_size
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
