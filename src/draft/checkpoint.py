@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -155,3 +156,19 @@ def restore_rng(rng: dict[str, torch.Tensor]) -> None:
     cuda = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda")), key=lambda k: int(k[4:]))]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+@dataclass
+class Progress:
+    """The counters of a run; all but `bad_run` are checkpointed."""
+
+    step: int = 0  # optimizer steps done
+    queries: int = 0  # reward queries so far, every process counted
+    train_time: float = 0.0  # seconds in optimizer steps (evaluations and writes excluded)
+    bad_total: int = 0  # steps skipped for a non-finite reward, loss or gradient
+    bad_run: int = 0  # consecutive ones, up to now
+    eval_before: dict | None = None  # the base model's held-out figures
+
+    def saved(self) -> dict:
+        """What a checkpoint keeps of them besides the step."""
+        return {k: v for k, v in asdict(self).items() if k not in ("step", "bad_run")}

@@ -286,6 +286,8 @@ class TrainConfig:
             raise unknown("text_encoders", self.text_encoders, TEXT_ENCODERS)
         if self.reward_frame_choice not in FRAME_CHOICES:
             raise unknown("reward_frame_choice", self.reward_frame_choice, FRAME_CHOICES)
+        if len(self.direct_align_sigmas) != 2:  # its order is Direct-Align's own check
+            raise UserError(f"direct_align_sigmas must be [low, high], got {list(self.direct_align_sigmas)}")
         for key, value, lo, hi in self._numeric_ranges():
             if value is not None:
                 check_number(key, value, lo, hi)
@@ -325,7 +327,7 @@ class TrainConfig:
             ("k", self.k, 1, big), ("lv_n", self.lv_n, 1, big), ("lv_step", self.lv_step, -1, big),
             ("alignprop_k_min", self.alignprop_k_min, 1, big), ("alignprop_k_max", self.alignprop_k_max, 1, big),
             ("refl_min_step", self.refl_min_step, -1, big), ("refl_max_step", self.refl_max_step, -1, big),
-            ("drtune_k", self.drtune_k, 1, big),
+            ("drtune_k", self.drtune_k, 1, big), *(("direct_align_sigmas", v, 0, 1) for v in self.direct_align_sigmas),
             ("kl_coeff", self.kl_coeff, 0, big), ("ddpo_clip", self.ddpo_clip, (0,), big),
             ("ddpo_adv_clip", self.ddpo_adv_clip, (0,), big), ("ddpo_rollout_reuse", self.ddpo_rollout_reuse, 1, big),
             ("ddpo_timestep_fraction", self.ddpo_timestep_fraction, (0,), 1),
@@ -347,14 +349,6 @@ class TrainConfig:
             ("log.eval_samples", lg.eval_samples, 0, big), ("log.eval_every", lg.eval_every, 0, big),
         ]
 
-    @property
-    def refl_range(self) -> tuple[int, int]:
-        """ReFL's stop-step range with the -1 defaults resolved."""
-        t = self.sampling.num_steps
-        lo = self.refl_min_step if self.refl_min_step >= 0 else max(t - 10, 0)
-        hi = self.refl_max_step if self.refl_max_step >= 0 else t - 1
-        return lo, hi
-
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
@@ -364,8 +358,6 @@ class TrainConfig:
 
 # numpy's SeedSequence takes no negative seeds; torch's generators take 64 bits.
 SEED_RANGE = (0, 2**63 - 1)
-
-
 
 
 def check_number(key: str, value, lo, hi) -> None:

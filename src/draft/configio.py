@@ -159,3 +159,16 @@ def dump_yaml(config: TrainConfig, path: Path) -> None:
     from draft.safeio import write_text
 
     write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False), "the configuration")
+
+
+def flat_scalars(d: dict, prefix: str = "") -> dict:
+    """A config dict as flat dotted scalars (the trackers' hyper-parameter tables)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_scalars(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[prefix + k] = v
+        else:
+            out[prefix + k] = str(v)
+    return out

@@ -224,13 +224,21 @@ def lv_step(cfg, T: int) -> int:
 
 def refl(sampler: Sampler, batch: Batch, cfg) -> MethodOutput:
     """ReFL: sample to a random late step s under no_grad, then x̂_0 from one gradient step."""
-    lo, hi = cfg.refl_range
+    lo, hi = refl_range(cfg)
     s = int(batch.step_rng.integers(lo, hi + 1))
     cond = sampler.conditioning(batch.prompts)
     x_s = sampler.run_no_grad(batch.noise.draw(), cond, batch.noise, steps=range(0, s))
     out, x0_hat, _ = model_step(sampler.denoiser(), x_s, s, sampler.schedule, cond)
     penalty = [sampler._drift(sampler.denoiser(), x_s, s, cond, out)] if sampler.kl_coeff > 0 else []
     return _finish(sampler, sampler.score(x0_hat, batch.prompts, batch.frames), penalty, {"stop_step": s})
+
+
+def refl_range(cfg) -> tuple[int, int]:
+    """ReFL's stop-step range, its -1 defaults resolved: the last 10 steps."""
+    t = cfg.sampling.num_steps
+    lo = cfg.refl_min_step if cfg.refl_min_step >= 0 else max(t - 10, 0)
+    hi = cfg.refl_max_step if cfg.refl_max_step >= 0 else t - 1
+    return lo, hi
 
 
 def _repeat(c, n: int):
@@ -298,7 +306,7 @@ def _check_alignprop(c) -> None:
 
 
 def _check_refl(c) -> None:
-    lo, hi = c.refl_range
+    lo, hi = refl_range(c)
     if not 0 <= lo <= hi < c.sampling.num_steps:
         raise UserError(f"need 0 <= refl_min_step <= refl_max_step < sampling.num_steps, got {lo}, {hi}")
 
@@ -355,7 +363,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            check=_check_alignprop),
     Method("refl", refl, "ReFL: one gradient step to the predicted image from a random late step",
            "stop at a random late step, predict x̂_0 in one gradient step",
-           lambda c: (sum(c.refl_range) / 2, 1), lambda c: 1, memory="one-step", check=_check_refl),
+           lambda c: (sum(refl_range(c)) / 2, 1), lambda c: 1, memory="one-step", check=_check_refl),
     Method("direct-align", "draft.neighbours:direct_align",
            "Direct-Align (SRPO): one gradient step from a noise level in {direct_align_sigmas}, x_0 recovered "
            "with the injected noise",

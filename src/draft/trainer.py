@@ -20,7 +20,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 
 from draft import checkpoint as ckpt
 from draft.config import TrainConfig
+from draft.configio import flat_scalars
 from draft.errors import Interrupted, TrainingStopped, UserError
 from draft.report import summary
 from draft.runs import RunFolder
@@ -100,7 +100,7 @@ def _train_locked(config: TrainConfig, reward, resume: bool, overwrite: bool, pr
     if main:
         run.create(overwrite and not resume, lambda: dump_yaml(config, run.config))
     accelerator.wait_for_everyone()
-    accelerator.init_trackers(name, config=_flat_hparams(config.to_dict()))
+    accelerator.init_trackers(name, config=flat_scalars(config.to_dict()))
     # A run killed before its first checkpoint resumes from the start.
     t.start(first_grid, fresh=latest is None)
     try:
@@ -108,22 +108,6 @@ def _train_locked(config: TrainConfig, reward, resume: bool, overwrite: bool, pr
         t.finish()
     finally:
         accelerator.end_training()  # closes (and so flushes) the trackers and the process group
-
-
-@dataclass
-class Progress:
-    """The counters of a run; all but `bad_run` are checkpointed."""
-
-    step: int = 0  # optimizer steps done
-    queries: int = 0  # reward queries so far, every process counted
-    train_time: float = 0.0  # seconds in optimizer steps (evaluations and writes excluded)
-    bad_total: int = 0  # steps skipped for a non-finite reward, loss or gradient
-    bad_run: int = 0  # consecutive ones, up to now
-    eval_before: dict | None = None  # the base model's held-out figures
-
-    def saved(self) -> dict:
-        """What a checkpoint keeps of them besides the step."""
-        return {k: v for k, v in asdict(self).items() if k not in ("step", "bad_run")}
 
 
 class Trainer:
@@ -162,7 +146,7 @@ class Trainer:
         self.info = METHODS[config.method]
         self.method = self.info.make()
         self.latent_shape = self.model.latent_shape(self.size)
-        self.progress = Progress()
+        self.progress = ckpt.Progress()
         self.watch = Watch(self.model, self.reward, load_prompts(config.eval_prompts, config.model), config,
                            accelerator.device, self._bare)
         # The training prompts are encoded as a step encodes them (its autocast and batch); the grids' as `generate`.
@@ -225,7 +209,7 @@ class Trainer:
             self.acc.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng(state["rng"])
         tr = state["trainer"]
-        self.progress = Progress(state["step"], tr["queries"], tr["train_time"], tr["bad_total"], 0,
+        self.progress = ckpt.Progress(state["step"], tr["queries"], tr["train_time"], tr["bad_total"], 0,
                                  tr.get("eval_before"))
 
     def first_grid(self) -> torch.Tensor | None:
@@ -408,16 +392,3 @@ def _non_finite(rewards, loss, grad_norm) -> str | None:
     if not torch.isfinite(torch.as_tensor(grad_norm)):
         return "gradient"
     return None
-
-
-def _flat_hparams(d: dict, prefix: str = "") -> dict:
-    """Config as flat scalars for the trackers' hyper-parameter tables."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat_hparams(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float, str, bool)):
-            out[prefix + k] = v
-        else:
-            out[prefix + k] = str(v)
-    return out
