@@ -32,6 +32,7 @@ def cli_run(tiny_sd, tmp_path_factory):
     return out / "r", proc
 
 
+@pytest.mark.slow
 def test_train_subprocess_end_to_end(cli_run):
     run, proc = cli_run
     assert "effective batch 2" in proc.stdout and "reward queries per step 2" in proc.stdout
@@ -44,6 +45,7 @@ def test_train_subprocess_end_to_end(cli_run):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_continues_where_the_run_stopped(cli_run, tiny_sd):
     run, _ = cli_run
     proc = draft_cli("train", "--resume", str(run), "steps=3", "--no-progress")
@@ -53,6 +55,7 @@ def test_resume_continues_where_the_run_stopped(cli_run, tiny_sd):
     assert "resuming" in proc.stdout
 
 
+@pytest.mark.slow
 def test_sample_and_eval_subprocess(cli_run, tiny_sd, tmp_path):
     run, _ = cli_run
     proc = draft_cli("sample", "--model", str(tiny_sd), "--lora", f"{run}:0.5", "--prompt", "a red circle",
@@ -78,6 +81,7 @@ def test_rewards_lists_names_and_help_is_fast():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_dry_run_validates_and_prints(tiny_sd, tmp_path):
     proc = draft_cli("train", f"model={tiny_sd}", "reward=brightness", "prompts=a|b|c", "eval_prompts=a red cat",
                      "grad_accum=3", f"output_dir={tmp_path}", "--dry-run")

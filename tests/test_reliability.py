@@ -260,6 +260,7 @@ def _wait_for(proc: subprocess.Popen, prefix: str) -> list[str]:
     raise AssertionError(f"the run ended before {prefix!r}:\n{''.join(seen)}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
 def test_a_signal_finishes_the_step_checkpoints_and_resumes_to_the_same_lora(sig, uninterrupted, tiny_sd, tmp_path,
                                                                             one_thread):
@@ -281,6 +282,7 @@ def test_a_signal_finishes_the_step_checkpoints_and_resumes_to_the_same_lora(sig
     assert_same_lora(uninterrupted, run)
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once(tiny_sd, tmp_path):
     from draft import checkpoint as ckpt
 
@@ -299,6 +301,7 @@ def test_a_second_signal_stops_at_once(tiny_sd, tmp_path):
 # --- two runs, one folder ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_train_on_a_folder_in_use_is_refused_and_the_first_goes_on(uninterrupted, tiny_sd, tmp_path,
                                                                             capsys, one_thread):
     args = [f"model={tiny_sd}", *FAST, *STOP, f"output_dir={tmp_path}", "--no-progress"]
@@ -316,6 +319,7 @@ def test_a_second_train_on_a_folder_in_use_is_refused_and_the_first_goes_on(unin
     assert not (tmp_path / ".r.lock").exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_no_lock_behind(tiny_sd, tmp_path):
     args = [f"model={tiny_sd}", *FAST, "steps=3", "log.checkpoint_every=1", f"output_dir={tmp_path}", "name=r"]
     proc = _train_process(args, step_sleep=1.0)

@@ -89,6 +89,7 @@ def test_draft_load_model_gives_the_pipelines_images(pipe):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_a_short_training_run_raises_shapes_alignment(tmp_path):
     """A few DRaFT-LV steps on four prompts the base model gets wrong raise their reward.
 
