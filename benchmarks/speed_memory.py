@@ -12,6 +12,7 @@ the CPU.
     python benchmarks/speed_memory.py --preset sd15 --device cuda         # GPU, SD 1.5-sized
     python benchmarks/speed_memory.py --preset tiny --repeats 2           # quick check
     python benchmarks/speed_memory.py --preset flux-dev --device cuda --cases 0,2 --t-sweep ""
+    python benchmarks/speed_memory.py --preset wan21-1.3b --device cuda --cases 13,14,16 --t-sweep ""
 
 Presets: `tiny` (the test suite's random pipeline), `shapes-sd` and `shapes-flow` (the
 shipped models, sampled with their own recipe's steps and guidance unless `--steps` says),
@@ -59,6 +60,7 @@ CASES = [  # (label, method, overrides)
     ("DRaFT-1, decoder checkpointed", "draft-k", {"k": 1, "decode_checkpointing": True}),
     ("DRaFT-LV n=2, decoder checkpointed", "draft-lv", {"lv_n": 2, "decode_checkpointing": True}),
     ("DRaFT full, decoder checkpointed", "draft", {"decode_checkpointing": True}),
+    ("DRaFT-K K=4, decoder checkpointed", "draft-k", {"k": 4, "decode_checkpointing": True}),
 ]
 
 

@@ -186,6 +186,23 @@ def test_a_partial_decode_is_the_same_frames_of_a_full_decode(family):
     assert per_latent_frame[:2].min() > 0 and per_latent_frame[2:].abs().sum() == 0  # frames 0-4 need latent 0-1
 
 
+def test_a_checkpointed_decode_gives_the_plain_decodes_samples_and_gradients(family):
+    """`sampling.decode_checkpointing`: the same samples and latent gradients, whatever region
+    the family checkpoints (an image's whole decode, a video's latent frames one by one)."""
+    name, path, _ = family
+    model = _load(name, path)
+    z = SampleNoise([0, 1], model.latent_shape(), "cpu").draw()
+    outs, grads = [], []
+    for use_checkpoint in (False, True):
+        x = z.clone().requires_grad_(True)
+        out = model.decode(x, use_checkpoint=use_checkpoint)
+        (out * torch.linspace(0, 1, out.numel()).view(out.shape)).sum().backward()
+        outs.append(out.detach())
+        grads.append(x.grad)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
 def test_lora_disable_and_merge_keep_the_base_exact(family):
     name, path, _ = family
     model = _load(name, path)

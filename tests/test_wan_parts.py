@@ -154,19 +154,38 @@ def test_the_decoder_is_causal_and_late_frames_need_the_early_ones(vae):
     assert (alone[:, 1:5] - full[:, 5:9]).abs().max() > 1e-2
 
 
-def test_checkpointed_decode_gives_the_same_gradients(vae):
-    """The VAE keeps its causal cache on the module; recomputing under checkpoint rebuilds it."""
-    from torch.utils.checkpoint import checkpoint
-
+@pytest.mark.parametrize("frames", [None, [0, 6], [4]])
+def test_the_frame_by_frame_checkpointed_decode_is_the_plain_decode(vae, frames):
+    """Checkpointing one latent frame at a time, the causal cache passed between the passes,
+    gives the plain decode's frames and gradients, and keeps only each pass's inputs."""
     z = torch.randn(1, 16, 3, 2, 2, generator=torch.Generator().manual_seed(4))
-    grads = []
-    for use_checkpoint in (False, True):
+    outs, grads = [], []
+    for by_frame in (False, True):
         x = z.clone().requires_grad_(True)
-        decode = lambda x: wan.decode_frames(vae, x, frames=[0, 6])  # noqa: E731
-        out = checkpoint(decode, x, use_reentrant=False) if use_checkpoint else decode(x)
-        out.square().sum().backward()
+        out = wan.decode_frames(vae, x, frames=frames, by_frame=by_frame)
+        (out * torch.linspace(0, 1, out.numel()).view(out.shape)).sum().backward()
+        outs.append(out.detach())
         grads.append(x.grad)
-    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
+    assert grads[0].abs().sum() > 0
+
+
+def test_the_estimate_counts_one_latent_frame_of_a_checkpointed_decode(wan_folder):
+    """On the meta device the plain decode keeps every frame's activations; checkpointed by
+    frame it keeps the passes' inputs and, for the backward, one pass's graph: several times
+    less at 9 latent frames."""
+    from draft.models import meta
+    from draft.models.wan import Wan
+
+    comps = meta.components(wan_folder)
+    model = Wan.on_meta(wan_folder, comps)
+    z = torch.empty(1, 16, 9, 8, 8, device="meta", requires_grad=True)
+    plain = meta.saved_bytes(lambda: model.decode(z), model.vae)
+    by_frame = meta.saved_bytes(lambda: model.decode(z, use_checkpoint=True), model.vae)
+    one = meta.saved_bytes(lambda: model.decode(z[:, :, :2]), model.vae)
+    assert by_frame < plain / 2
+    assert by_frame > one - meta.saved_bytes(lambda: model.decode(z[:, :, :1]), model.vae)
 
 
 # --- the schedule --------------------------------------------------------------------------------

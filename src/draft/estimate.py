@@ -8,7 +8,9 @@
   its gradient and AdamW's two moments (16 bytes a parameter);
 - **activations**: one gradient-carrying denoiser call and one VAE decode are run on meta
   inputs of the run's batch and size, and the bytes autograd keeps for backward are
-  counted, with autocast's rules (normalisations in float32) and fused attention;
+  counted, with autocast's rules (normalisations in float32) and fused attention; a
+  checkpointed decode (`sampling.decode_checkpointing`) counts its inputs and the largest
+  region it recomputes at once (a video's latent frame, an image's whole decode);
 - **the method** decides which of those are alive at once (below), and the checkpointed
   steps each keep their input latents.
 - **the text encoders** (`text_encoders`) count with the weights on `device`; with
@@ -287,7 +289,8 @@ def _activations(config: TrainConfig, model, dtype):
         how = "first" if config.reward_frame_choice == "first" else "even"
         frames = choose_frames(0, 0, size.frames, config.reward_frames, how)
         z = empty(b * n, *latent, dtype=dtype).requires_grad_(True)
-        d = meta.saved_bytes(lambda: model.decode(z, frames=frames), model.vae)
+        d = meta.saved_bytes(lambda: model.decode(z, frames=frames, use_checkpoint=s.decode_checkpointing),
+                             model.vae)
     return u, d, size, latent, notes
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from draft.errors import UserError
+from draft.models.meta import checkpointed
 
 
 @dataclass(frozen=True)
@@ -355,8 +355,8 @@ class PipelineAdapter:
                use_checkpoint: bool = False) -> torch.Tensor:
         if frames is not None:
             raise ValueError(f"{self.name} makes images, which have no frames to choose")
-        if use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._decode, latents, use_reentrant=False)
+        if use_checkpoint:
+            return checkpointed(self._decode, latents)
         return self._decode(latents)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:

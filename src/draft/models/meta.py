@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from draft.errors import UserError
 
@@ -119,20 +120,62 @@ def _mixed_precision():
         F.group_norm, F.layer_norm, F.linear, F.conv2d, F.conv3d = group_norm, layer_norm, linear, conv2d, conv3d
 
 
-def saved_bytes(fn: Callable[[], object], module: torch.nn.Module) -> int:
-    """Bytes of the tensors autograd saves for the backward of `fn()`, each storage once,
-    the module's own weights excluded (they are counted as weights)."""
-    weights = {id(t) for t in (*module.parameters(), *module.buffers())}
-    seen: dict[int, int] = {}
+class _Saved:
+    """The storages autograd saves, each once, weights excluded; `region` counts a
+    checkpointed call apart (see `checkpointed`)."""
 
-    def pack(t):
+    def __init__(self, module: torch.nn.Module):
+        self.weights = {id(t) for t in (*module.parameters(), *module.buffers())}
+        self.seen: dict[int, int] = {}
+        self.regions: list[int] = []
+        self.alive: list[torch.Tensor] = []  # so no id is reused while counting
+
+    def pack(self, t):
         base = t._base if t._base is not None else t
-        if id(base) not in weights:
-            seen[id(base)] = max(seen.get(id(base), 0), base.numel() * base.element_size())
+        if id(base) not in self.weights:
+            self.seen[id(base)] = max(self.seen.get(id(base), 0), base.numel() * base.element_size())
+            self.alive.append(base)
         return t
 
+    def region(self, fn, *args):
+        inner = _Saved.__new__(_Saved)
+        inner.weights, inner.seen, inner.regions, inner.alive = self.weights, {}, self.regions, self.alive
+        with torch.autograd.graph.saved_tensors_hooks(inner.pack, lambda t: t):
+            out = fn(*args)
+        self.regions.append(sum(inner.seen.values()))
+        for a in args:  # what torch's checkpoint keeps: the region's tensor inputs
+            if isinstance(a, torch.Tensor):
+                self.pack(a)
+        return out
+
+
+_counting: list[_Saved] = []
+
+
+def checkpointed(fn: Callable, *args):
+    """`fn(*args)` under torch's non-reentrant checkpoint when gradients are on: only the
+    tensor inputs are kept, and the backward recomputes `fn`'s graph. While `saved_bytes`
+    counts, the region is run plainly and its graph counted apart, since the backward holds
+    one recomputed region at a time."""
+    if _counting:
+        return _counting[-1].region(fn, *args)
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+def saved_bytes(fn: Callable[[], object], module: torch.nn.Module) -> int:
+    """Bytes of the tensors autograd saves for the backward of `fn()`, each storage once,
+    the module's own weights excluded (they are counted as weights). Regions run through
+    `checkpointed` count their inputs, plus the largest region's graph: what the backward
+    holds while it recomputes that region."""
+    saved = _Saved(module)
     half = next(module.parameters()).dtype in (torch.float16, torch.bfloat16)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _fused_attention(), \
-            (_mixed_precision() if half else contextlib.nullcontext()):
-        fn()
-    return sum(seen.values())
+    _counting.append(saved)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), _fused_attention(), \
+                (_mixed_precision() if half else contextlib.nullcontext()):
+            fn()
+    finally:
+        _counting.pop()
+    return sum(saved.seen.values()) + max(saved.regions, default=0)

@@ -33,10 +33,11 @@ import re
 from collections.abc import Sequence
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from draft.errors import UserError
-from draft.models.base import PipelineAdapter, Size, meta
+from draft.models import meta
+from draft.models.base import PipelineAdapter, Size
+from draft.models.base import meta as empty
 
 # --- normalisation and decoding ------------------------------------------------------------
 
@@ -78,7 +79,39 @@ def latent_frame(vae, frame: int) -> int:
     return (frame + t - 1) // t
 
 
-def decode_frames(vae, z: torch.Tensor, frames: Sequence[int] | None = None) -> torch.Tensor:
+def _decoder_chunk(vae, x: torch.Tensor, first: bool, *cache):
+    """One latent frame through the causal decoder: (its frames, the causal cache after it)."""
+    cache = list(cache)
+    out = vae.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first)
+    return (out, *cache)
+
+
+def _decode_by_frame(vae, z: torch.Tensor) -> torch.Tensor:
+    """`vae.decode(z)` (untiled, clamped to [-1, 1]) with each latent frame's decoder pass
+    checkpointed apart.
+
+    Written out because `AutoencoderKLWan._decode` keeps its causal cache in the module
+    (`_feat_map`), which a checkpoint cannot replay; here the cache goes in and out of each
+    frame's pass, so the backward recomputes one latent frame at a time: the decode's
+    activations shrink by about the number of latent frames, and the values and gradients
+    are those of the plain decode (tests/test_wan_parts.py).
+    """
+    x = vae.post_quant_conv(z)
+    cache = [None] * vae._cached_conv_counts["decoder"]
+    outs = []
+    for i in range(x.shape[2]):
+        out, *cache = meta.checkpointed(_decoder_chunk, vae, x[:, :, i:i + 1], i == 0, *cache)
+        outs.append(out)
+    out = torch.cat(outs, 2)
+    if vae.config.patch_size is not None:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        out = unpatchify(out, patch_size=vae.config.patch_size)
+    return out.clamp(-1.0, 1.0)
+
+
+def decode_frames(vae, z: torch.Tensor, frames: Sequence[int] | None = None,
+                  by_frame: bool = False) -> torch.Tensor:
     """Video frames [B, F', 3, H, W] in [0, 1] from VAE-space latents z [B, C, f, h, w].
 
     `z` is already denormalised (see `denormalise`). `frames` picks output frames (indices
@@ -93,7 +126,8 @@ def decode_frames(vae, z: torch.Tensor, frames: Sequence[int] | None = None) -> 
     full decode.
 
     Differentiable in z; the VAE's clamp to [-1, 1] and the pipelines' postprocessing
-    ((x + 1) / 2, clamped) are applied as `WanPipeline` applies them.
+    ((x + 1) / 2, clamped) are applied as `WanPipeline` applies them. `by_frame` checkpoints
+    each latent frame's decoder pass (`_decode_by_frame`).
     """
     f = z.shape[2]
     total = output_frames(vae, f)
@@ -107,16 +141,18 @@ def decode_frames(vae, z: torch.Tensor, frames: Sequence[int] | None = None) -> 
         if bad:
             raise ValueError(f"frame {bad[0]} is out of range: {f} latent frames decode to {total} frames")
         n = latent_frame(vae, max(wanted)) + 1
-    video = vae.decode(z[:, :, :n].to(vae.dtype), return_dict=False)[0]  # [B, 3, F_n, H, W] in [-1, 1]
+    z = z[:, :, :n].to(vae.dtype)
+    video = _decode_by_frame(vae, z) if by_frame else vae.decode(z, return_dict=False)[0]  # [B, 3, F_n, H, W] in [-1, 1]
     if frames is not None:
         video = video[:, :, wanted]
     return (video.float().permute(0, 2, 1, 3, 4) / 2 + 0.5).clamp(0, 1)
 
 
-def decode_video(vae, latents: torch.Tensor, frames: Sequence[int] | None = None) -> torch.Tensor:
+def decode_video(vae, latents: torch.Tensor, frames: Sequence[int] | None = None,
+                 by_frame: bool = False) -> torch.Tensor:
     """What `WanPipeline(..., output_type="pt")` returns for final latents, [B, F, 3, H, W] in
     [0, 1] (optionally only `frames`): denormalise, decode, postprocess."""
-    return decode_frames(vae, denormalise(vae, latents.to(vae.dtype)), frames)
+    return decode_frames(vae, denormalise(vae, latents.to(vae.dtype)), frames, by_frame)
 
 
 # --- the schedule ---------------------------------------------------------------------------
@@ -313,7 +349,7 @@ class Wan(PipelineAdapter):
         return {"embeds": embeds}, (None if guidance_scale <= 1 else {"embeds": negative})
 
     def meta_conditioning(self, batch: int, dtype: torch.dtype):
-        return {"embeds": meta(batch, self.max_sequence_length, self.denoiser_config.text_dim, dtype=dtype)}
+        return {"embeds": empty(batch, self.max_sequence_length, self.denoiser_config.text_dim, dtype=dtype)}
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The velocity at x_t from the expert that runs at t (the LoRA's, or the frozen other;
@@ -330,10 +366,9 @@ class Wan(PipelineAdapter):
     def decode(self, latents: torch.Tensor, frames: Sequence[int] | None = None,
                use_checkpoint: bool = False) -> torch.Tensor:
         """Videos [B, F', 3, H, W] in [0, 1]: the chosen frames (all when None), decoding only
-        the latent prefix they need (`decode_frames`)."""
-        if use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(decode_video, self.vae, latents, frames, use_reentrant=False)
-        return decode_video(self.vae, latents, frames)
+        the latent prefix they need (`decode_frames`); `use_checkpoint` checkpoints the decode
+        one latent frame at a time."""
+        return decode_video(self.vae, latents, frames, by_frame=use_checkpoint and torch.is_grad_enabled())
 
     def save_lora(self, directory, layers: dict[str, torch.Tensor], metadata: dict) -> None:
         """`WanPipeline.save_lora_weights`; a LoRA of Wan 2.2's low-noise expert loads with
