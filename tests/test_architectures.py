@@ -149,16 +149,35 @@ def test_the_dry_run_prints_an_estimate_for_every_preset(runs, estimated_once, t
         assert f"# {est.lines()[0]}\n" in out, path.name
 
 
-def test_the_table_has_a_row_for_every_preset(runs, estimated_once, capsys):
-    from draft.estimate import CARDS
-    from draft.models.architectures import main
+def test_the_fits_table_has_a_cell_per_preset_and_option(monkeypatch, capsys):
+    """`python -m draft.fits`: a row per preset, a cell per memory option, each option added to
+    those before it, each cell the estimate's peak and the smallest card it fits."""
+    import draft.estimate
+    from draft import fits
+    from draft.estimate import GIB, Estimate
 
-    assert main(["--table", "--configs", str(PRESETS[0].parent)]) == 0
+    seen = []
+
+    def estimated(config, folder, reward_bytes=0):
+        seen.append((config.model, config.text_encoders))
+        return Estimate({"device": 30, "cache": 20}[config.text_encoders] * GIB, 0, 0, 0, 1)
+
+    monkeypatch.setattr(draft.estimate, "estimate", estimated)
+    monkeypatch.setattr(fits, "run_size", lambda config: "SIZE")
+    assert fits.main(["--configs", str(PRESETS[0].parent)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == [p.name for p in PRESETS]
+    assert seen == [(load_config(p).model, te) for p in PRESETS for te in ("device", "cache")]
     for row in rows:
-        _, _, est = runs[row.split("`")[1]]
-        yes, _ = est.fits()
-        cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert f"**{est.peak / 2**30:.1f} GiB**" in cells
-        assert cells[-len(CARDS):] == ["yes" if card in yes else "no" for card in CARDS], row
+        assert [c.strip() for c in row.strip("|").split("|")][-2:] == ["30.0 GiB: 40 GB", "20.0 GiB: 24 GB"]
+
+
+@pytest.mark.slow
+def test_the_readmes_fits_table_is_the_estimates():
+    """The README's "What fits where" is `python -m draft.fits` as the code estimates today."""
+    from draft import fits
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- fits: python -m draft.fits -->\n", "\n<!-- /fits -->"
+    shown = readme[readme.index(start) + len(start):readme.index(end)]
+    assert shown == fits.table(PRESETS[0].parent) + "\n\n" + fits.NOTE

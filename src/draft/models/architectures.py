@@ -17,7 +17,7 @@ Where each value comes from is said next to it. `PUBLISHED` holds the parameter 
 model cards and papers give, which `tests/test_architectures.py` checks the meta builds
 against.
 
-    python -m draft.models.architectures --table    # every preset's estimated peak (Markdown)
+    python -m draft.models.architectures --write HUB_ID FOLDER   # the configs-only folder
 """
 
 from __future__ import annotations
@@ -393,78 +393,17 @@ def builtin_configs(hub_id: str) -> Path | None:
     return _written[hub_id]
 
 
-# --- the README's table --------------------------------------------------------------------------
-
-
-def preset_rows(configs_dir: str | Path = "configs") -> list[tuple[str, object, object]]:
-    """(preset file name, its config, its estimate) for every preset whose model draft has a
-    built-in architecture of; the reward model's weights are not counted (none are read)."""
-    from draft.config import load_config
-    from draft.estimate import estimate
-
-    rows = []
-    for path in sorted(Path(configs_dir).glob("*.yaml")):
-        config = load_config(path)
-        folder = builtin_configs(config.model)
-        if folder is not None:
-            rows.append((path.name, config, estimate(config, folder)))
-    return rows
-
-
-def table(configs_dir: str | Path = "configs") -> str:
-    """Markdown: each preset's sample size and batch, its estimated weights, activations and peak
-    per process, and which common cards (`draft.estimate.CARDS`) it fits."""
-    from draft.estimate import CARDS
-
-    head = ["preset", "model", "size", "batch", "method", "weights", "activations", "peak", *[f"{c} GB" for c in CARDS]]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * 5 + " ---: |" * 3 + " :---: |" * len(CARDS)]
-    for name, config, est in preset_rows(configs_dir):
-        yes, _ = est.fits()
-        cells = [f"`{name}`", config.model.split("/")[-1], str(run_size(config)), str(config.batch_size), config.method,
-                 _gib(est.weights), _gib(est.activations), f"**{_gib(est.peak)}**",
-                 *["yes" if c in yes else "no" for c in CARDS]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def run_size(config):
-    """The size the run samples at (the model's native one where the config leaves it 0),
-    from the family's adapter over the meta components."""
-    from draft.inference import sample_size as requested
-    from draft.models import ADAPTERS, meta, pipeline_class
-    from draft.models.base import load_callable
-
-    folder = builtin_configs(config.model)
-    adapter = load_callable(ADAPTERS[pipeline_class(str(folder))])
-    return adapter.on_meta(folder, meta.components(folder), **config.model_options).size(requested(config.sampling))
-
-
-TABLE_NOTE = ("Peak accelerator memory per process estimated by `draft train CONFIG --dry-run` from the real "
-              "architecture built on the meta device (`python -m draft.models.architectures --table`); the reward "
-              "model's weights and activations are not included, and the activations are calibrated on SD 1.5 only.")
-
-
-def _gib(n: int) -> str:
-    from draft.estimate import GIB
-
-    return f"{n / GIB:.1f} GiB"
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the table is built from the copies here, never the hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the configs come from the copies here, never the hub
     p = argparse.ArgumentParser(prog="python -m draft.models.architectures", description=__doc__.splitlines()[0])
-    p.add_argument("--table", action="store_true", help="print every preset's estimated peak memory (Markdown)")
-    p.add_argument("--configs", default="configs", help="the presets' folder (default: configs)")
     p.add_argument("--write", nargs=2, metavar=("HUB_ID", "FOLDER"), help="write a hub model's configs to FOLDER")
     args = p.parse_args(argv)
     if args.write:
         print(write_configs(*args.write))
-    if args.table:
-        print(table(args.configs) + "\n\n" + TABLE_NOTE)
-    if not (args.write or args.table):
+    else:
         p.print_help()
     return 0
 
