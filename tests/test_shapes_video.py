@@ -108,6 +108,20 @@ def test_the_motion_read_agrees_with_the_renderer(motion):
     assert sm.motion_logits(videos).argmax(1).tolist() == [sv.MOTIONS.index(motion)] * len(attrs)
 
 
+def test_the_motion_read_survives_the_corruptions_the_classifier_is_trained_for():
+    """Colour gain and offset, blur and pixel noise drawn afresh for every frame (harsher than
+    one draw per clip): the direction is still read right, the 'still' clips included."""
+    from draft.models.shapes_classifier import augment
+
+    batch = sv.draw_clips(60, seed=3)
+    videos = torch.from_numpy(batch.videos)
+    corrupted = torch.stack([augment(v, torch.Generator().manual_seed(i)) for i, v in enumerate(videos)])
+    read = sm.motion_logits(corrupted).argmax(1)
+    truth = torch.tensor([sv.MOTIONS.index(a.motion) for a in batch.attributes])
+    assert (read == truth).float().mean() >= 0.95
+    assert sum(a.motion == "still" for a in batch.attributes) >= 6  # the hard case is in the sample
+
+
 def test_the_displacement_is_the_travel_of_a_painted_shape():
     fg, bg = np.array([0.9, 0.2, 0.1]), np.array([0.1, 0.3, 0.8])
     path = [(6.0 + 2.5 * f, 20.0 - 1.0 * f) for f in range(5)]  # 10 px right and 4 px up over 32

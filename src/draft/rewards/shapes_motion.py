@@ -7,7 +7,8 @@
   on each frame; every frame of the world is an image of the shapes world);
 - how it moves: the log-probability of the prompt's motion under a softmax over the five
   motions, whose logits come from the displacement of a soft foreground centroid
-  (`draft.rewards.motion.centroid_track`) over the frames. The logits of the four
+  (`draft.rewards.motion.centroid_track`, blind to faint differences from the background:
+  `FLOOR`) over the frames. The logits of the four
   directions are the displacement along each, that of 'still' is how far the displacement
   stays under `STILL`, all over `TEMPERATURE`: a clip that moves the wrong way, or not at
   all, is pushed along the prompt's direction, and one that already moves right is left
@@ -49,6 +50,10 @@ _UNITS = torch.tensor([shapes_video.DIRECTIONS[m] for m in MOTIONS], dtype=torch
 STILL = 0.04
 # Displacement, in image sides, that moves a motion's logit by one.
 TEMPERATURE = 0.02
+# Colour distance to the background below which a pixel hardly counts towards the centroid:
+# half that of the world's closest colours (orange and yellow, 0.33 apart in [0, 1] RGB),
+# so pixel noise and colour drift of a generated background do not move it.
+FLOOR = 0.15
 # Keeps the length of a zero displacement differentiable, in image sides.
 _EPS = 0.005
 JOINT = ("shape", "colour", "motion")  # what 'joint' accuracy asks to be right
@@ -57,14 +62,14 @@ JOINT = ("shape", "colour", "motion")  # what 'joint' accuracy asks to be right
 def displacement(videos: torch.Tensor) -> torch.Tensor:
     """[B, 2]: how far the foreground's centroid travels over the frames, (x, y) in image sides.
 
-    The least-squares slope of `centroid_track` over the frame index, times frames - 1:
+    The least-squares slope of `centroid_track` (with `FLOOR`) over the frame index, times frames - 1:
     steady motion gives the first-to-last travel exactly, and a flickering frame moves it
     less than it would move the end points. Differentiable in the videos.
     """
     if videos.ndim != 5 or videos.shape[1] < 2:
         raise UserError(f"shapes-motion needs at least 2 frames of each video to see motion, got videos of "
                         f"shape {tuple(videos.shape)}; set reward_frames to 0 (all) or at least 2")
-    track = centroid_track(videos)  # [B, F, 2]
+    track = centroid_track(videos, floor=FLOOR)  # [B, F, 2]
     f = track.shape[1]
     t = torch.arange(f, dtype=track.dtype, device=track.device) - (f - 1) / 2
     slope = (t[:, None] * (track - track.mean(1, keepdim=True))).sum(1) / t.square().sum()
