@@ -223,3 +223,24 @@ def test_flickering_and_still_clips_show_in_the_metrics(clips):
     assert read["travel"] < 1e-4
     moving = sum(a.motion != "still" for a in clips.attributes[:8])
     assert read["accuracy_direction"] == pytest.approx(1 - moving / 8)
+
+
+def test_an_evaluation_reports_the_world_figures_and_the_diversity_between_seeds():
+    """The metrics as `draft eval` wires a model's own (`Embedded.metrics`): two seeds of each
+    prompt, scored batch by batch beside the reward, the motion figure and the diversity."""
+    from draft.evaluation import score_batches
+
+    attrs = sv.combinations("heldout")[::180]
+    prompts = [sv.prompt_of(a) for a in attrs for _ in range(2)]
+    groups = [i for i in range(len(attrs)) for _ in range(2)]
+    videos = torch.from_numpy(np.stack([sv.render_clip(a, seed) for a in attrs for seed in (0, 1)]))
+
+    def evaluate(videos):
+        batches = [(videos[i : i + 4], prompts[i : i + 4], groups[i : i + 4]) for i in range(0, len(prompts), 4)]
+        return score_batches(batches, rewards.get("shapes-motion"), sm.motion_metrics)
+
+    out = evaluate(videos)
+    assert out["n"] == len(prompts) and out["accuracy_joint"] == 1.0 and out["consistency"] == 1.0
+    assert out["reward_mean"] > -0.5 and out["motion"] > 0 and out["travel"] > 0.1
+    assert out["diversity"] > 0.05  # two seeds draw each prompt in two places and shades
+    assert evaluate(videos[::2].repeat_interleave(2, 0))["diversity"] == 0  # one seed's clip twice
