@@ -6,14 +6,13 @@
   colour, background and size, averaged over the frames it is given (`shapes-alignment`
   on each frame; every frame of the world is an image of the shapes world);
 - how it moves: the log-probability of the prompt's motion under a softmax over the five
-  motions, whose logits come from the displacement of a soft foreground centroid
+  motions, whose logits come from the displacement d of a soft foreground centroid
   (`draft.rewards.motion.centroid_track`, blind to faint differences from the background:
-  `FLOOR`) over the frames. The logits of the four
-  directions are the displacement along each, that of 'still' is how far the displacement
-  stays under `STILL`, all over `TEMPERATURE`: a clip that moves the wrong way, or not at
-  all, is pushed along the prompt's direction, and one that already moves right is left
-  as it is (the softmax saturates), so the term does not reward flinging shapes out of
-  frame.
+  `FLOOR`) over the frames. A direction's logit is d along it, that of 'still' is
+  3 `STILL` - 2 |d| (the two meet at |d| = `STILL`, and a still clip reads as still with
+  probability 0.99), all over `TEMPERATURE`. A clip that moves the wrong way, or not at
+  all, is pushed along the prompt's direction; one that already moves that way is left as
+  it is (the softmax saturates), so the term does not reward flinging shapes out of frame.
 
 The displacement is the least-squares slope of the track over the frames it is given,
 times their number less one, so a reward that sees evenly spaced frames (`reward_frames`
@@ -81,7 +80,8 @@ def motion_logits(videos: torch.Tensor) -> torch.Tensor:
     d = displacement(videos)
     along = d @ _UNITS[:4].to(d).T  # [B, 4]
     length = (d.square().sum(1, keepdim=True) + _EPS**2).sqrt()
-    return torch.cat([along, STILL - length], 1) / TEMPERATURE
+    # 'still' beats a direction the clip moves along exactly when the length is under STILL.
+    return torch.cat([along, 3 * STILL - 2 * length], 1) / TEMPERATURE
 
 
 def _motion_targets(prompts: list[str], device) -> tuple[list[str], torch.Tensor]:
