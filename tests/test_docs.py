@@ -91,14 +91,14 @@ def test_the_readmes_python_runs(small_runs):
     exec(compile(code.replace("runs/NAME/lora", str(namespace["run_dir"] / "lora")), "README", "exec"), {})
 
 
-@pytest.mark.parametrize("doc", ["shapes-sd.md", "shapes-flow.md"])
+@pytest.mark.parametrize("doc", ["shapes-sd.md", "shapes-flow.md", "shapes-video.md"])
 def test_the_docs_python_runs(doc):
     (code,) = blocks(ROOT / "docs" / doc, "python")
     exec(compile(code, doc, "exec"), {})
 
 
 def test_every_python_block_is_run_or_says_why_not():
-    run = {("README.md", 0), ("README.md", 1), ("shapes-sd.md", 0), ("shapes-flow.md", 0)}
+    run = {("README.md", 0), ("README.md", 1), ("shapes-sd.md", 0), ("shapes-flow.md", 0), ("shapes-video.md", 0)}
     found = {(path.name, k) for path in DOCS for k, _ in enumerate(blocks(path, "python"))}
     assert found == run | NEEDS_DOWNLOADS
 

@@ -86,3 +86,15 @@ def test_motion_magnitude_reward(clips):
         reward(clips, prompts[:1])
     with pytest.raises(ValueError, match="F >= 2"):
         frame_difference(clips[:, :1])
+
+
+def test_a_floor_keeps_background_noise_from_pulling_the_centroid(clips):
+    noisy = (clips + 0.05 * torch.randn(clips.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    exact = centroid_track(clips)
+    # Without a floor, the noise on the large background drags the centroid towards the centre.
+    plain = (centroid_track(noisy) - exact).abs().max()
+    floored = (centroid_track(noisy, floor=0.15) - exact).abs().max()
+    assert plain > 0.05 and floored < 0.02 and floored < plain / 4, (plain, floored)
+    videos = noisy.clone().requires_grad_(True)
+    centroid_track(videos, floor=0.15)[:, :, 0].sum().backward()
+    assert torch.isfinite(videos.grad).all() and (videos.grad.flatten(1).abs().sum(1) > 0).all()

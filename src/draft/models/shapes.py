@@ -221,6 +221,11 @@ def _star(r: float, points: int = 5) -> np.ndarray:
     return np.stack([radii * np.cos(angles), radii * np.sin(angles)], 1)
 
 
+# How far each shape reaches from its centre, in units of its half-extent r (the largest
+# factor on r in `_mask`), so a moving shape can be kept inside the frame shape by shape.
+REACH = {"circle": 1.0, "square": 0.85, "triangle": 1.15, "cross": 1.0, "diamond": 1.12, "star": 1.2}
+
+
 def _mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
     """Boolean coverage of a shape of half-extent r centred at the origin (y points down).
 
@@ -246,7 +251,8 @@ def _mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _jittered(colour: str, rng: np.random.Generator) -> np.ndarray:
+def jittered(colour: str, rng: np.random.Generator) -> np.ndarray:
+    """The RGB colour in [0, 1], each channel offset by up to `COLOUR_JITTER`."""
     rgb = np.asarray(COLOURS[colour], dtype=np.float32)
     return np.clip(rgb + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, 3), 0, 255) / 255.0
 
@@ -258,13 +264,19 @@ def render(attrs: Attributes, rng: np.random.Generator | int, size: int = DEFAUL
     numpy Generator or an int seed), so the same seed always gives the same image.
     """
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
-    fg, bg = _jittered(attrs.colour, rng), _jittered(attrs.background, rng)
+    fg, bg = jittered(attrs.colour, rng), jittered(attrs.background, rng)
     r = SIZE_RADIUS[attrs.size] * size * rng.uniform(0.92, 1.08)
     # Keep the whole shape (star and triangle points included) one pixel inside.
     margin = 1.2 * r + 1.0
     cx, cy = rng.uniform(margin, size - margin, 2)
+    return paint(attrs.shape, (cx, cy), r, fg, bg, size)
+
+
+def paint(shape: str, centre: tuple[float, float], r: float, fg: np.ndarray, bg: np.ndarray, size: int) -> np.ndarray:
+    """`shape` of half-extent `r` pixels centred at `centre` (x, y in pixels, y down), colour
+    `fg` on `bg` (RGB in [0, 1]), anti-aliased: float32 [3, size, size]."""
     x, y = _grid(size)
-    cover = _mask(attrs.shape, x - cx, y - cy, r).astype(np.float32)
+    cover = _mask(shape, x - centre[0], y - centre[1], r).astype(np.float32)
     cover = cover.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean((1, 3))
     image = bg[:, None, None] * (1 - cover) + fg[:, None, None] * cover
     return image.astype(np.float32)

@@ -103,6 +103,8 @@ _REGISTRY: dict[str, RewardInfo] = {
         # Videos only.
         RewardInfo("motion", "draft.rewards.motion:MotionMagnitude",
                    "videos: mean absolute change between consecutive frames, in [0, 1] (counters static videos)"),
+        RewardInfo("shapes-motion", "draft.rewards.shapes_motion:ShapesMotion",
+                   "videos of moving shapes: per-frame attribute log-probability plus that of the prompt's motion, <= 0"),
     ]
 }
 

@@ -20,6 +20,8 @@ from draft.rewards import Reward
 # Keeps the colour distance differentiable where a pixel equals the background (the
 # gradient of a plain Euclidean norm is undefined at 0); in units of [0, 1] colour.
 _EPS = 1e-3
+# How gradually a `floor` on the colour distance sets in, in the same units.
+_SOFTNESS = 0.02
 
 
 def frame_difference(videos: torch.Tensor) -> torch.Tensor:
@@ -40,12 +42,15 @@ def border_colour(videos: torch.Tensor) -> torch.Tensor:
     return border.median(dim=-1).values
 
 
-def centroid_track(videos: torch.Tensor, background: torch.Tensor | None = None) -> torch.Tensor:
+def centroid_track(videos: torch.Tensor, background: torch.Tensor | None = None, floor: float = 0.0
+                   ) -> torch.Tensor:
     """[B, F, 2]: each frame's soft foreground centroid (x, y), in [0, 1] of the width and height.
 
     x grows to the right and y downwards (pixel centres at (j + 0.5) / W, (i + 0.5) / H).
-    A pixel's weight is its colour distance to the background, sqrt(|c - b|² + ε²) - ε:
-    0 on the background, smooth everywhere. `background` is a colour, [3], [B, 3] or
+    A pixel's weight is its colour distance to the background, d = sqrt(|c - b|² + ε²) - ε:
+    0 on the background, smooth everywhere. A `floor` > 0 counts only the distance beyond
+    it, softly (0.02 · softplus((d - floor) / 0.02)), so that noise and drift on a large
+    background do not outweigh a small foreground. `background` is a colour, [3], [B, 3] or
     [B, F, 3]; by default each frame's border median (`border_colour`), taken as a fixed
     reference (no gradient flows into it). A frame with no foreground has its centre as
     its centroid.
@@ -59,6 +64,8 @@ def centroid_track(videos: torch.Tensor, background: torch.Tensor | None = None)
     bg = bg.expand(b, f, 3)
     dist2 = (videos - bg[..., None, None]).square().sum(2)  # [B, F, H, W]
     weight = (dist2 + _EPS**2).sqrt() - _EPS
+    if floor > 0:
+        weight = _SOFTNESS * torch.nn.functional.softplus((weight - floor) / _SOFTNESS)
     xs = (torch.arange(w, device=videos.device, dtype=videos.dtype) + 0.5) / w
     ys = (torch.arange(h, device=videos.device, dtype=videos.dtype) + 0.5) / h
     # The centre's weight: a tiny prior that only decides where an empty frame's centroid is.

@@ -69,11 +69,17 @@ def _classifier(path: str | None, device: str):
     return load_classifier(path, device).requires_grad_(False)
 
 
-def predict(images: torch.Tensor, classifier: str | Path | None = None) -> dict[str, list[str]]:
-    """The classifier's reading of each image: class names per attribute, lists of length B."""
+def logits_of(images: torch.Tensor, classifier: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The classifier's logits for each image, `[B, n_classes]` per attribute, with no gradient
+    (for metrics; the reward keeps its own classifier in the graph)."""
     model = _classifier(str(classifier) if classifier else None, str(images.device))
     with torch.no_grad():
-        logits = model(images.float())
+        return model(images.float())
+
+
+def predict(images: torch.Tensor, classifier: str | Path | None = None) -> dict[str, list[str]]:
+    """The classifier's reading of each image: class names per attribute, lists of length B."""
+    logits = logits_of(images, classifier)
     return {k: [shapes.ATTRIBUTES[k][i] for i in v.argmax(1).tolist()] for k, v in logits.items()}
 
 
@@ -85,9 +91,7 @@ def attribute_correct(
     Returns bool tensors [B] keyed 'shape', 'colour', 'background', 'size', 'joint' (on
     the CPU), so an evaluator can concatenate them over batches and average at the end.
     """
-    model = _classifier(str(classifier) if classifier else None, str(images.device))
-    with torch.no_grad():
-        logits = model(images.float())
+    logits = logits_of(images, classifier)
     y = _targets(list(prompts), images.device)
     hits = {k: (logits[k].argmax(1) == y[k]).cpu() for k in ATTRIBUTES}
     hits["joint"] = torch.stack([hits[k] for k in ATTRIBUTES]).all(0)
