@@ -139,3 +139,39 @@ def test_train_needs_only_the_folder_and_a_reward(dev, klein, family, name, caps
     assert f"sampling.num_steps=50: the {name} family's default" in out
     assert f"sampling.guidance_scale=4.0: the {name} family's default" in out
     assert "at 32x32" in out and "estimated peak accelerator memory" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux2", "flux2-klein"])
+def test_the_cards_snippet_and_the_diffusers_export(dev, klein, family, tmp_path, monkeypatch):
+    """A run's model card samples in plain diffusers with the run's prompt length (klein at a
+    scale that guides); the exported diffusers file loads there and samples what the run's own
+    LoRA samples."""
+    import diffusers
+
+    from draft.config import LogConfig, SamplingConfig, TrainConfig
+    from draft.export import export
+    from draft.trainer import train
+
+    from test_card import run_card_snippet
+
+    folder = dev if family == "flux2" else klein
+    run = train(TrainConfig(model=str(folder), reward="brightness", prompts=PROMPTS[0], eval_prompts=PROMPTS[1],
+                            steps=1, batch_size=1, lr=0.05, output_dir=str(tmp_path / "runs"), name="f",
+                            model_options=TINY, sampling=SamplingConfig(num_steps=3, guidance_scale=3.0),
+                            log=LogConfig(sample_prompts=1, sample_seeds=1, checkpoint_every=0, eval_samples=0,
+                                          trackers=())), progress=False)
+    code = run_card_snippet(run, tmp_path, monkeypatch)
+    cls = "Flux2Pipeline" if family == "flux2" else "Flux2KleinPipeline"
+    assert f"{cls}.from_pretrained" in code and "max_sequence_length=64" in code and "guidance_scale=3.0" in code
+    assert (tmp_path / "sample.png").is_file()
+    out = export(run, "diffusers", tmp_path / "exported.safetensors")
+    images = []
+    for lora in (run / "lora", out):
+        pipe = getattr(diffusers, cls).from_pretrained(folder)
+        pipe.load_lora_weights(lora.parent if lora.suffix else lora, weight_name=lora.name if lora.suffix else None)
+        images.append(pipe(prompt=PROMPTS[0], guidance_scale=3.0, height=32, width=32, num_inference_steps=3,
+                           max_sequence_length=64, generator=torch.Generator().manual_seed(0),
+                           output_type="pt").images)
+    torch.testing.assert_close(images[0], images[1], rtol=0, atol=1e-5)
+    assert main(["export", str(run), "--format", "kohya"]) == 2  # a UNet format: refused in one line
