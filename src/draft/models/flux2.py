@@ -25,6 +25,7 @@ resolution- and step-count-dependent shift. Facts from diffusers 0.42
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from draft.errors import UserError
@@ -97,8 +98,6 @@ class Flux2(FlowMatching):
 
     def sigmas(self, num_steps: int):
         """The grid the pipeline passes: linear from 1 to 1/T (unless the scheduler builds its own)."""
-        import numpy as np
-
         if self.scheduler_config.get("use_flow_sigmas", False):
             return None
         return np.linspace(1.0, 1 / num_steps, num_steps)
