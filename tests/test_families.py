@@ -433,17 +433,20 @@ def test_unsupported_pipeline_class_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_on_a_flow_model(tmp_path_factory, tmp_path, one_thread, launch_two_processes):
+@pytest.mark.parametrize("name", ["sd3", "flux2-klein"])
+def test_two_processes_equal_one_on_a_flow_model(name, tmp_path_factory, tmp_path, one_thread, launch_two_processes):
     """Under `accelerate launch` on the CPU, 2 processes at batch 1 train the LoRA that 1 process
-    at batch 2 trains, on SD3 (rectified flow, transformer, dict conditioning) as on SD."""
+    at batch 2 trains, on SD3 (rectified flow, transformer, dict conditioning) as on SD, and on
+    FLUX.2 [klein] (patchified latents, a language model's stacked layers, CFG)."""
     import subprocess
 
     from safetensors.torch import load_file
 
     from draft.cli import main
 
-    path = build_tiny(tmp_path_factory.mktemp("sd3-ddp"), "sd3")
-    common = [f"model={path}", "reward=brightness", f"prompts={'|'.join(PROMPTS)}", f"eval_prompts={PROMPTS[0]}",
+    path = build_tiny(tmp_path_factory.mktemp(f"{name}-ddp"), name)
+    options = [f"model_options.{k}={v}" for k, v in OPTIONS.get(name, {}).items()]
+    common = [f"model={path}", *options, "reward=brightness", f"prompts={'|'.join(PROMPTS)}", f"eval_prompts={PROMPTS[0]}",
               "method=draft-lv", "batch_size=1", "lr=1e-2", "kl_coeff=0", "steps=2", "sampling.num_steps=3",
               "sampling.guidance_scale=3", "log.sample_prompts=1", "log.sample_seeds=1", "log.eval_samples=0",
               "log.trackers=[]", f"output_dir={tmp_path}", "--no-progress"]
