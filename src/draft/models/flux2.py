@@ -196,5 +196,5 @@ class Flux2Klein(Flux2):
             return self._encode(prompts), None
         if negative_prompt:
             raise UserError(f"{self.name}: Flux2KleinPipeline guides against the empty prompt only; "
-                            "leave sampling.negative_prompt empty")
+                            "leave the negative prompt (sampling.negative_prompt, --negative-prompt) empty")
         return self._encode(prompts), self._encode([""] * len(prompts))
