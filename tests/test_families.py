@@ -446,7 +446,8 @@ def test_two_processes_equal_one_on_a_flow_model(name, tmp_path_factory, tmp_pat
 
     path = build_tiny(tmp_path_factory.mktemp(f"{name}-ddp"), name)
     options = [f"model_options.{k}={v}" for k, v in OPTIONS.get(name, {}).items()]
-    common = [f"model={path}", *options, "reward=brightness", f"prompts={'|'.join(PROMPTS)}", f"eval_prompts={PROMPTS[0]}",
+    common = [f"model={path}", *options, "reward=brightness", f"prompts={'|'.join(PROMPTS)}",
+              f"eval_prompts={PROMPTS[0]}",
               "method=draft-lv", "batch_size=1", "lr=1e-2", "kl_coeff=0", "steps=2", "sampling.num_steps=3",
               "sampling.guidance_scale=3", "log.sample_prompts=1", "log.sample_seeds=1", "log.eval_samples=0",
               "log.trackers=[]", f"output_dir={tmp_path}", "--no-progress"]

@@ -144,7 +144,8 @@ FLUX2_KLEIN_4B_TRANSFORMER = {**FLUX2_DEV_TRANSFORMER, "num_layers": 5, "num_sin
 # The FLUX.2 VAE (vae/config.json of both): FLUX.1's 4 levels at 32 latent channels, whose 2x2
 # patches the batch norm's 128 running statistics normalise.
 FLUX2_VAE = {
-    "_class_name": "AutoencoderKLFlux2", "in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 512, 512],
+    "_class_name": "AutoencoderKLFlux2", "in_channels": 3, "out_channels": 3,
+    "block_out_channels": [128, 256, 512, 512],
     "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 2,
     "latent_channels": 32, "norm_num_groups": 32, "sample_size": 1024, "use_quant_conv": True,
     "use_post_quant_conv": True, "batch_norm_eps": 1e-4, "patch_size": [2, 2],
