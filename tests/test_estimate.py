@@ -150,7 +150,8 @@ def test_meta_count_equals_the_real_saved_bytes(tiny_sd):
     assert meta.saved_bytes(lambda: model.decode(z_meta), model.vae) == real_bytes(lambda: loaded.decode(z), real.vae)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl", "wan", "wan22", "qwen-image", "z-image"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl", "wan", "wan22", "qwen-image", "z-image", "flux2",
+                                    "flux2-klein"])
 def test_every_family_has_its_activations_estimated(family, tmp_path_factory):
     """The adapter's own denoiser call and decode, on meta tensors: every family is modelled."""
     from draft.models.tiny import build_tiny

@@ -35,19 +35,25 @@ FAMILIES = {
     "wan22": ({}, "WanPipeline"),
     "qwen-image": ({}, "QwenImagePipeline"),
     "z-image": ({}, "ZImagePipeline"),
+    "flux2": ({}, "Flux2Pipeline"),
+    "flux2-klein": ({}, "Flux2KleinPipeline"),
     "shapes-sd": (None, "StableDiffusionPipeline"),
     "shapes-flow": (None, "StableDiffusion3Pipeline"),
 }
 # Families sampled without an unconditional pass: guidance is an input of the model
-# (FLUX.1-dev's guidance embedding) or absent (schnell).
-NO_CFG = {"flux", "flux-schnell"}
+# (FLUX.1-dev's and FLUX.2-dev's guidance embedding) or absent (schnell).
+NO_CFG = {"flux", "flux-schnell", "flux2"}
 # The guidance scale that turns guidance off: 1 but where the pipeline counts from 0 (Z-Image's
 # pos + g·(pos - neg)).
 OFF = {"z-image": 0.0}
+# Families whose pipeline guides against the empty prompt only (FLUX.2 [klein]): they refuse another.
+EMPTY_NEGATIVE = {"flux2-klein"}
 # The tiny video pipelines' native size (their folders record none; Wan's own is 480p, 81 frames).
 TINY_VIDEO = {"height": 16, "width": 16, "frames": 9}
 # The tiny image pipelines whose folders record no native size (Qwen-Image's own is 1024 px).
 OPTIONS = {"wan": TINY_VIDEO, "wan22": TINY_VIDEO, "qwen-image": {"resolution": 32}}
+# FLUX.2 pads every prompt to max_sequence_length (512 by default): the tiny ones fit in 64 tokens.
+OPTIONS.update({name: {"max_sequence_length": 64} for name in ("flux2", "flux2-klein")})
 
 
 def _load(name, path):
@@ -308,7 +314,10 @@ def _pipeline_latents(pipe, model, prompts, x_T, steps, guidance):
     """The pipeline's final latents [B, C, *spatial] from x_T, at the model's native size and
     T5 length, guided as the model card's snippet asks the pipeline to guide (Qwen-Image:
     true_cfg_scale and a negative prompt). FLUX's and Qwen-Image's pipelines take and
-    return latents packed into 2x2 patch tokens (Qwen-Image's unpack to one video frame)."""
+    return latents packed into 2x2 patch tokens (Qwen-Image's unpack to one video frame);
+    FLUX.2's take the patchified latents and return them packed (dev) or decoder-ready (klein)."""
+    if hasattr(pipe, "_patchify_latents"):
+        return _flux2_latents(pipe, model, prompts, x_T, steps, guidance)
     size, packed = model.native_size, hasattr(pipe, "_pack_latents")
     latents = pipe._pack_latents(x_T, *x_T.shape) if packed else x_T
     extra = {"guidance_scale": guidance, **model.pipeline_kwargs({"guidance_scale": guidance}, {})}
@@ -323,6 +332,20 @@ def _pipeline_latents(pipe, model, prompts, x_T, steps, guidance):
         return out
     out = pipe._unpack_latents(out, size.height, size.width, pipe.vae_scale_factor)
     return out[:, :, 0] if out.ndim == 5 else out
+
+
+def _flux2_latents(pipe, model, prompts, x_T, steps, guidance):
+    """FLUX.2's pipelines from the patchified x_T: dev returns the tokens, which are the
+    latents row by row; klein returns them denormalised and unpatchified for the VAE, which
+    is undone here with the VAE's batch-norm statistics."""
+    size = model.native_size
+    out = pipe(prompt=prompts, latents=x_T, height=size.height, width=size.width, num_inference_steps=steps,
+               guidance_scale=guidance, max_sequence_length=model.max_sequence_length, output_type="latent").images
+    if out.ndim == 3:
+        return out.transpose(1, 2).reshape(x_T.shape)
+    bn = pipe.vae.bn
+    std = torch.sqrt(bn.running_var + pipe.vae.config.batch_norm_eps).view(1, -1, 1, 1)
+    return (pipe._patchify_latents(out) - bn.running_mean.view(1, -1, 1, 1)) / std
 
 
 def _our_latents(model, prompts, seeds, steps, guidance):
@@ -427,17 +450,21 @@ def test_unsupported_pipeline_class_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_on_a_flow_model(tmp_path_factory, tmp_path, one_thread, launch_two_processes):
+@pytest.mark.parametrize("name", ["sd3", "flux2-klein"])
+def test_two_processes_equal_one_on_a_flow_model(name, tmp_path_factory, tmp_path, one_thread, launch_two_processes):
     """Under `accelerate launch` on the CPU, 2 processes at batch 1 train the LoRA that 1 process
-    at batch 2 trains, on SD3 (rectified flow, transformer, dict conditioning) as on SD."""
+    at batch 2 trains, on SD3 (rectified flow, transformer, dict conditioning) as on SD, and on
+    FLUX.2 [klein] (patchified latents, a language model's stacked layers, CFG)."""
     import subprocess
 
     from safetensors.torch import load_file
 
     from draft.cli import main
 
-    path = build_tiny(tmp_path_factory.mktemp("sd3-ddp"), "sd3")
-    common = [f"model={path}", "reward=brightness", f"prompts={'|'.join(PROMPTS)}", f"eval_prompts={PROMPTS[0]}",
+    path = build_tiny(tmp_path_factory.mktemp(f"{name}-ddp"), name)
+    options = [f"model_options.{k}={v}" for k, v in OPTIONS.get(name, {}).items()]
+    common = [f"model={path}", *options, "reward=brightness", f"prompts={'|'.join(PROMPTS)}",
+              f"eval_prompts={PROMPTS[0]}",
               "method=draft-lv", "batch_size=1", "lr=1e-2", "kl_coeff=0", "steps=2", "sampling.num_steps=3",
               "sampling.guidance_scale=3", "log.sample_prompts=1", "log.sample_seeds=1", "log.eval_samples=0",
               "log.trackers=[]", f"output_dir={tmp_path}", "--no-progress"]
@@ -465,25 +492,26 @@ def test_the_prompt_cache_returns_each_familys_own_conditioning(family):
     # Qwen-Image and Z-Image pad text to each batch's longest prompt: rows warmed beside a
     # longer one keep its padding, and must still denoise as the short batch's own encoding.
     long = "a small red circle and a large blue square and a green star on a yellow background"
-    cond, uncond = model.conditioning(prompts[::-1], 3.0, size, "blurry")
-    short = model.conditioning(prompts[:2], 3.0, size, "ugly")
+    blurry, ugly = ("", "") if name in EMPTY_NEGATIVE else ("blurry", "ugly")
+    cond, uncond = model.conditioning(prompts[::-1], 3.0, size, blurry)
+    short = model.conditioning(prompts[:2], 3.0, size, ugly)
     cache = PromptCache(model)
-    cache.warm(prompts, 3.0, size, "blurry", batch=3)
+    cache.warm(prompts, 3.0, size, blurry, batch=3)
     table_bytes = cache.nbytes()
-    cache.warm([long], 3.0, size, "blurry")
-    cache.warm([long, *prompts[:2]], 3.0, size, "ugly", batch=3)  # the short ones padded as the long
+    cache.warm([long], 3.0, size, blurry)
+    cache.warm([long, *prompts[:2]], 3.0, size, ugly, batch=3)  # the short ones padded as the long
     cache.release()
-    cached, cached_uncond = model.conditioning(prompts[::-1], 3.0, size, "blurry")
+    cached, cached_uncond = model.conditioning(prompts[::-1], 3.0, size, blurry)
     assert (uncond is None) == (cached_uncond is None) == (name in NO_CFG)
     assert conditioning_bytes(cached) == conditioning_bytes(cond) > 0
     torch.testing.assert_close(cached, cond, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cached_uncond, uncond, rtol=1e-5, atol=1e-6)
     assert table_bytes == conditioning_bytes(cond) + conditioning_bytes(uncond)
-    mixed = model.conditioning([long, prompts[0]], 3.0, size, "blurry")  # rows of two warm batches
+    mixed = model.conditioning([long, prompts[0]], 3.0, size, blurry)  # rows of two warm batches
     assert conditioning_bytes(mixed[0]) > 0
     x = SampleNoise([0, 1], model.latent_shape(size), "cpu").draw()
     t = torch.tensor(model.schedule(4, size).timesteps[0])
     with torch.no_grad():
-        for c, d in zip(model.conditioning(prompts[:2], 3.0, size, "ugly"), short):
+        for c, d in zip(model.conditioning(prompts[:2], 3.0, size, ugly), short):
             if d is not None:
                 torch.testing.assert_close(model.denoise(x, t, c), model.denoise(x, t, d), rtol=1e-5, atol=1e-5)

@@ -171,10 +171,10 @@ def snippet(model: str, config: dict, lora: str = "path/to/this/folder") -> str:
         lines += ["", f"pipe = {cls}.from_pretrained({model!r}{absent})"]
     lines.append(f"pipe.load_lora_weights({lora!r})  # or the Hub repository it was uploaded to")
     if video:
-        lines += [f'frames = pipe("your prompt", {call}).frames[0]',
+        lines += [f'frames = pipe(prompt="your prompt", {call}).frames[0]',
                   f'export_to_video(frames, "sample.mp4", fps={adapter.fps})']
     else:
-        lines += [f'image = pipe("your prompt", {call}).images[0]', 'image.save("sample.png")']
+        lines += [f'image = pipe(prompt="your prompt", {call}).images[0]', 'image.save("sample.png")']
     return "\n".join(lines)
 
 

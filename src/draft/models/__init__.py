@@ -82,6 +82,8 @@ ADAPTERS = {
     "WanPipeline": "draft.models.wan:Wan",
     "QwenImagePipeline": "draft.models.qwen_image:QwenImage",
     "ZImagePipeline": "draft.models.z_image:ZImage",
+    "Flux2Pipeline": "draft.models.flux2:Flux2",
+    "Flux2KleinPipeline": "draft.models.flux2:Flux2Klein",
 }
 
 

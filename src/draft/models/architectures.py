@@ -314,6 +314,8 @@ ARCHITECTURES: dict[str, Callable[[], dict[str, dict]]] = {
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": lambda: _wan(WAN_14B, two_experts=True),
     "Qwen/Qwen-Image": lambda: _llm_family("qwen_image"),
     "Tongyi-MAI/Z-Image-Turbo": lambda: _llm_family("z_image_turbo"),
+    "black-forest-labs/FLUX.2-dev": lambda: _llm_family("flux2_dev"),
+    "black-forest-labs/FLUX.2-klein-4B": lambda: _llm_family("flux2_klein_4b"),
 }
 
 # Published parameter counts, by hub id and component: (count, relative tolerance, source). The
@@ -355,6 +357,14 @@ PUBLISHED = {
     },
     "Tongyi-MAI/Z-Image-Turbo": {
         "transformer": (6e9, 0.03, "Z-Image technical report (arXiv 2511.22699): a 6B single-stream DiT"),
+        "text_encoder": (4.0e9, 0.01, "Qwen3-4B's model card: 4.0B parameters"),
+    },
+    "black-forest-labs/FLUX.2-dev": {
+        "transformer": (32e9, 0.01, "FLUX.2 [dev] model card: a 32 billion parameter flow transformer"),
+        "text_encoder": (24e9, 0.01, "Mistral Small 3.1's model card: 24 billion parameters, vision included"),
+    },
+    "black-forest-labs/FLUX.2-klein-4B": {
+        "transformer": (4e9, 0.05, "FLUX.2 [klein] 4B model card: a 4 billion parameter flow transformer"),
         "text_encoder": (4.0e9, 0.01, "Qwen3-4B's model card: 4.0B parameters"),
     },
 }

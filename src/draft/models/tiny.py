@@ -251,3 +251,15 @@ def _tiny_z_image(folder: Path, seed: int = 0):
 
 TINY["qwen-image"] = _tiny_qwen_image  # 32 px, 4x4 packed tokens
 TINY["z-image"] = _tiny_z_image  # 32 px, 2x2 patch tokens
+
+
+def _tiny_flux2(folder: Path, seed: int = 0, klein: bool = False, distilled: bool = False):
+    from draft.models import tiny_flux2
+
+    if klein:
+        return tiny_flux2.tiny_flux2_klein_pipeline(folder, seed, distilled=distilled)
+    return tiny_flux2.tiny_flux2_pipeline(folder, seed)
+
+
+TINY["flux2"] = _tiny_flux2  # FLUX.2 [dev]: 32 px, 16 channels of 4x4 patchified latents
+TINY["flux2-klein"] = lambda folder, seed=0, distilled=False: _tiny_flux2(folder, seed, True, distilled)
