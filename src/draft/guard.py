@@ -170,7 +170,8 @@ class Guard:
         s.previous, s.previous_train = value, train
         row["guard_best_step"] = s.best_step
         if self.config.patience and s.falling >= self.config.patience:
-            return (f"stopping early at step {step}: held-out {name} fell at {s.falling} evaluations in a row while "
+            return (f"stopping early at step {step}: held-out {name} fell at {s.falling} evaluation"
+                    f"{'s' * (s.falling > 1)} in a row while "
                     f"the training reward rose (reward hacking); the best LoRA, step {s.best_step} "
                     f"({name} {s.best:.4g}), is in {self.run.lora_best}")
         return None
