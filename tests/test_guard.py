@@ -274,3 +274,16 @@ def test_a_metric_the_evaluation_does_not_report_is_refused_before_anything_is_w
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown guard.metric 'accuracy'") and "reward_mean" in err and "\n" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_text_encoders_cache_encodes_the_guards_prompts():
+    """`text_encoders=cache` encodes what `Watch.prompts` lists: with the guard on, its samples' prompts too."""
+    from draft.plan import spread
+    from draft.watch import Watch
+
+    held_out = [f"prompt {i}" for i in range(10)]
+    log = LogConfig(eval_samples=2, sample_prompts=1)
+    on = Watch(None, None, held_out, TrainConfig(log=log, guard=GuardConfig(every=5, samples=5)), "cpu").prompts()
+    off = Watch(None, None, held_out, TrainConfig(log=log), "cpu").prompts()
+    guard_prompts = {held_out[g] for g in spread(10, 5)}
+    assert guard_prompts <= set(on) and not guard_prompts <= set(off)
