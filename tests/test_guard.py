@@ -181,6 +181,18 @@ def test_the_guard_counts_the_training_reward_over_the_steps_between_evaluations
     assert not guard.stopped and guard.state.falling == 0 and guard.state.previous_train == 1.75
 
 
+def test_a_figure_that_could_not_be_measured_is_never_the_best_nor_a_fall(tiny_lora, tmp_path):
+    model, _ = tiny_lora
+    guard = Guard(GuardConfig(every=1, patience=1), _Watch([0.5, float("nan"), None, 0.4, 0.9]), RunFolder(tmp_path),
+                  _Accelerator(), model, model.denoiser)
+    guard.start(True, lambda row: None)
+    for step, reward in enumerate([1.0, 2.0, 3.0], 1):
+        guard.after_step(step, {"reward_mean": reward}, False)
+        assert not guard.stopped and guard.state.best_step == 0  # 0.4 after nothing measured is no fall either
+    guard.after_step(4, {"reward_mean": 4.0}, False)
+    assert guard.state.best_step == 4 and json.loads((tmp_path / "lora-best" / BEST_FILE).read_text())["value"] == 0.9
+
+
 def test_the_last_step_is_not_an_early_stop(tiny_lora, tmp_path):
     model, _ = tiny_lora
     acc = _Accelerator()
@@ -200,7 +212,7 @@ def test_an_early_stop_ends_the_run_as_a_finished_one(tiny_sd, tmp_path, script,
     out = capsys.readouterr().out
     run = tmp_path / "run"
     assert ("stopping early at step 2: held-out reward_mean fell at 1 evaluation in a row while the training "
-            f"reward rose (reward hacking); the best LoRA, step 1 (reward_mean 0.9), is in {run / 'lora-best'}\n") in out
+            f"reward rose (the sign of reward hacking); the best LoRA, step 1 (reward_mean 0.9), is in {run / 'lora-best'}\n") in out
     assert [r["step"] for r in metrics(run)][-1] == 2
     assert (run / "checkpoints" / "step-00000002").is_dir() and not (run / "checkpoints" / "step-00000003").exists()
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()

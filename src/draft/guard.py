@@ -28,6 +28,7 @@ exactly as an unbroken run would and puts the right LoRA back in lora-best/.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -45,8 +46,8 @@ class GuardConfig:
     every: int = 0
     # Held-out samples per evaluation: the evaluation prompts spread over the list, one fixed seed each.
     samples: int = 16
-    # The held-out figure that picks lora-best/ (higher is better): reward_mean, diversity or one the
-    # model adds (the shapes models' accuracy_joint); judge by another figure where the reward can be hacked.
+    # The held-out figure that picks lora-best/ (higher is better): reward_mean or one the model adds (the
+    # shapes models' accuracy_joint); judge by another figure than the reward where the reward can be hacked.
     metric: str = "reward_mean"
     # Stop once `metric` has fallen at this many evaluations in a row while the training reward rose (0: never).
     patience: int = 0
@@ -155,16 +156,18 @@ class Guard:
         figures = self.watch.evaluate(self.config.samples)
         row.update({f"guard_{k}": v for k, v in figures.items() if k != "n"})
         value = figures[name]
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            value = None  # a figure it could not measure (NaN, or diversity with one seed a prompt) decides nothing
         train = s.train_sum / s.train_steps if s.train_steps else None
         s.train_sum, s.train_steps = 0.0, 0
         if step == 0:
             s.base = figures
-        if s.best is None or value > s.best:
+        if value is not None and (s.best is None or value > s.best):
             s.best, s.best_step, s.best_figures = value, step, figures
             # A copy: the live weights go on training.
             self.best_adapter = {k: v.detach().cpu().clone() for k, v in self._adapter().items()}
             self._write_best()
-        fell = s.previous is not None and value < s.previous
+        fell = None not in (value, s.previous) and value < s.previous
         rose = train is not None and s.previous_train is not None and train > s.previous_train
         s.falling = s.falling + 1 if fell and rose else 0
         s.previous, s.previous_train = value, train
@@ -172,7 +175,7 @@ class Guard:
         if self.config.patience and s.falling >= self.config.patience:
             return (f"stopping early at step {step}: held-out {name} fell at {s.falling} evaluation"
                     f"{'s' * (s.falling > 1)} in a row while "
-                    f"the training reward rose (reward hacking); the best LoRA, step {s.best_step} "
+                    f"the training reward rose (the sign of reward hacking); the best LoRA, step {s.best_step} "
                     f"({name} {s.best:.4g}), is in {self.run.lora_best}")
         return None
 
