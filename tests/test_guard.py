@@ -103,7 +103,8 @@ def test_the_kept_lora_is_the_lora_of_the_step_with_the_best_held_out_figure(tin
     assert "**This is the last LoRA**, from the end of training (step 3)" in last_card
     assert "best held-out `reward_mean` (0.9, step 2) in `lora-best/`" in last_card
     best_card = (run / "lora-best" / "README.md").read_text()
-    assert "**This is the held-out guard's best LoRA**, from step 2 of 3" in best_card
+    assert ("**This is the held-out guard's best LoRA**, from step 2 of 3: the highest held-out `reward_mean` (0.9) "
+            "of the guard's evaluations of 2 held-out samples every 1 step.") in best_card
     assert "| optimizer steps | 2 of 3 |" in best_card and "| reward_mean | 0.1 | 0.9 |" in best_card
     assert "before_after.png" not in best_card  # the grid shows the last LoRA, not this one
     line = next(line for line in best_card.splitlines() if line.startswith("draft export") and "kohya" in line)

@@ -72,7 +72,8 @@ def best_lines(config: dict, best: dict, last: dict) -> list[str]:
     guard, base = config.get("guard") or {}, best.get("base") or {}
     lines = [f"**This is the held-out guard's best LoRA**, from step {best['step']} of {last.get('step', '?')}: the "
              f"highest held-out `{best['metric']}` ({best['value']:.4g}) of the guard's evaluations of "
-             f"{best['samples']} held-out samples every {guard.get('every', '?')} steps. The LoRA at the end of "
+             f"{best['samples']} held-out samples every {guard.get('every', '?')} step"
+             f"{'' if guard.get('every') == 1 else 's'}. The LoRA at the end of "
              "training is in `lora/` beside this folder.", "",
              "| held-out figure | base model (step 0) | this LoRA |", "| --- | ---: | ---: |"]
     for key, value in (best.get("figures") or {}).items():
