@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from draft.runs import RunFolder
+from draft.runs import BEST_LORA, RunFolder
 
 from draft.errors import UserError
 from draft.hub import is_hub_id
@@ -27,26 +27,60 @@ from draft.models import EMBEDDED, family
 GRID = "before_after.png"
 
 
-def write_card(run_root: str | Path) -> Path:
-    """Write lora/README.md (and copy the before/after grid next to it); return the card's path."""
+def write_card(run_root: str | Path, folder: str | Path | None = None) -> Path:
+    """Write the card of the run's last LoRA, lora/README.md (and copy the before/after grid next to
+    it), or with `folder` the run's lora-best/, of the held-out guard's best LoRA; return its path."""
+    from draft.guard import BEST_FILE
+
     run = RunFolder(Path(run_root))
+    folder = run.lora if folder is None else Path(folder)
     config = yaml.safe_load(run.config.read_text()) or {}
-    evaluation = _read_json(run.report / "eval.json") or {}
-    last = _last_metrics(run.metrics)
+    best = _read_json(folder / BEST_FILE)  # only the best LoRA's folder has one
+    # The before/after grid and evaluation are the last LoRA's: the best's card shows the guard's figures.
+    evaluation = {} if best else _read_json(run.report / "eval.json") or {}
+    last = _last_metrics(run.metrics) if best is None else {"reward_queries": 0, "time": 0.0,
+                                                             **_metrics_at(run.metrics, best["step"])}
     grid = run.report / GRID
-    has_grid = grid.is_file()
+    has_grid = grid.is_file() and best is None
     if has_grid:
-        shutil.copyfile(grid, run.lora / GRID)
+        shutil.copyfile(grid, folder / GRID)
         if grid.with_suffix(".gif").is_file():  # videos: the animated before/after
-            shutil.copyfile(grid.with_suffix(".gif"), (run.lora / GRID).with_suffix(".gif"))
-    targets = _lora_file_info(run.lora)
+            shutil.copyfile(grid.with_suffix(".gif"), (folder / GRID).with_suffix(".gif"))
+    targets = _lora_file_info(folder)
     if not (config.get("lora") or {}).get("target_modules"):  # the family's default: the file says which
         config.setdefault("lora", {})["target_modules"] = targets
+    which = best_lines(config, best, _last_metrics(run.metrics)) if best else last_lines(
+        _read_json(run.lora_best / BEST_FILE), last)
     text = "---\n" + yaml.safe_dump(front_matter(config), sort_keys=False) + "---\n\n" + body(
-        run.root.name, config, evaluation.get("before"), evaluation.get("after"), last, has_grid)
-    path = run.lora / "README.md"
+        run.root.name, config, evaluation.get("before"), evaluation.get("after"), last, has_grid, which, folder.name)
+    path = folder / "README.md"
     path.write_text(text)
     return path
+
+
+def last_lines(kept: dict | None, last: dict) -> list[str]:
+    """Which LoRA the last one's card describes, where the held-out guard kept another."""
+    if kept is None:
+        return []
+    return [f"**This is the last LoRA**, from the end of training (step {last.get('step', '?')}). The held-out "
+            f"guard kept the LoRA with the best held-out `{kept['metric']}` ({kept['value']:.4g}, step "
+            f"{kept['step']}) in `{BEST_LORA}/` beside this folder.", ""]
+
+
+def best_lines(config: dict, best: dict, last: dict) -> list[str]:
+    """Which LoRA the best one's card describes, and the guard's held-out figures of it and of the base."""
+    guard, base = config.get("guard") or {}, best.get("base") or {}
+    lines = [f"**This is the held-out guard's best LoRA**, from step {best['step']} of {last.get('step', '?')}: the "
+             f"highest held-out `{best['metric']}` ({best['value']:.4g}) of the guard's evaluations of "
+             f"{best['samples']} held-out samples every {guard.get('every', '?')} step"
+             f"{'' if guard.get('every') == 1 else 's'}. The LoRA at the end of "
+             "training is in `lora/` beside this folder.", "",
+             "| held-out figure | base model (step 0) | this LoRA |", "| --- | ---: | ---: |"]
+    for key, value in (best.get("figures") or {}).items():
+        if key != "n" and isinstance(value, (int, float)):
+            old = base.get(key)
+            lines.append(f"| {key} | {f'{old:.4g}' if isinstance(old, (int, float)) else '–'} | {value:.4g} |")
+    return lines + [""]
 
 
 def front_matter(config: dict) -> dict:
@@ -78,7 +112,8 @@ def rewards(config: dict) -> dict[str, float]:
         return {spec: 1.0}
 
 
-def body(name: str, config: dict, before: dict | None, after: dict | None, last: dict, has_grid: bool) -> str:
+def body(name: str, config: dict, before: dict | None, after: dict | None, last: dict, has_grid: bool,
+         which: list[str] = (), folder: str = "lora") -> str:
     model = config.get("model", "?")
     terms = rewards(config)
     reward_text = " + ".join(f"{w:g} × `{r}`" if len(terms) > 1 else f"`{r}`" for r, w in terms.items())
@@ -90,6 +125,7 @@ def body(name: str, config: dict, before: dict | None, after: dict | None, last:
         "the reward's gradient through the sampler (DRaFT: Clark et al., [*Directly Fine-Tuning Diffusion Models on "
         "Differentiable Rewards*](https://arxiv.org/abs/2309.17400), ICLR 2024).",
         "",
+        *which,
     ]
     if has_grid:
         shown = Path(GRID).with_suffix(".gif") if config.get("sampling", {}).get("frames") else GRID
@@ -101,7 +137,7 @@ def body(name: str, config: dict, before: dict | None, after: dict | None, last:
     if after:
         lines += evaluation_table(config, before, after)
     run = str(Path(str(config.get("output_dir", "runs"))) / name)
-    lines += usage(run, str(model), config)
+    lines += usage(run, str(model), config, folder)
     return "\n".join(lines) + "\n"
 
 
@@ -191,9 +227,13 @@ def _absent(adapter, model: str) -> list[str]:
         return []
 
 
-def usage(run: str, model: str, config: dict) -> list[str]:
-    """How to load the LoRA: diffusers, and the other tools through `draft export` (run: the run folder)."""
-    name = Path(run).name
+def usage(run: str, model: str, config: dict, folder: str = "lora") -> list[str]:
+    """How to load the LoRA: diffusers, and the other tools through `draft export` (run: the run folder;
+    folder: the LoRA's folder in it, lora/ or lora-best/)."""
+    from draft.export import RUN_LORAS
+
+    name = Path(run).name + RUN_LORAS.get(folder, "")
+    source = shlex.quote(run if folder == "lora" else f"{run}/{folder}")
     adapter = family(model)
     formats = adapter.export_formats if adapter is not None else {}
     lines = ["## Use it", "", "### diffusers", "", "```python", snippet(model, config), "```", ""]
@@ -203,19 +243,19 @@ def usage(run: str, model: str, config: dict) -> list[str]:
     lines += ["### ComfyUI, AUTOMATIC1111, Forge", ""]
     if "kohya" in formats:
         lines += ["These tools read LoRAs with kohya's key names. Convert this one with draft:", "", "```bash",
-                  f"draft export {shlex.quote(run)} --format kohya   # writes {run}/lora/{name}-kohya.safetensors", "```", "",
+                  f"draft export {source} --format kohya   # writes {run}/{folder}/{name}-kohya.safetensors", "```", "",
                   "and copy the file into `ComfyUI/models/loras/` (load it with a LoraLoader node) or into "
                   f"`models/Lora/` of AUTOMATIC1111 or Forge (prompt with `<lora:{name}-kohya:1>`).", ""]
     elif "comfyui" in formats:
         lines += ["ComfyUI reads this family's LoRAs by the original model's layer names. Convert this one with "
-                  "draft:", "", "```bash", f"draft export {shlex.quote(run)} --format comfyui", "```", "",
+                  "draft:", "", "```bash", f"draft export {source} --format comfyui", "```", "",
                   "and copy the file into `ComfyUI/models/loras/` (load it with a LoraLoaderModelOnly node).", ""]
     else:
         lines += ["ComfyUI reads this model family's LoRAs with diffusers' key names; write a file with the "
                   "LoRA's alpha/rank folded into its weights, so ComfyUI applies it at the trained strength:", "",
-                  "```bash", f"draft export {shlex.quote(run)} --format diffusers", "```", "",
+                  "```bash", f"draft export {source} --format diffusers", "```", "",
                   "and copy the file into `ComfyUI/models/loras/`.", ""]
-    lines += [f"`draft export {shlex.quote(run)} --merge OUT_DIR` saves the base pipeline with the LoRA fused into its "
+    lines += [f"`draft export {source} --merge OUT_DIR` saves the base pipeline with the LoRA fused into its "
               "weights.", ""]
     return lines
 
@@ -256,6 +296,16 @@ def _last_metrics(path: Path) -> dict:
         except json.JSONDecodeError:
             continue
     return {}
+
+
+def _metrics_at(path: Path, step: int) -> dict:
+    """The metrics.jsonl line of `step` ({"step": step} if none)."""
+    from draft.report import read_metrics
+
+    try:
+        return next((r for r in read_metrics(path) if r.get("step") == step), {"step": step})
+    except OSError:
+        return {"step": step}
 
 
 def _lora_file_info(folder: Path) -> list[str]:

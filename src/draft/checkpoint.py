@@ -6,6 +6,7 @@ A checkpoint folder `checkpoints/step-N/` holds:
 - `optimizer.safetensors` every tensor of the optimizer state, plus its non-tensor part
   and the LR schedule, gradient scaler and trainer counters in `state.json`
 - `rng.safetensors`       the torch RNG states (CPU and every CUDA device)
+- `adapter-best.safetensors` the held-out guard's best LoRA so far, when the guard is on
 
 It is written under a temporary name and renamed into place once complete, so a crash at
 any moment leaves either the previous checkpoints or the new one, never a torn one. A
@@ -81,7 +82,8 @@ def _fsync_tree(folder: Path) -> None:
     safeio.fsync_dir(folder)
 
 
-def save(root: Path, step: int, adapter: dict, optimizer, scheduler, scaler, trainer: dict, keep: int) -> Path:
+def save(root: Path, step: int, adapter: dict, optimizer, scheduler, scaler, trainer: dict, keep: int,
+         best: dict | None = None) -> Path:
     """Write checkpoint `step` atomically; keep only the newest `keep` checkpoints.
 
     Raises WriteFailed, with every earlier checkpoint intact, if any write fails.
@@ -94,6 +96,8 @@ def save(root: Path, step: int, adapter: dict, optimizer, scheduler, scaler, tra
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
+        if best is not None:
+            save_file({k: v.contiguous().cpu() for k, v in best.items()}, tmp / "adapter-best.safetensors")
         _write(tmp, adapter, optimizer, scheduler, scaler, trainer, step)
         if final.exists():  # the same step written again (a resumed run): set the old one aside first
             old = root / f".tmp-old-{final.name}-{os.getpid()}"
@@ -142,6 +146,8 @@ def load(folder: Path) -> dict:
         state["adapter"] = tensors("adapter.safetensors")
         state["optimizer"] = _join_optimizer(tensors("optimizer.safetensors"), state["optimizer"])
         state["rng"] = tensors("rng.safetensors")
+        best = folder / "adapter-best.safetensors"
+        state["adapter_best"] = tensors(best.name) if best.exists() else None
     except UserError as e:
         raise UserError(f"checkpoint {folder} is unreadable or incomplete ({e}); "
                         f"delete it to resume from an earlier one") from None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from draft.errors import UserError, unknown
+from draft.guard import GuardConfig
 
 PRECISIONS = ("no", "bf16", "fp16")
 FRAME_CHOICES = ("even", "random", "first")
@@ -102,7 +103,6 @@ class SamplingConfig:
         if not isinstance(self.negative_prompt, str):
             raise UserError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
         return self
-
 
 
 @dataclass(frozen=True)
@@ -268,6 +268,8 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # The held-out guard: keep the best held-out LoRA in lora-best/, stop on reward hacking (`draft.guard`).
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def validate(self) -> "TrainConfig":
         """Raise UserError for values that cannot work together; return self.
@@ -292,6 +294,7 @@ class TrainConfig:
             if value is not None:
                 check_number(key, value, lo, hi)
         s.validate()
+        self.guard.validate()
         if isinstance(s.checkpointing, str) and s.checkpointing != "auto":
             raise UserError(f"sampling.checkpointing must be true, false or auto, got {s.checkpointing!r}")
         for key in ("model", "reward", "prompts", "eval_prompts", "output_dir"):

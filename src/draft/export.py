@@ -30,8 +30,11 @@ from pathlib import Path
 import torch
 
 from draft.errors import UserError
+from draft.runs import BEST_LORA
 
 FORMATS = ("kohya", "comfyui", "diffusers")
+# A run's LoRA folders (`draft.runs`) and what an exported file's name adds to the run's name.
+RUN_LORAS = {"lora": "", BEST_LORA: "-best"}
 _DOWN = (".lora_A.weight", ".lora.down.weight")
 _UP = (".lora_B.weight", ".lora.up.weight")
 
@@ -116,7 +119,7 @@ def _run_model(path: Path) -> str | None:
     from draft.configio import read_yaml
 
     run_config = path.parent.parent / "config.yaml"
-    if path.parent.name != "lora" or not run_config.is_file():
+    if path.parent.name not in RUN_LORAS or not run_config.is_file():
         return None
     return read_yaml(run_config).get("model")
 
@@ -147,7 +150,8 @@ def diffusers_state_dict(lora: Lora, scale: float = 1.0) -> tuple[dict[str, torc
 
 def default_out(lora: Lora, fmt: str) -> Path:
     """Next to the source file, named after the run (or the file) and the format."""
-    stem = lora.path.parent.parent.name if lora.path.parent.name == "lora" else lora.path.stem
+    folder = lora.path.parent.name
+    stem = lora.path.parent.parent.name + RUN_LORAS[folder] if folder in RUN_LORAS else lora.path.stem
     return lora.path.parent / f"{stem}-{fmt}.safetensors"
 
 

@@ -82,8 +82,9 @@ def load_adapter_state_dict(net: torch.nn.Module, state: dict[str, torch.Tensor]
             current[k].copy_(v)
 
 
-def save_lora(model, directory: str | Path, adapter: str = TRAIN_ADAPTER) -> Path:
-    """Write the adapter in diffusers format to directory/pytorch_lora_weights.safetensors."""
+def save_lora(model, directory: str | Path, adapter: str = TRAIN_ADAPTER, state: dict | None = None) -> Path:
+    """Write the adapter (or `state`, weights of it kept from an earlier step) in diffusers format to
+    directory/pytorch_lora_weights.safetensors."""
     from draft.models.base import unwrap
 
     net = unwrap(model.denoiser)
@@ -92,7 +93,8 @@ def save_lora(model, directory: str | Path, adapter: str = TRAIN_ADAPTER) -> Pat
     # projections to the old "lora.down"/"lora.up" form, and a file mixing both forms (an
     # adapter on convolutions or feed-forward layers too) loads with its attention layers
     # silently dropped.
-    model.save_lora(directory, adapter_state_dict(net, adapter), net.peft_config[adapter].to_dict())
+    state = adapter_state_dict(net, adapter) if state is None else state
+    model.save_lora(directory, state, net.peft_config[adapter].to_dict())
     return Path(directory) / WEIGHT_NAME
 
 

@@ -4,6 +4,7 @@
       config.yaml        the resolved configuration
       metrics.jsonl      one JSON object per logged step
       lora/              the final adapter in diffusers format
+      lora-best/         the held-out guard's best adapter, with best.json (`draft.guard`)
       checkpoints/       resumable training state (draft.checkpoint)
       samples/           fixed-seed image grids
       report/            plots, before/after grid, eval.json
@@ -29,6 +30,8 @@ from pathlib import Path
 from draft import safeio
 from draft.errors import UserError
 
+BEST_LORA = "lora-best"  # the held-out guard's best LoRA, beside lora/ (`draft.guard`)
+
 
 @dataclass(frozen=True)
 class RunFolder:
@@ -45,6 +48,10 @@ class RunFolder:
     @property
     def lora(self) -> Path:
         return self.root / "lora"
+
+    @property
+    def lora_best(self) -> Path:
+        return self.root / BEST_LORA
 
     @property
     def checkpoints(self) -> Path:
@@ -117,6 +124,9 @@ class RunFolder:
             plot_metrics(self.metrics, self.report)
         with safeio.writing("the model card", self.lora):
             write_card(self.root)  # lora/README.md, from the files written above
+        if self.lora_best.is_dir():
+            with safeio.writing("the model card", self.lora_best):
+                write_card(self.root, self.lora_best)
         if eval_after:
             kind = "videos" if after is not None and after.ndim == 5 else "images"
             print(comparison(eval_before, eval_after, f"held-out, {eval_after['n']} {kind}"))

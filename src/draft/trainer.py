@@ -115,6 +115,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, accelerator, run: RunFolder, reward_fn: Callable | None):
         from draft import rewards
+        from draft.guard import Guard
         from draft.inference import BATCH, sample_size
         from draft.lora import add_lora
         from draft.methods import METHODS, Sampler
@@ -149,6 +150,7 @@ class Trainer:
         self.progress = ckpt.Progress()
         self.watch = Watch(self.model, self.reward, load_prompts(config.eval_prompts, config.model), config,
                            accelerator.device, self._bare)
+        self.guard = Guard(config.guard, self.watch, run, accelerator, self.model, self.raw_denoiser)
         # The training prompts are encoded as a step encodes them (its autocast and batch); the grids' as `generate`.
         place_text_encoders(self.model, config.text_encoders, (s.guidance_scale, self.size, s.negative_prompt),
                             [(self.prompts, accelerator.autocast, config.batch_size),
@@ -211,6 +213,7 @@ class Trainer:
         tr = state["trainer"]
         self.progress = ckpt.Progress(state["step"], tr["queries"], tr["train_time"], tr["bad_total"], 0,
                                  tr.get("eval_before"))
+        self.guard.restore(tr.get("guard"), state["adapter_best"])
 
     def first_grid(self) -> torch.Tensor | None:
         """The grid of the current step (main process), on which the reward is tried."""
@@ -218,6 +221,7 @@ class Trainer:
             return None
         samples = self.watch.grid()
         self.watch.check_reward(samples[:2], self.watch.grid_layout()[0][:2], self.info.reward_gradient)
+        self.guard.check(samples[:2])
         return samples
 
     def start(self, first_grid: torch.Tensor | None, fresh: bool) -> None:
@@ -233,6 +237,7 @@ class Trainer:
             else:
                 print(f"resuming {self.run.root} at step {self.progress.step}", flush=True)
                 self.run.truncate_metrics(self.progress.step)
+            self.guard.start(fresh, self.log)
         self.acc.wait_for_everyone()
 
     # --- the loop ---
@@ -247,7 +252,7 @@ class Trainer:
         bar = tqdm(total=c.steps, initial=p.step, disable=not show_progress, desc="train", dynamic_ncols=True)
         # SIGTERM, SIGINT and SIGUSR1 end the run after the current step, with a checkpoint.
         with GracefulStop() as stop:
-            while p.step < c.steps:
+            while p.step < c.steps and not self.guard.stopped:  # the guard stops a run that hacks its reward
                 try:
                     row = self.optimizer_step()
                 except torch.OutOfMemoryError:  # the step is abandoned; the last checkpoint stands
@@ -258,7 +263,8 @@ class Trainer:
                 if c.log.eval_every and p.step % c.log.eval_every == 0:
                     # Held-out figures during training (not counted in `time`), for learning curves.
                     row.update({f"eval_{k}": v for k, v in (self._evaluate() or {}).items() if k != "n"})
-                if p.step % c.log.every == 0 or p.step == c.steps or "eval_reward_mean" in row:
+                self.guard.after_step(p.step, row, p.step == c.steps)  # guard_* figures at its steps
+                if p.step % c.log.every == 0 or p.step == c.steps or {"eval_reward_mean", "guard_best_step"} & row.keys():
                     self.log(row)
                 if p.bad_run >= c.max_bad_steps:
                     raise TrainingStopped(
@@ -358,7 +364,8 @@ class Trainer:
             from draft.lora import adapter_state_dict
 
             ckpt.save(self.run.checkpoints, p.step, adapter_state_dict(self.raw_denoiser), self.optimizer,
-                      self.scheduler, self.acc.scaler, p.saved(), self.config.log.keep_checkpoints)
+                      self.scheduler, self.acc.scaler, {**p.saved(), "guard": self.guard.saved()},
+                      self.config.log.keep_checkpoints, self.guard.best_adapter)
         self.acc.wait_for_everyone()
 
     def _evaluate(self) -> dict | None:

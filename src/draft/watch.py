@@ -37,10 +37,12 @@ class Watch:
         return [p for _ in seeds for p in chosen], [s for s in seeds for _ in chosen]
 
     def prompts(self) -> list[str]:
-        """Every prompt the grids and evaluations sample (what `text_encoders=cache` encodes for them)."""
-        n = self.config.log.eval_samples
-        held_out = [self.eval_prompts[g] for g in spread(len(self.eval_prompts), n)] if n else []
-        return self.grid_prompts() + held_out
+        """Every prompt the grids and evaluations (the held-out guard's too) sample: what
+        `text_encoders=cache` encodes for them."""
+        guard = self.config.guard
+        sizes = (self.config.log.eval_samples, guard.samples if guard.every else 0)
+        return self.grid_prompts() + [self.eval_prompts[g] for n in sizes if n
+                                      for g in spread(len(self.eval_prompts), n)]
 
     def grid(self) -> torch.Tensor:
         """The fixed-seed grid's samples, in `grid_layout`'s order."""
@@ -65,12 +67,12 @@ class Watch:
             raise UserError(f"reward {name!r} passes no gradient to the samples; "
                             f"method={self.config.method} needs one (method=ddpo works without)")
 
-    def evaluate(self) -> dict | None:
-        """Reward (and model metrics) on `log.eval_samples` held-out prompts, one fixed seed
-        each, scored a batch at a time; None when evaluation is off."""
+    def evaluate(self, n: int | None = None) -> dict | None:
+        """Reward (and model metrics) on `n` (default `log.eval_samples`) held-out prompts, one
+        fixed seed each, scored a batch at a time; None when evaluation is off."""
         from draft.evaluation import evaluate_model
 
-        n = self.config.log.eval_samples
+        n = self.config.log.eval_samples if n is None else n
         if n == 0:
             return None
         groups = spread(len(self.eval_prompts), n)
@@ -79,6 +81,12 @@ class Watch:
         with self.bare():
             return evaluate_model(self.model, prompts, [EVAL_SEED + k for k in range(n)], groups, self.reward,
                                   self.config.sampling, self.device, frames)
+
+    def score(self, samples: torch.Tensor, prompts: list[str]) -> dict:
+        """The figures an evaluation reports, of `samples` (one group each)."""
+        from draft.evaluation import score_batches
+
+        return score_batches([(samples, prompts, range(len(prompts)))], self.reward, self.model.metrics, self.device)
 
     def _size(self):
         from draft.inference import sample_size
