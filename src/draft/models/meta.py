@@ -119,11 +119,8 @@ def _mixed_precision():
         F.group_norm, F.layer_norm, F.linear, F.conv2d, F.conv3d = group_norm, layer_norm, linear, conv2d, conv3d
 
 
-def saved_bytes(fn: Callable[[], object], module: torch.nn.Module) -> int:
-    """Bytes of the tensors autograd saves for the backward of `fn()`, each storage once,
-    the module's own weights excluded (they are counted as weights)."""
-    weights = {id(t) for t in (*module.parameters(), *module.buffers())}
-    seen: dict[int, int] = {}
+def _saving(seen: dict[int, int], weights: set[int]):
+    """Record the bytes of each storage autograd saves into `seen`, the weights excluded."""
 
     def pack(t):
         base = t._base if t._base is not None else t
@@ -131,8 +128,58 @@ def saved_bytes(fn: Callable[[], object], module: torch.nn.Module) -> int:
             seen[id(base)] = max(seen.get(id(base), 0), base.numel() * base.element_size())
         return t
 
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+@contextlib.contextmanager
+def _counting(module: torch.nn.Module, seen: dict[int, int]):
+    """Count what autograd saves into `seen`, as on an accelerator (fused attention, autocast's rules)."""
+    weights = {id(t) for t in (*module.parameters(), *module.buffers())}
     half = next(module.parameters()).dtype in (torch.float16, torch.bfloat16)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _fused_attention(), \
-            (_mixed_precision() if half else contextlib.nullcontext()):
+    with _saving(seen, weights), _fused_attention(), (_mixed_precision() if half else contextlib.nullcontext()):
+        yield weights
+
+
+def saved_bytes(fn: Callable[[], object], module: torch.nn.Module) -> int:
+    """Bytes of the tensors autograd saves for the backward of `fn()`, each storage once,
+    the module's own weights excluded (they are counted as weights)."""
+    seen: dict[int, int] = {}
+    with _counting(module, seen):
         fn()
     return sum(seen.values())
+
+
+def block_checkpointed_bytes(fn: Callable[[], object], module: torch.nn.Module) -> int:
+    """What the backward of `fn()` holds at its peak with `module`'s blocks checkpointed by
+    diffusers (`draft.models.memory.checkpoint_blocks`): the tensors saved outside the
+    blocks, every block's inputs (kept for its recompute), and the largest block's own saved
+    tensors plus the gradients entering and leaving it (twice its largest input), since the
+    backward recomputes one block at a time. Counted through diffusers' hook for a
+    checkpointing function, so the blocks are exactly the ones it checkpoints."""
+    from torch.utils._pytree import tree_leaves
+
+    outside: dict[int, int] = {}
+    inputs: dict[int, torch.Tensor] = {}  # kept alive, so their ids stay theirs while counting
+    block_peak = [0]
+    weights: set[int] = set()
+
+    def run_block(block, *args):
+        tensors = [a for a in tree_leaves(args) if isinstance(a, torch.Tensor)]
+        inputs.update({id(t._base if t._base is not None else t): t for t in tensors})
+        inside: dict[int, int] = {}
+        with _saving(inside, weights):
+            out = block(*args)
+        widest = max((t.numel() * t.element_size() for t in tensors), default=0)
+        block_peak[0] = max(block_peak[0], sum(inside.values()) + 2 * widest)
+        return out
+
+    module.enable_gradient_checkpointing(run_block)
+    try:
+        with _counting(module, outside) as weights_:
+            weights.update(weights_)
+            fn()
+    finally:
+        module.disable_gradient_checkpointing()
+    kept = {k: (t._base if t._base is not None else t) for k, t in inputs.items() if k not in weights}
+    kept_bytes = {k: b.numel() * b.element_size() for k, b in kept.items()}
+    return sum({**outside, **kept_bytes}.values()) + block_peak[0]
