@@ -100,6 +100,7 @@ def test_a_short_training_run_on_an_int8_base(tiny_flux, tmp_path, capsys):
     out = capsys.readouterr()
     assert "quantize=int8" in out.out and "merge_lora" in out.out
     assert "Failed to load" not in out.err and "TorchaoLoraLinear" not in out.err
+    assert "Linear weights int8 (torchao)" in (tmp_path / "q" / "lora" / "README.md").read_text()  # the card
     lora = load_file(tmp_path / "q" / "lora" / WEIGHT_NAME)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
 

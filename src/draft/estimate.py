@@ -296,9 +296,10 @@ def _activations(config: TrainConfig, model, dtype):
         notes.append(f"activations of {type(model.denoiser).__name__} are not modelled; weights only")
     else:
         x = empty(calls, *latent, dtype=dtype).requires_grad_(True)
-        count = meta.block_checkpointed_bytes if s.block_checkpointing else meta.saved_bytes
+        blocks = s.block_checkpointing and getattr(model.denoiser, "_supports_gradient_checkpointing", False)
+        count = meta.block_checkpointed_bytes if blocks else meta.saved_bytes
         u = count(lambda: model.denoise(x, empty(), cond), model.denoiser)
-        if s.block_checkpointing:
+        if blocks:
             notes.append("sampling.block_checkpointing: a gradient-carrying call keeps its blocks' inputs and its "
                          "backward one block's activations (and the gradients in and out of it) at a time")
     d = 0
