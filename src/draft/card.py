@@ -164,7 +164,9 @@ def settings(config: dict, last: dict) -> dict[str, str]:
         "sampling": f"{sampling.get('num_steps', '?')} steps, guidance {sampling.get('guidance_scale', '?')}, "
                     f"eta {sampling.get('eta', '?')}",
         "DRaFT+ regulariser (kl_coeff)": str(config.get("kl_coeff", 0)),
-        "precision": str(config.get("mixed_precision", "no")),
+        "precision": str(config.get("mixed_precision", "no")) + (  # a LoRA fitted to a quantized base says so
+            f", the frozen denoiser's Linear weights {config['quantize']} (torchao)"
+            if config.get("quantize", "none") != "none" else ""),
         "training prompts": f"`{config.get('prompts', '?')}`",
         "seed": str(config.get("seed", "?")),
     }

@@ -23,6 +23,7 @@ from draft.guard import GuardConfig
 PRECISIONS = ("no", "bf16", "fp16")
 FRAME_CHOICES = ("even", "random", "first")
 TEXT_ENCODERS = ("device", "offload", "cache")  # `draft.models.text`
+QUANTIZE = ("none", "int8", "float8", "nf4")  # `draft.models.memory`
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class SamplingConfig:
     # against TRL). Values differ from `false` only by the rounding of merged weights.
     # Sharded or compiled denoisers, which cannot be merged, use torch.utils.checkpoint.
     merged_recompute: bool = True
+    # Also checkpoint each block of a gradient-carrying call (diffusers' own): its backward holds one block's activations.
+    block_checkpointing: bool = False
     # Image size in pixels; 0 means the model's native size.
     height: int = 0
     width: int = 0
@@ -264,6 +267,8 @@ class TrainConfig:
     # Text encoders: device (encode every micro-batch), offload (host memory but while encoding) or cache (the run's
     # prompts encoded once, encoders dropped); a training run's memory plan, so not in `sampling` (`draft.models.text`).
     text_encoders: str = "device"
+    # The denoiser's frozen Linear weights: none, int8, float8 (weight-only) or nf4, by torchao ([quant] extra).
+    quantize: str = "none"
 
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -282,12 +287,10 @@ class TrainConfig:
 
             if self.method not in METHODS:
                 raise unknown("method", self.method, METHODS)
-        if self.mixed_precision not in PRECISIONS:
-            raise unknown("mixed_precision", self.mixed_precision, PRECISIONS)
-        if self.text_encoders not in TEXT_ENCODERS:
-            raise unknown("text_encoders", self.text_encoders, TEXT_ENCODERS)
-        if self.reward_frame_choice not in FRAME_CHOICES:
-            raise unknown("reward_frame_choice", self.reward_frame_choice, FRAME_CHOICES)
+        for key, choices in (("mixed_precision", PRECISIONS), ("text_encoders", TEXT_ENCODERS),
+                             ("quantize", QUANTIZE), ("reward_frame_choice", FRAME_CHOICES)):
+            if getattr(self, key) not in choices:
+                raise unknown(key, getattr(self, key), choices)
         if len(self.direct_align_sigmas) != 2:  # its order is Direct-Align's own check
             raise UserError(f"direct_align_sigmas must be [low, high], got {list(self.direct_align_sigmas)}")
         for key, value, lo, hi in self._numeric_ranges():

@@ -135,9 +135,11 @@ def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> 
     if model is None:
         notes = ["no denoiser or VAE this draft can model in model_index.json: activations not estimated"]
         return Estimate(sum(parts.values()), 0, reward_bytes, 0, 0, parts, notes=notes)
+    notes = _quantized(config, model, comps, parts, dtype)
     n_lora = lora_parameters(model.denoiser, config.lora.target_modules or model.default_lora_targets,
                              config.lora.rank)
-    u, d, size, latent, notes = _activations(config, model, dtype)
+    u, d, size, latent, more = _activations(config, model, dtype)
+    notes += more
     b, n = config.batch_size, _method(config).passes(config)
     precision = {"no": "float32"}.get(config.mixed_precision, config.mixed_precision)
     step = b * n * math.prod(latent) * 4  # a checkpointed step keeps its float32 input latents
@@ -166,6 +168,20 @@ def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> 
     est.kept_graphs = kept
     est.time_ratio = time_ratio(config, kept)
     return est
+
+
+def _quantized(config: TrainConfig, model, comps: dict, parts: dict[str, int], dtype) -> list[str]:
+    """Count the denoisers' weights as `config.quantize` holds them (`draft.models.memory`)."""
+    from draft.models.memory import QUANT_BITS, denoisers, quantized_bytes
+
+    if config.quantize == "none":
+        return []
+    nets = denoisers(model)
+    for name, module in comps.items():
+        if any(module is net for net in nets):
+            parts[name] = quantized_bytes(module, dtype, config.quantize)
+    return [f"quantize={config.quantize}: the denoiser's Linear weights at {QUANT_BITS[config.quantize]} bits with "
+            "their scales, the rest of it in the run's precision; the LoRA runs unmerged on every step"]
 
 
 def _text_encoders(config: TrainConfig, model, parts: dict[str, int], dtype):
@@ -282,7 +298,12 @@ def _activations(config: TrainConfig, model, dtype):
         notes.append(f"activations of {type(model.denoiser).__name__} are not modelled; weights only")
     else:
         x = empty(calls, *latent, dtype=dtype).requires_grad_(True)
-        u = meta.saved_bytes(lambda: model.denoise(x, empty(), cond), model.denoiser)
+        blocks = s.block_checkpointing and getattr(model.denoiser, "_supports_gradient_checkpointing", False)
+        count = meta.block_checkpointed_bytes if blocks else meta.saved_bytes
+        u = count(lambda: model.denoise(x, empty(), cond), model.denoiser)
+        if blocks:
+            notes.append("sampling.block_checkpointing: a gradient-carrying call keeps its blocks' inputs and its "
+                         "backward one block's activations (and the gradients in and out of it) at a time")
     d = 0
     if config.method != "ddpo":
         # The frames the reward sees; a random choice may include the last, which needs them all.
@@ -317,13 +338,14 @@ def peak_activations(method: str, kept: int, u: int, d: int, step: int, g: int) 
 def time_ratio(config: TrainConfig, kept: int) -> float:
     """Denoiser-call units of a step over those of sampling the batch (T): a gradient-carrying
     call costs a forward and a backward (about two forwards), plus one forward when
-    checkpointed (`draft.methods.Method.calls` counts the calls); `kept` of the window's
-    gradient steps are not checkpointed."""
+    checkpointed and one more with block checkpointing (`draft.methods.Method.calls` counts
+    the calls); `kept` of the window's gradient steps are not checkpointed."""
     method = _method(config)
     free, grad = method.calls(config)
     g = grad_steps(config)
     checkpointed = 0.0 if method.memory == "one-step" or not g else (g - min(kept, g)) / g
-    return (free + grad * (3 + checkpointed)) / config.sampling.num_steps
+    blocks = 1.0 if config.sampling.block_checkpointing else 0.0  # each block's forward once more in the backward
+    return (free + grad * (3 + checkpointed + blocks)) / config.sampling.num_steps
 
 
 def lora_parameters(module: torch.nn.Module, targets, rank: int) -> int:

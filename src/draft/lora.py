@@ -40,8 +40,10 @@ def add_lora(model, cfg: LoraConfig, seed: int = 0) -> list[torch.nn.Parameter]:
     net = model.denoiser
     targets = lora_targets(model, cfg)
     net.requires_grad_(False)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(seed)  # the A matrices' init, identical on every process
+        # On a torchao-quantized base (`quantize`) peft warns that it cannot merge: draft never asks it to.
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
         try:
             net.add_adapter(
                 PeftLoraConfig(

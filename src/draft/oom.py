@@ -19,10 +19,14 @@ def _candidates(config: TrainConfig) -> list[list[str]]:
     s, out = config.sampling, []
     if s.checkpointing is not True:
         out.append(["sampling.checkpointing=true"])
+    if not s.block_checkpointing:
+        out.append(["sampling.block_checkpointing=true"])
     if not s.decode_checkpointing:
         out.append(["sampling.decode_checkpointing=true"])
     if config.text_encoders != "cache":
         out.append(["text_encoders=cache"])
+    if config.quantize == "none":
+        out.append(["quantize=int8"])
     if config.batch_size > 1:
         out.append([f"batch_size={config.batch_size // 2}", f"grad_accum={config.grad_accum * 2}"])
     if config.mixed_precision == "no":

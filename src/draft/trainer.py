@@ -120,6 +120,7 @@ class Trainer:
         from draft.lora import add_lora
         from draft.methods import METHODS, Sampler
         from draft.models import load_model
+        from draft.models.memory import memory_options
         from draft.models.text import place_text_encoders
         from draft.prompts import load_prompts
         from draft.watch import Watch
@@ -129,6 +130,8 @@ class Trainer:
         self.model = load_model(config.model, device=accelerator.device, dtype=dtype, options=config.model_options)
         self.reward = rewards.from_config(reward_fn or config.reward, config.reward_args).to(accelerator.device)
         self.prompts = load_prompts(config.prompts, config.model)
+        for line in memory_options(self.model, config.sampling.block_checkpointing, config.quantize):  # before LoRA
+            accelerator.print(line)
         self.params = add_lora(self.model, config.lora, seed=config.seed)
         self.raw_denoiser = self.model.denoiser
         self.optimizer = torch.optim.AdamW(

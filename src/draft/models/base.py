@@ -410,12 +410,14 @@ class PipelineAdapter:
         """
         from peft.tuners.lora import LoraLayer
 
+        from draft.models.memory import is_quantized
+
         if torch.is_grad_enabled():
             raise RuntimeError("adapters_merged() is for sampling under no_grad")
         net = _mergeable(self.denoiser)
-        layers = [] if net is None else [
-            m for m in net.modules()
-            if isinstance(m, LoraLayer) and not m.disable_adapters and not m.merged and m.active_adapters
+        layers = [] if net is None else [  # a quantized base layer has no weights to fold into (`quantize`)
+            m for m in net.modules() if isinstance(m, LoraLayer) and not m.disable_adapters and not m.merged
+            and m.active_adapters and not is_quantized(m.get_base_layer().weight)
         ]
         saved = [m.get_base_layer().weight.detach().clone() for m in layers]
         try:
@@ -457,9 +459,15 @@ def load_callable(spec: str) -> Callable:
 
 def quiet_diffusers() -> None:
     """Silence diffusers/transformers progress bars and info logs; ours are the ones that matter."""
+    import logging
+
     import diffusers
     import transformers
 
+    # diffusers imports torchao where installed (the [quant] extra), which on a CPU-only torch
+    # logs its GPU kernels it cannot load, and torch its pytree deprecations: not the user's concern.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

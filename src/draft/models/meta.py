@@ -137,31 +137,37 @@ class _Saved:
             self.alive.append(base)
         return t
 
-    def region(self, fn, *args):
+    def region(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` as a checkpointed region: its tensor inputs are kept; its own
+        graph, plus the gradients entering and leaving it (twice its largest input), is what
+        the backward holds while recomputing it."""
+        from torch.utils._pytree import tree_leaves
+
         inner = _Saved.__new__(_Saved)
         inner.weights, inner.seen, inner.regions, inner.alive = self.weights, {}, self.regions, self.alive
         with torch.autograd.graph.saved_tensors_hooks(inner.pack, lambda t: t):
-            out = fn(*args)
-        self.regions.append(sum(inner.seen.values()))
-        for a in args:  # what torch's checkpoint keeps: the region's tensor inputs
-            if isinstance(a, torch.Tensor):
-                self.pack(a)
+            out = fn(*args, **kwargs)
+        tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        widest = max((t.numel() * t.element_size() for t in tensors), default=0)
+        self.regions.append(sum(inner.seen.values()) + 2 * widest)
+        for t in tensors:  # what torch's checkpoint keeps: the region's tensor inputs
+            self.pack(t)
         return out
 
 
 _counting: list[_Saved] = []
 
 
-def checkpointed(fn: Callable, *args):
+def checkpointed(fn: Callable, *args, **kwargs):
     """`fn(*args)` under torch's non-reentrant checkpoint when gradients are on: only the
     tensor inputs are kept, and the backward recomputes `fn`'s graph. While `saved_bytes`
     counts, the region is run plainly and its graph counted apart, since the backward holds
     one recomputed region at a time."""
     if _counting:
-        return _counting[-1].region(fn, *args)
+        return _counting[-1].region(fn, *args, **kwargs)
     if not torch.is_grad_enabled():
-        return fn(*args)
-    return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args, **kwargs)
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
 def saved_bytes(fn: Callable[[], object], module: torch.nn.Module) -> int:
@@ -179,3 +185,16 @@ def saved_bytes(fn: Callable[[], object], module: torch.nn.Module) -> int:
     finally:
         _counting.pop()
     return sum(saved.seen.values()) + max(saved.regions, default=0)
+
+
+def block_checkpointed_bytes(fn: Callable[[], object], module: torch.nn.Module) -> int:
+    """`saved_bytes` with `module`'s blocks checkpointed by diffusers
+    (`draft.models.memory.checkpoint_blocks`): diffusers' hook for a checkpointing function
+    runs each block as a `checkpointed` region, so the blocks counted are exactly the ones
+    it checkpoints."""
+    module.enable_gradient_checkpointing(checkpointed)
+    try:
+        return saved_bytes(fn, module)
+    finally:
+        module.disable_gradient_checkpointing()
+

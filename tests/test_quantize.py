@@ -1,0 +1,153 @@
+"""A quantized frozen base (`quantize`, `draft.models.memory`): the LoRA trains in float32 on
+top of torchao's int8, float8 or nf4 weights, its gradients those of the dequantized model
+within the quantization's rounding; the merged fast path falls back; the estimate counts
+the quantized bytes. The tests that quantize need torchao (the [quant] extra)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from draft.config import LoraConfig, SamplingConfig, TrainConfig
+from draft.errors import UserError
+from draft.lora import add_lora
+from draft.methods import METHODS, Sampler
+from draft.models import load_model
+from draft.models.memory import is_quantized, quantize, quantized_bytes
+from draft.plan import micro_batch
+from draft.rewards import FunctionReward
+
+T = 4
+HOWS = ["int8", "float8", "nf4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    from draft.models.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("flux"), "flux")
+
+
+def _dequantized(weight: torch.Tensor) -> torch.Tensor:
+    return weight.get_original_weight() if hasattr(weight, "get_original_weight") else weight.dequantize()
+
+
+def _lora(model):
+    params = add_lora(model, LoraConfig(rank=4))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)  # off B = 0, the same on every model
+        for p in params:
+            p.add_(0.02 * torch.randn_like(p))
+    return params
+
+
+def _gradients(model, params, merge: bool = True):
+    reward = FunctionReward(lambda images, prompts: images.mean((1, 2, 3)), "brightness")
+    sampler = Sampler(model, reward, model.schedule(T), guidance_scale=3.0, merge_lora=merge, merged_recompute=merge)
+    batch = micro_batch(0, 0, 0, 0, 1, 2, 1, ["a red circle", "a blue star"], model.latent_shape(), "cpu")
+    METHODS["draft-k"](sampler, batch, TrainConfig(k=2)).loss.backward()
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_lora_gradients_on_a_quantized_base_are_those_of_the_dequantized_model(how, tiny_flux, one_thread):
+    """The same LoRA on the quantized base and on a plain copy holding its dequantized weights:
+    gradients equal within the kernels' rounding, far closer than to the unquantized model's."""
+    pytest.importorskip("torchao")
+    quantized, dequantized, original = (load_model(str(tiny_flux)) for _ in range(3))
+    quantize(quantized, how)
+    layers = dict(dequantized.denoiser.named_modules())
+    n = 0
+    for name, layer in quantized.denoiser.named_modules():
+        if isinstance(layer, torch.nn.Linear) and is_quantized(layer.weight):
+            layers[name].weight.data = _dequantized(layer.weight).to(layers[name].weight.dtype)
+            n += 1
+    assert n > 0
+    g_q, g_d, g_o = (_gradients(m, _lora(m)) for m in (quantized, dequantized, original))
+    assert g_q.abs().sum() > 0
+    torch.testing.assert_close(g_q, g_d, rtol=1e-4, atol=1e-6)
+    assert (g_q - g_d).norm() < 0.1 * (g_q - g_o).norm()  # the quantization is really there
+
+
+def test_the_merged_fast_path_falls_back_on_a_quantized_base(tiny_flux, one_thread):
+    pytest.importorskip("torchao")
+    model = load_model(str(tiny_flux))
+    quantize(model, "int8")
+    params = _lora(model)
+    with torch.no_grad(), model.adapters_merged() as base:
+        assert base is None  # nothing folded
+    merged = _gradients(model, params, merge=True)
+    for p in params:
+        p.grad = None
+    unmerged = _gradients(model, params, merge=False)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_a_short_training_run_on_an_int8_base(tiny_flux, tmp_path, capsys):
+    """`draft train quantize=int8`: says so at start-up, the LoRA changes, the base stays int8."""
+    pytest.importorskip("torchao")
+    from draft.cli import main
+    from draft.lora import WEIGHT_NAME
+    from safetensors.torch import load_file
+
+    args = [f"model={tiny_flux}", "quantize=int8", "reward=brightness", "prompts=a small red circle|a green star",
+            "eval_prompts=a green star", "steps=2", "batch_size=1", "sampling.num_steps=3", "log.eval_samples=0",
+            "log.trackers=[]", "log.sample_prompts=1", "log.sample_seeds=1", f"output_dir={tmp_path}", "name=q"]
+    assert main(["train", *args, "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "quantize=int8" in out.out and "merge_lora" in out.out
+    assert "Failed to load" not in out.err and "TorchaoLoraLinear" not in out.err
+    assert "Linear weights int8 (torchao)" in (tmp_path / "q" / "lora" / "README.md").read_text()  # the card
+    lora = load_file(tmp_path / "q" / "lora" / WEIGHT_NAME)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_the_estimate_counts_the_quantized_bytes(how, tiny_flux):
+    """The estimate's count for a quantized denoiser is the bytes torchao's tensors hold."""
+    pytest.importorskip("torchao")
+    model = load_model(str(tiny_flux))
+    net = model.denoiser
+    counted = quantized_bytes(net, torch.float32, how)
+    quantize(model, how)
+    held = 0
+    for t in (*net.parameters(), *net.buffers()):
+        if is_quantized(t):
+            names = t.tensor_data_names if hasattr(t, "tensor_data_names") else \
+                ("quantized_data", "quantized_scalers", "quantization_factor")
+            held += sum(getattr(t, k).numel() * getattr(t, k).element_size() for k in names)
+        else:
+            held += t.numel() * t.element_size()
+    assert counted < quantized_bytes(net, torch.float32, "none") == sum(
+        t.numel() * t.element_size() for t in (*load_model(str(tiny_flux)).denoiser.parameters(),
+                                                *load_model(str(tiny_flux)).denoiser.buffers()))
+    assert abs(counted - held) <= 0.02 * held, (counted, held)
+
+
+def test_the_estimate_shrinks_the_weights_by_the_bits(tiny_flux):
+    """No torchao needed: the dry run counts 8- and 4-bit weights below the run's precision."""
+    from draft.estimate import estimate
+
+    weights = {}
+    for how in ("none", *HOWS):
+        cfg = TrainConfig(model=str(tiny_flux), method="draft-k", k=1, quantize=how,
+                          sampling=SamplingConfig(num_steps=T, guidance_scale=3.5)).validate()
+        est = estimate(cfg, tiny_flux)
+        weights[how] = est.parts["transformer"]
+        assert how == "none" or any(n.startswith(f"quantize={how}") for n in est.notes)
+    assert weights["nf4"] < weights["int8"] == weights["float8"] < weights["none"]
+
+
+def test_without_torchao_the_error_names_the_extra(tiny_flux, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(UserError, match=r"draft-diffusion\[quant\]"):
+        quantize(load_model(str(tiny_flux)), "int8")
+
+
+def test_an_unknown_quantization_is_a_user_error():
+    with pytest.raises(UserError, match="quantize"):
+        TrainConfig(quantize="int3").validate()
