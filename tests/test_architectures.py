@@ -163,17 +163,26 @@ def test_the_fits_table_has_a_cell_per_preset_and_option(monkeypatch, capsys):
     seen = []
 
     def estimated(config, folder, reward_bytes=0):
-        seen.append((config.model, config.text_encoders))
-        return Estimate({"device": 30, "cache": 20}[config.text_encoders] * GIB, 0, 0, 0, 1)
+        seen.append((config.model, config.text_encoders, config.sampling.block_checkpointing, config.quantize))
+        gib = {"device": 90, "cache": 60}[config.text_encoders] - 20 * config.sampling.block_checkpointing
+        return Estimate((gib - {"none": 0, "int8": 10, "nf4": 30}[config.quantize]) * GIB, 0, 0, 0, 1)
 
     monkeypatch.setattr(draft.estimate, "estimate", estimated)
     monkeypatch.setattr(fits, "run_size", lambda config: "SIZE")
     assert fits.main(["--configs", str(PRESETS[0].parent)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == [p.name for p in PRESETS]
-    assert seen == [(load_config(p).model, te) for p in PRESETS for te in ("device", "cache")]
-    for row in rows:
-        assert [c.strip() for c in row.strip("|").split("|")][-2:] == ["30.0 GiB: 40 GB", "20.0 GiB: 24 GB"]
+    added = [("cache", False, "none"), ("cache", True, "none"), ("cache", True, "int8"), ("cache", True, "nf4")]
+    expected = []
+    for path in PRESETS:
+        c = load_config(path)
+        expected += [(c.model, c.text_encoders, c.sampling.block_checkpointing, c.quantize)]
+        expected += [(c.model, *step) for step in added]
+    assert seen == expected
+    for row, path in zip(rows, PRESETS):
+        cells = [c.strip() for c in row.strip("|").split("|")][-5:]
+        shipped = estimated(load_config(path), None)
+        assert cells == [fits.cell(shipped), "60.0 GiB: 80 GB", "40.0 GiB: 48 GB", "30.0 GiB: 40 GB", "10.0 GiB: 24 GB"]
 
 
 @pytest.mark.slow

@@ -18,6 +18,9 @@ from pathlib import Path
 OPTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("as shipped", ()),
     ("+ `text_encoders=cache`", ("text_encoders=cache",)),
+    ("+ `sampling.block_checkpointing=true`", ("sampling.block_checkpointing=true",)),
+    ("+ `quantize=int8`", ("quantize=int8",)),
+    ("`quantize=nf4` instead", ("quantize=nf4",)),
 )
 
 NOTE = ("Peak accelerator memory per process estimated by `draft train CONFIG --dry-run` (`python -m draft.fits`), "
