@@ -194,7 +194,9 @@ def test_a_partial_decode_is_the_same_frames_of_a_full_decode(family):
 
 def test_a_checkpointed_decode_gives_the_plain_decodes_samples_and_gradients(family):
     """`sampling.decode_checkpointing`: the same samples and latent gradients, whatever region
-    the family checkpoints (an image's whole decode, a video's latent frames one by one)."""
+    the family checkpoints (an image VAE's blocks one sample at a time, a video's latent
+    frames one by one), to float32 rounding: a sample decoded alone rounds as a batch of one
+    (we see 1.6e-6)."""
     name, path, _ = family
     model = _load(name, path)
     z = SampleNoise([0, 1], model.latent_shape(), "cpu").draw()
@@ -205,8 +207,9 @@ def test_a_checkpointed_decode_gives_the_plain_decodes_samples_and_gradients(fam
         (out * torch.linspace(0, 1, out.numel()).view(out.shape)).sum().backward()
         outs.append(out.detach())
         grads.append(x.grad)
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-6)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    # by norm: where rounding moves a pixel across the clamp at 0 or 1, its gradient switches
+    assert (grads[1] - grads[0]).norm() <= 1e-4 * grads[0].norm()
 
 
 def test_lora_disable_and_merge_keep_the_base_exact(family):

@@ -61,8 +61,8 @@ class SamplingConfig:
     # accelerator's memory less 1 GiB for the CUDA context; on the CPU half of the machine's
     # memory.
     memory_budget_gb: float = 0.0
-    # Also checkpoint the VAE decode (saves its activations; worth it at high resolution
-    # and for video).
+    # Also checkpoint the VAE decode, block by block and one sample at a time (a video's latent
+    # frames one by one): its backward holds a fraction of the decode; worth it at high resolution.
     decode_checkpointing: bool = False
     # Fold the LoRA into the denoiser's weights for the sampling steps that carry no
     # gradient (all but the window; every step when generating), restoring the exact base

@@ -355,9 +355,22 @@ class PipelineAdapter:
                use_checkpoint: bool = False) -> torch.Tensor:
         if frames is not None:
             raise ValueError(f"{self.name} makes images, which have no frames to choose")
-        if use_checkpoint:
+        if not use_checkpoint:
+            return self._decode(latents)
+        if not getattr(self.vae, "_supports_gradient_checkpointing", False):
             return checkpointed(self._decode, latents)
-        return self._decode(latents)
+        # diffusers' own per-block checkpointing of the decoder (its mid and up blocks), run
+        # through `checkpointed` so the estimate sees the blocks, and its slicing (one sample
+        # at a time): the backward holds one block of one sample at a time, where a
+        # checkpointed whole decode recomputes everything at once.
+        slicing = getattr(self.vae, "use_slicing", False)
+        self.vae.enable_gradient_checkpointing(checkpointed)
+        self.vae.use_slicing = True
+        try:
+            return self._decode(latents)
+        finally:
+            self.vae.disable_gradient_checkpointing()
+            self.vae.use_slicing = slicing
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         cfg = self.vae.config
