@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from draft import checkpoint as ckpt
+from draft import sharding
 from draft.config import TrainConfig
 from draft.configio import flat_scalars
 from draft.errors import Interrupted, TrainingStopped, UserError
@@ -91,6 +92,8 @@ def _train_locked(config: TrainConfig, reward, resume: bool, overwrite: bool, pr
         log_with=list(config.log.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.logs)),
     )
+    sharding.engage_on_cpu(accelerator)
+    config = sharding.adjust(config, accelerator)  # FSDP2: nothing folds into sharded weights
     main = accelerator.is_main_process
     t = Trainer(config, accelerator, run, reward)
     latest = ckpt.latest(run.checkpoints) if resume else None
@@ -124,6 +127,8 @@ class Trainer:
         from draft.watch import Watch
 
         self.config, self.acc, self.run = config, accelerator, run
+        # Sharded (FSDP2), the denoiser runs only with every process: each samples the grids too.
+        self.samples_here = accelerator.is_main_process or sharding.is_sharded(accelerator)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
         self.model = load_model(config.model, device=accelerator.device, dtype=dtype, options=config.model_options)
         self.reward = rewards.from_config(reward_fn or config.reward, config.reward_args).to(accelerator.device)
@@ -137,6 +142,7 @@ class Trainer:
         # Not prepared by Accelerate, which would step it once per process per step.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.model.denoiser, self.optimizer = accelerator.prepare(self.model.denoiser, self.optimizer)
+        self.params = [p for p in self.model.denoiser.parameters() if p.requires_grad]  # FSDP2 made them shards
         s = config.sampling
         self.size = self.model.size(sample_size(s))
         self.sampler = Sampler(self.model, self.reward, self.model.schedule(s.num_steps, self.size), s.guidance_scale,
@@ -204,6 +210,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise UserError(f"checkpoint {folder} does not match this config's optimizer: {e}") from None
+        sharding.shard_optimizer_state(self.optimizer.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(state["scaler"])
@@ -214,7 +221,7 @@ class Trainer:
 
     def first_grid(self) -> torch.Tensor | None:
         """The grid of the current step (main process), on which the reward is tried."""
-        if not self.acc.is_main_process:
+        if not self.samples_here:
             return None
         samples = self.watch.grid()
         self.watch.check_reward(samples[:2], self.watch.grid_layout()[0][:2], self.info.reward_gradient)
@@ -230,6 +237,8 @@ class Trainer:
                 self.progress.eval_before = self.watch.evaluate()
                 if self.progress.eval_before:
                     print(f"before: {summary(self.progress.eval_before)}", flush=True)
+            elif fresh and self.samples_here:
+                self.watch.evaluate()  # the main process's evaluation, sharded
             else:
                 print(f"resuming {self.run.root} at step {self.progress.step}", flush=True)
                 self.run.truncate_metrics(self.progress.step)
@@ -333,9 +342,8 @@ class Trainer:
         self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
 
     def save_grid(self) -> torch.Tensor | None:
-        samples = None
+        samples = self.watch.grid() if self.samples_here else None
         if self.acc.is_main_process:
-            samples = self.watch.grid()
             self.run.save_grid(self.progress.step, samples, len(self.watch.grid_prompts()))
             self._log_grid(samples, self.progress.step)
         self.acc.wait_for_everyone()
@@ -354,24 +362,30 @@ class Trainer:
         every, p = self.config.log.checkpoint_every, self.progress
         if not (force or (every and p.step % every == 0)):
             return
-        if self.acc.is_main_process:
-            from draft.lora import adapter_state_dict
+        from draft.lora import adapter_state_dict
 
-            ckpt.save(self.run.checkpoints, p.step, adapter_state_dict(self.raw_denoiser), self.optimizer,
-                      self.scheduler, self.acc.scaler, p.saved(), self.config.log.keep_checkpoints)
+        adapter, optimizer = adapter_state_dict(self.raw_denoiser), sharding.optimizer_state(self.optimizer)
+        if self.acc.is_main_process:
+            ckpt.save(self.run.checkpoints, p.step, adapter, optimizer, self.scheduler, self.acc.scaler, p.saved(),
+                      self.config.log.keep_checkpoints)
         self.acc.wait_for_everyone()
 
     def _evaluate(self) -> dict | None:
-        return self.watch.evaluate() if self.acc.is_main_process else None
+        return self.watch.evaluate() if self.samples_here else None
 
     def finish(self) -> None:
         every = self.config.log.checkpoint_every
         if not (every and self.progress.step % every == 0):  # decided alike on every process
             self.checkpoint_if_due(force=True)
         after = self.save_grid()
+        from draft.lora import adapter_state_dict
+
+        adapter = adapter_state_dict(self.raw_denoiser)  # gathered whole on every process when sharded
         if self.acc.is_main_process:
             self.run.write_results(self.model, after, len(self.watch.grid_prompts()), self.progress.eval_before,
-                                   self._evaluate)
+                                   self._evaluate, adapter)
+        elif self.samples_here:
+            self._evaluate()  # the main process's evaluation after training, sharded
 
     @contextlib.contextmanager
     def _bare(self):
