@@ -96,11 +96,14 @@ def test_fsdp2_two_processes_equal_one_on_a_flow_model(tmp_path_factory, tmp_pat
     """The same on SD3 (rectified flow, a transformer sharded per block, the family's own LoRA targets)."""
     from draft.models.tiny import build_tiny
 
+    # With an evaluation before and after training, which every process samples when sharded.
     common = [f"model={build_tiny(tmp_path_factory.mktemp('sd3-fsdp'), 'sd3')}", *COMMON, "steps=2",
-              f"output_dir={tmp_path}"]
+              "log.eval_samples=1", f"output_dir={tmp_path}"]
     _sharded(launch_fsdp2, *common, "name=two", "batch_size=1")
     assert main(["train", *common, "name=one", "batch_size=2"]) == 0
     one, two = _lora(tmp_path / "one"), _lora(tmp_path / "two")
     assert one.keys() == two.keys() and all(k.startswith("transformer.") for k in one)
     for k in one:  # 2.4e-6 seen against weights of ~0.5
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5)
+    evals = [json.loads((tmp_path / n / "report" / "eval.json").read_text()) for n in ("one", "two")]
+    assert evals[1]["after"]["reward_mean"] == pytest.approx(evals[0]["after"]["reward_mean"], rel=1e-5)

@@ -48,8 +48,10 @@ def is_sharded(accelerator) -> bool:
     return bool(getattr(accelerator, "is_fsdp2", False))
 
 
-def adjust(config, accelerator):
-    """The config with the options that fold the LoRA into the (sharded) weights turned off."""
+def setup(config, accelerator):
+    """Engage FSDP2 on CPU processes if configured (`engage_on_cpu`); return the config with the
+    options that fold the LoRA into the (sharded) weights turned off."""
+    engage_on_cpu(accelerator)
     s = config.sampling
     if not is_sharded(accelerator):
         return config

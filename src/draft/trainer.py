@@ -30,6 +30,7 @@ from draft import sharding
 from draft.config import TrainConfig
 from draft.configio import flat_scalars
 from draft.errors import Interrupted, TrainingStopped, UserError
+from draft.lora import adapter_state_dict
 from draft.report import summary
 from draft.runs import RunFolder
 
@@ -92,8 +93,7 @@ def _train_locked(config: TrainConfig, reward, resume: bool, overwrite: bool, pr
         log_with=list(config.log.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.logs)),
     )
-    sharding.engage_on_cpu(accelerator)
-    config = sharding.adjust(config, accelerator)  # FSDP2: nothing folds into sharded weights
+    config = sharding.setup(config, accelerator)  # FSDP2: nothing folds into sharded weights
     main = accelerator.is_main_process
     t = Trainer(config, accelerator, run, reward)
     latest = ckpt.latest(run.checkpoints) if resume else None
@@ -127,8 +127,7 @@ class Trainer:
         from draft.watch import Watch
 
         self.config, self.acc, self.run = config, accelerator, run
-        # Sharded (FSDP2), the denoiser runs only with every process: each samples the grids too.
-        self.samples_here = accelerator.is_main_process or sharding.is_sharded(accelerator)
+        self.samples_here = accelerator.is_main_process or sharding.is_sharded(accelerator)  # (draft.sharding)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
         self.model = load_model(config.model, device=accelerator.device, dtype=dtype, options=config.model_options)
         self.reward = rewards.from_config(reward_fn or config.reward, config.reward_args).to(accelerator.device)
@@ -237,11 +236,11 @@ class Trainer:
                 self.progress.eval_before = self.watch.evaluate()
                 if self.progress.eval_before:
                     print(f"before: {summary(self.progress.eval_before)}", flush=True)
-            elif fresh and self.samples_here:
-                self.watch.evaluate()  # the main process's evaluation, sharded
             else:
                 print(f"resuming {self.run.root} at step {self.progress.step}", flush=True)
                 self.run.truncate_metrics(self.progress.step)
+        elif fresh and self.samples_here:
+            self.watch.evaluate()  # the main process's evaluation, sharded
         self.acc.wait_for_everyone()
 
     # --- the loop ---
@@ -362,8 +361,6 @@ class Trainer:
         every, p = self.config.log.checkpoint_every, self.progress
         if not (force or (every and p.step % every == 0)):
             return
-        from draft.lora import adapter_state_dict
-
         adapter, optimizer = adapter_state_dict(self.raw_denoiser), sharding.optimizer_state(self.optimizer)
         if self.acc.is_main_process:
             ckpt.save(self.run.checkpoints, p.step, adapter, optimizer, self.scheduler, self.acc.scaler, p.saved(),
@@ -378,8 +375,6 @@ class Trainer:
         if not (every and self.progress.step % every == 0):  # decided alike on every process
             self.checkpoint_if_due(force=True)
         after = self.save_grid()
-        from draft.lora import adapter_state_dict
-
         adapter = adapter_state_dict(self.raw_denoiser)  # gathered whole on every process when sharded
         if self.acc.is_main_process:
             self.run.write_results(self.model, after, len(self.watch.grid_prompts()), self.progress.eval_before,
