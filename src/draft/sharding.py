@@ -51,6 +51,17 @@ def is_sharded(accelerator) -> bool:
 def setup(config, accelerator):
     """Engage FSDP2 on CPU processes if configured (`engage_on_cpu`); return the config with the
     options that fold the LoRA into the (sharded) weights turned off."""
+    from accelerate.utils import DistributedType
+
+    from draft.errors import UserError
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise UserError("DeepSpeed is not supported: shard the denoiser with an FSDP2 accelerate config "
+                        "(README, Several GPUs)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION") != "2":
+        # FSDP1 flattens the parameters, which the LoRA's saving and loading here do not read.
+        raise UserError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+                        "(README, Several GPUs)")
     engage_on_cpu(accelerator)
     s = config.sampling
     if not is_sharded(accelerator):
