@@ -82,7 +82,7 @@ def _fsync_tree(folder: Path) -> None:
     safeio.fsync_dir(folder)
 
 
-def save(root: Path, step: int, adapter: dict, optimizer, scheduler, scaler, trainer: dict, keep: int,
+def save(root: Path, step: int, adapter: dict, optimizer: dict, scheduler, scaler, trainer: dict, keep: int,
          best: dict | None = None) -> Path:
     """Write checkpoint `step` atomically; keep only the newest `keep` checkpoints.
 
@@ -115,9 +115,9 @@ def save(root: Path, step: int, adapter: dict, optimizer, scheduler, scaler, tra
     return final
 
 
-def _write(tmp: Path, adapter: dict, optimizer, scheduler, scaler, trainer: dict, step: int) -> None:
+def _write(tmp: Path, adapter: dict, optimizer: dict, scheduler, scaler, trainer: dict, step: int) -> None:
     save_file({k: v.contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter.safetensors")
-    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    opt_tensors, opt_meta = _split_optimizer(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -199,7 +199,7 @@ class Guard:
                   "figures": s.best_figures, "base": s.base}
 
         def fill(tmp):
-            save_lora(self.model, tmp, state=self.best_adapter)
+            save_lora(self.model, tmp, layers=self.best_adapter)
             (tmp / BEST_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
         safeio.write_dir(self.run.lora_best, fill, "the best LoRA")

@@ -64,15 +64,20 @@ def add_lora(model, cfg: LoraConfig, seed: int = 0) -> list[torch.nn.Parameter]:
 
 
 def adapter_state_dict(net: torch.nn.Module, adapter: str = TRAIN_ADAPTER) -> dict[str, torch.Tensor]:
-    """The adapter's weights with peft's key names (for checkpoints)."""
+    """The adapter's weights with peft's key names (for checkpoints), whole when the denoiser is
+    sharded (FSDP2: a collective, so every process calls it)."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(net, adapter_name=adapter).items()}
+    from draft.sharding import full
+
+    return {k: full(v.detach()).contiguous() for k, v in get_peft_model_state_dict(net, adapter_name=adapter).items()}
 
 
 def load_adapter_state_dict(net: torch.nn.Module, state: dict[str, torch.Tensor], adapter: str = TRAIN_ADAPTER) -> None:
     """Copy checkpointed weights into the existing adapter, in place (optimizer state stays valid)."""
     from peft.utils import get_peft_model_state_dict
+
+    from draft.sharding import like
 
     current = get_peft_model_state_dict(net, adapter_name=adapter)
     if set(current) != set(state) or any(current[k].shape != state[k].shape for k in state):
@@ -81,12 +86,12 @@ def load_adapter_state_dict(net: torch.nn.Module, state: dict[str, torch.Tensor]
     # name), so copying into them updates the model.
     with torch.no_grad():
         for k, v in state.items():
-            current[k].copy_(v)
+            current[k].copy_(like(v, current[k]))  # cut as the parameter is sharded, if it is
 
 
-def save_lora(model, directory: str | Path, adapter: str = TRAIN_ADAPTER, state: dict | None = None) -> Path:
-    """Write the adapter (or `state`, weights of it kept from an earlier step) in diffusers format to
-    directory/pytorch_lora_weights.safetensors."""
+def save_lora(model, directory: str | Path, adapter: str = TRAIN_ADAPTER, layers: dict | None = None) -> Path:
+    """Write the adapter (or `layers`: its `adapter_state_dict` already gathered, or kept from an
+    earlier step) in diffusers format to directory/pytorch_lora_weights.safetensors."""
     from draft.models.base import unwrap
 
     net = unwrap(model.denoiser)
@@ -95,8 +100,8 @@ def save_lora(model, directory: str | Path, adapter: str = TRAIN_ADAPTER, state:
     # projections to the old "lora.down"/"lora.up" form, and a file mixing both forms (an
     # adapter on convolutions or feed-forward layers too) loads with its attention layers
     # silently dropped.
-    state = adapter_state_dict(net, adapter) if state is None else state
-    model.save_lora(directory, state, net.peft_config[adapter].to_dict())
+    layers = adapter_state_dict(net, adapter) if layers is None else layers
+    model.save_lora(directory, layers, net.peft_config[adapter].to_dict())
     return Path(directory) / WEIGHT_NAME
 
 

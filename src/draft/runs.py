@@ -105,15 +105,17 @@ class RunFolder:
 
         return save_grid(samples, self.samples / f"step-{step:08d}.png", ncol)
 
-    def write_results(self, model, after, ncol: int, eval_before: dict | None, evaluate: Callable[[], dict | None]):
+    def write_results(self, model, after, ncol: int, eval_before: dict | None, evaluate: Callable[[], dict | None],
+                      adapter: dict | None = None):
         """The end of a run, in the order that keeps the most if something fails: the LoRA, the
-        evaluation after training, the before/after grid, eval.json, the plots, the model card."""
+        evaluation after training, the before/after grid, eval.json, the plots, the model card.
+        `adapter`: the LoRA's weights when gathered beforehand (sharded, on every process)."""
         from draft.card import write_card
         from draft.lora import save_lora
         from draft.report import comparison, plot_metrics, save_before_after
 
         # Written whole into a folder beside lora/, then renamed: never a half-written adapter.
-        safeio.write_dir(self.lora, lambda tmp: save_lora(model, tmp), "the LoRA")
+        safeio.write_dir(self.lora, lambda tmp: save_lora(model, tmp, layers=adapter), "the LoRA")
         eval_after = evaluate()
         before = self.samples / f"step-{0:08d}.png"
         if before.is_file() and after is not None:

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 
 from draft import checkpoint as ckpt
+from draft import sharding
 from draft.config import TrainConfig
 from draft.configio import flat_scalars
 from draft.errors import Interrupted, TrainingStopped, UserError
+from draft.lora import adapter_state_dict
 from draft.report import summary
 from draft.runs import RunFolder
 
@@ -91,6 +93,7 @@ def _train_locked(config: TrainConfig, reward, resume: bool, overwrite: bool, pr
         log_with=list(config.log.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.logs)),
     )
+    config = sharding.setup(config, accelerator)  # FSDP2: nothing folds into sharded weights
     main = accelerator.is_main_process
     t = Trainer(config, accelerator, run, reward)
     latest = ckpt.latest(run.checkpoints) if resume else None
@@ -126,6 +129,7 @@ class Trainer:
         from draft.watch import Watch
 
         self.config, self.acc, self.run = config, accelerator, run
+        self.samples_here = accelerator.is_main_process or sharding.is_sharded(accelerator)  # (draft.sharding)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
         self.model = load_model(config.model, device=accelerator.device, dtype=dtype, options=config.model_options)
         self.reward = rewards.from_config(reward_fn or config.reward, config.reward_args).to(accelerator.device)
@@ -141,6 +145,7 @@ class Trainer:
         # Not prepared by Accelerate, which would step it once per process per step.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.model.denoiser, self.optimizer = accelerator.prepare(self.model.denoiser, self.optimizer)
+        self.params = [p for p in self.model.denoiser.parameters() if p.requires_grad]  # FSDP2 made them shards
         s = config.sampling
         self.size = self.model.size(sample_size(s))
         self.sampler = Sampler(self.model, self.reward, self.model.schedule(s.num_steps, self.size), s.guidance_scale,
@@ -209,6 +214,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise UserError(f"checkpoint {folder} does not match this config's optimizer: {e}") from None
+        sharding.shard_optimizer_state(self.optimizer.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(state["scaler"])
@@ -220,7 +226,7 @@ class Trainer:
 
     def first_grid(self) -> torch.Tensor | None:
         """The grid of the current step (main process), on which the reward is tried."""
-        if not self.acc.is_main_process:
+        if not self.samples_here:
             return None
         samples = self.watch.grid()
         self.watch.check_reward(samples[:2], self.watch.grid_layout()[0][:2], self.info.reward_gradient)
@@ -241,6 +247,8 @@ class Trainer:
                 print(f"resuming {self.run.root} at step {self.progress.step}", flush=True)
                 self.run.truncate_metrics(self.progress.step)
             self.guard.start(fresh, self.log)
+        elif fresh and self.samples_here:
+            self.watch.evaluate()  # the main process's evaluation, sharded
         self.acc.wait_for_everyone()
 
     # --- the loop ---
@@ -342,9 +350,8 @@ class Trainer:
         self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
 
     def save_grid(self) -> torch.Tensor | None:
-        samples = None
+        samples = self.watch.grid() if self.samples_here else None
         if self.acc.is_main_process:
-            samples = self.watch.grid()
             self.run.save_grid(self.progress.step, samples, len(self.watch.grid_prompts()))
             self._log_grid(samples, self.progress.step)
         self.acc.wait_for_everyone()
@@ -363,25 +370,27 @@ class Trainer:
         every, p = self.config.log.checkpoint_every, self.progress
         if not (force or (every and p.step % every == 0)):
             return
+        adapter, optimizer = adapter_state_dict(self.raw_denoiser), sharding.optimizer_state(self.optimizer)
         if self.acc.is_main_process:
-            from draft.lora import adapter_state_dict
-
-            ckpt.save(self.run.checkpoints, p.step, adapter_state_dict(self.raw_denoiser), self.optimizer,
-                      self.scheduler, self.acc.scaler, {**p.saved(), "guard": self.guard.saved()},
-                      self.config.log.keep_checkpoints, self.guard.best_adapter)
+            ckpt.save(self.run.checkpoints, p.step, adapter, optimizer, self.scheduler, self.acc.scaler,
+                      {**p.saved(), "guard": self.guard.saved()}, self.config.log.keep_checkpoints,
+                      self.guard.best_adapter)
         self.acc.wait_for_everyone()
 
     def _evaluate(self) -> dict | None:
-        return self.watch.evaluate() if self.acc.is_main_process else None
+        return self.watch.evaluate() if self.samples_here else None
 
     def finish(self) -> None:
         every = self.config.log.checkpoint_every
         if not (every and self.progress.step % every == 0):  # decided alike on every process
             self.checkpoint_if_due(force=True)
         after = self.save_grid()
+        adapter = adapter_state_dict(self.raw_denoiser)  # gathered whole on every process when sharded
         if self.acc.is_main_process:
             self.run.write_results(self.model, after, len(self.watch.grid_prompts()), self.progress.eval_before,
-                                   self._evaluate)
+                                   self._evaluate, adapter)
+        elif self.samples_here:
+            self._evaluate()  # the main process's evaluation after training, sharded
 
     @contextlib.contextmanager
     def _bare(self):
