@@ -105,6 +105,7 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", [p.name for p in PRESETS])
 def test_every_preset_is_estimated_at_real_size(preset, runs, built):
     _, config, est = runs[preset]
@@ -138,6 +139,7 @@ def estimated_once(runs, monkeypatch):
     monkeypatch.setattr(draft.estimate, "estimate", estimated)
 
 
+@pytest.mark.slow
 def test_the_dry_run_prints_an_estimate_for_every_preset(runs, estimated_once, tmp_path, monkeypatch, capsys):
     """`draft train configs/X.yaml --dry-run` with no network and nothing in the Hugging Face
     cache prints the estimate of the preset's model at its real size."""

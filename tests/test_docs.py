@@ -77,6 +77,7 @@ def small_runs(monkeypatch, tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_the_readmes_python_runs(small_runs):
     """The README's Python: training, a reward of one's own, a registered reward, sampling with
     the LoRA, and the LoRA in plain diffusers (the hub model replaced by the embedded one)."""

@@ -161,7 +161,8 @@ def nan_plugin(tmp_path, monkeypatch):
     sys.modules.pop("nan_plugin", None)
 
 
-@pytest.mark.parametrize("reward, what", [("nan_plugin:nan_reward", "reward"), ("nan_plugin:nan_gradient", "gradient")])
+@pytest.mark.parametrize("reward, what", [("nan_plugin:nan_reward", "reward"),
+                                          pytest.param("nan_plugin:nan_gradient", "gradient", marks=pytest.mark.slow)])
 def test_non_finite_steps_are_skipped_counted_and_logged(reward, what, nan_plugin, tiny_sd, tmp_path, monkeypatch):
     from safetensors.torch import load_file as load
 
@@ -203,6 +204,7 @@ def test_too_many_bad_steps_stop_the_run_with_the_last_good_checkpoint(nan_plugi
 # --- determinism and more than one process ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_lora(tiny_sd, tmp_path):
     for name in ("a", "b"):
         assert main(["train", f"model={tiny_sd}", *FAST, "steps=2", "method=draft-lv", f"output_dir={tmp_path}",
@@ -334,6 +336,8 @@ def test_a_killed_run_leaves_no_lock_behind(tiny_sd, tmp_path):
 # --- failing writes ------------------------------------------------------------------------------
 
 ERRORS = [errno.ENOSPC, errno.EACCES, errno.EIO]
+# The fast subset writes one failure; the others run with the slow tests.
+ERRORS_FAST_FIRST = [ERRORS[0], *[pytest.param(c, marks=pytest.mark.slow) for c in ERRORS[1:]]]
 
 
 def _fail(code: int) -> OSError:
@@ -362,7 +366,7 @@ def _no_temporaries(run: Path) -> None:
     assert not [p for p in run.rglob("*") if ".tmp" in p.name], list(run.rglob("*.tmp*"))
 
 
-@pytest.mark.parametrize("code", ERRORS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("code", ERRORS_FAST_FIRST, ids=errno.errorcode.get)
 def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint(code, three_steps, tiny_sd, tmp_path, monkeypatch,
                                                                    capsys):
     from draft import checkpoint as ckpt
@@ -412,7 +416,7 @@ class _FailingFile:
         self._f.close()
 
 
-@pytest.mark.parametrize("code", ERRORS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("code", ERRORS_FAST_FIRST, ids=errno.errorcode.get)
 def test_a_failing_metrics_write_leaves_no_torn_line(code, three_steps, tiny_sd, tmp_path, monkeypatch, capsys):
     from draft import safeio
 
@@ -507,6 +511,7 @@ DDPO = ["method=ddpo", "sampling.eta=1.0", "ddpo_rollout_reuse=1", "ddpo_clip=0.
         "prompts=a small red circle|a green star", "lora.target_modules=to_q,to_k,to_v,to_out.0", "kl_coeff=0"]
 
 
+@pytest.mark.slow
 def test_ddpo_two_micro_batches_train_as_one_batch(tiny_sd, tmp_path):
     common = [f"model={tiny_sd}", *FAST, *DDPO, f"output_dir={tmp_path}", "--no-progress"]
     assert main(["train", *common, "name=one", "batch_size=4"]) == 0
@@ -525,6 +530,7 @@ def test_ddpo_two_processes_train_as_one(tiny_sd, tmp_path, one_thread, launch_t
     assert_same_ddpo_run(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["decode", "backward"])
 def test_out_of_memory_in_a_step_is_an_answer_and_resume_continues_with_other_options(phase, tiny_sd, tmp_path,
                                                                                      monkeypatch, capsys):

@@ -57,6 +57,7 @@ def test_shipped_assets_are_small_and_safetensors_only():
     assert not [p for p in files if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
 
 
+@pytest.mark.slow
 def test_quick_pretrain_builds_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -54,6 +54,7 @@ def train_steps(t, n: int = 2) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in t.params])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["shapes-sd", "shapes-flow"])
 def test_cached_and_offloaded_encoders_train_the_same_lora_as_encoding_every_step(model, tmp_path, make_trainer):
     loras = {}
