@@ -222,3 +222,16 @@ def test_text_encoders_count_on_the_device_transiently_when_offloaded_and_not_wh
     assert cache.embeddings == held.nbytes() // len(set(used)) * 2  # a micro-batch of two prompts
     assert any("text_encoders=cache" in line and "4 prompts" in line for line in cache.lines())
     assert any("text_encoders=offload" in line for line in offload.lines())
+
+
+def test_an_fsdp2_launch_splits_the_denoisers_weights_and_the_loras_state(configs_only, monkeypatch):
+    one = estimate(load_config(None, []), configs_only)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ddp = estimate(load_config(None, []), configs_only)  # DDP: every process holds everything
+    assert (ddp.weights, ddp.lora) == (one.weights, one.lora)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    two = estimate(load_config(None, []), configs_only)
+    assert two.weights == one.weights - one.parts["unet"] + one.parts["unet"] // 2
+    assert two.lora == one.lora // 2 and two.activations == one.activations
+    assert any(n.startswith("FSDP2: the denoiser's weights") for n in two.notes)

@@ -36,7 +36,8 @@ reports; it was fitted on Stable Diffusion 1.5's architecture at 512 px on an H1
 (BENCHMARKS.md, "Memory estimate against measurements"), the only architecture measured so
 far. Not modelled: the reward model's activations, allocator fragmentation, the sampling
 phase's copy of the adapted weights (`sampling.merge_lora`, freed before the gradient
-step), sharding (FSDP/DeepSpeed divide the weights, not the activations).
+step). Under an FSDP2 launch (`draft.sharding`) the denoiser's weights and the LoRA's
+state are divided by the processes; the activations are not.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import torch
 
 from draft.config import TrainConfig
 from draft.errors import UserError
+from draft.sharding import launched_fsdp2
 
 GIB = 2**30
 # Measured peak / counted activations on SD 1.5's architecture (BENCHMARKS.md): the
@@ -147,8 +149,16 @@ def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> 
     ck = config.sampling.checkpointing
     encoders, enc = _text_encoders(config, model, parts, dtype)
     weights = sum(parts.values()) - (sum(encoders.values()) if config.text_encoders != "device" else 0)
+    procs = int(os.environ.get("WORLD_SIZE", "1"))
+    lora = n_lora * 16
+    if procs > 1 and launched_fsdp2():  # FSDP2 shards the denoiser (base and LoRA), not the other components
+        shard = sum(b for name, b in parts.items() if comps[name] is model.denoiser)
+        weights -= shard - shard // procs
+        lora //= procs
+        notes.append(f"FSDP2: the denoiser's weights and the LoRA's state split over {procs} processes (the blocks "
+                     "gathered while they run are not counted)")
     if ck == "auto":
-        fixed = weights + n_lora * 16 + reward_bytes + enc.embeddings
+        fixed = weights + lora + reward_bytes + enc.embeddings
         budget = memory_budget(config.sampling.memory_budget_gb)
         kept = checkpoint_split(config.method, u, d, step, g, budget - fixed)
         notes.append(f"checkpointing auto: the graphs of {kept} of the {g} gradient-carrying step(s) kept, "
@@ -156,14 +166,13 @@ def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> 
     else:
         kept = 0 if ck else g
     acts = peak_activations(config.method, kept, u, d, step, g)
-    procs = int(os.environ.get("WORLD_SIZE", "1"))
     how = {True: "on", False: "off"}.get(ck, f"{g - kept} of {g} steps")
     notes.append(f"{config.batch_size} sample(s) per process at {size}, {precision} weights, checkpointing "
                  f"{how}; activations calibrated on SD 1.5's "
                  f"architecture only" + (f"; x{procs} processes, each this much" if procs > 1 else ""))
     if config.method != "ddpo" and not reward_bytes:
         notes.append("the reward model's weights and activations are not included")
-    est = Estimate(weights, n_lora * 16, reward_bytes, int(acts * CALIBRATION), n_lora, parts, notes=notes + enc.notes,
+    est = Estimate(weights, lora, reward_bytes, int(acts * CALIBRATION), n_lora, parts, notes=notes + enc.notes,
                    encoding=enc.encoding, embeddings=enc.embeddings, host=enc.host)
     est.kept_graphs = kept
     est.time_ratio = time_ratio(config, kept)

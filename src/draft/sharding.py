@@ -35,13 +35,18 @@ def engage_on_cpu(accelerator) -> None:
 
     if accelerator.distributed_type != DistributedType.MULTI_CPU:
         return
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or os.environ.get("FSDP_VERSION") != "2":
+    if not launched_fsdp2():
         return
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` sets
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
+
+
+def launched_fsdp2() -> bool:
+    """Whether `accelerate launch` was given an FSDP2 config (the variables it sets)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION") == "2"
 
 
 def is_sharded(accelerator) -> bool:
