@@ -20,6 +20,10 @@ from draft.models.base import PipelineAdapter, Size
 class FlowMatching(PipelineAdapter):
     max_shift = 1.15  # FLUX.1's and Qwen-Image's pipelines; SD3's says 1.16
 
+    @property
+    def denoiser_config(self):
+        return self.pipe.transformer.config  # every flow family's denoiser is the pipeline's transformer
+
     def schedule(self, num_steps: int, size: Size = Size()):
         """The pipeline's schedule: its shift, and with dynamic shifting mu from the token count."""
         from draft.sampling import Schedule

@@ -48,10 +48,6 @@ class Flux(FlowMatching):
         return min(512, int(self.pipe.tokenizer_2.model_max_length))
 
     @property
-    def denoiser_config(self):
-        return self.pipe.transformer.config
-
-    @property
     def guidance_embedded(self) -> bool:
         """Whether the transformer takes the guidance scale as an input (dev) or not (schnell)."""
         return bool(self.denoiser_config.guidance_embeds)

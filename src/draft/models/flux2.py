@@ -57,10 +57,6 @@ class Flux2(FlowMatching):
     text_layers = (10, 20, 30)
 
     @property
-    def denoiser_config(self):
-        return self.pipe.transformer.config
-
-    @property
     def guidance_embedded(self) -> bool:
         """Whether the transformer takes the guidance scale as an input (dev) or not (klein)."""
         return bool(self.denoiser_config.guidance_embeds)

@@ -65,10 +65,6 @@ class QwenImage(FlowMatching):
         return kwargs
 
     @property
-    def denoiser_config(self):
-        return self.pipe.transformer.config
-
-    @property
     def vae_scale_factor(self) -> int:
         return 2 ** len(self.vae.config.temperal_downsample)  # as the pipeline computes it
 

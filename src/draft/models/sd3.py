@@ -36,10 +36,6 @@ class StableDiffusion3(FlowMatching):
         return self.denoiser_config.sample_size * self.vae_scale_factor
 
     @property
-    def denoiser_config(self):
-        return self.pipe.transformer.config
-
-    @property
     def size_multiple(self) -> int:
         return self.vae_scale_factor * self.denoiser_config.patch_size
 

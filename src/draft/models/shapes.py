@@ -177,23 +177,30 @@ def prompts(split: str = "train") -> list[str]:
     return [prompt_of(a) for a in combinations(split)]
 
 
-def prompt_file(split: str) -> Path:
-    """The shipped text file of a split's prompts ('train' or 'heldout'), one per line."""
+def split_file(directory: str | Path, split: str) -> Path:
+    """The text file of a split's prompts ('train' or 'heldout') in `directory`, one per line."""
     if split not in ("train", "heldout"):
         raise ValueError(f"no prompt file for split {split!r}; choose 'train' or 'heldout'")
-    return PROMPTS_DIR / f"{split}.txt"
+    return Path(directory) / f"{split}.txt"
+
+
+def write_split_files(directory: str | Path, prompts_of) -> list[Path]:
+    """Write `train.txt` and `heldout.txt` of `prompts_of(split)` into `directory`; returns their paths."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    paths = [split_file(directory, split) for split in ("train", "heldout")]
+    for path in paths:
+        path.write_text("\n".join(prompts_of(path.stem)) + "\n")
+    return paths
+
+
+def prompt_file(split: str) -> Path:
+    """The shipped text file of a split's prompts ('train' or 'heldout')."""
+    return split_file(PROMPTS_DIR, split)
 
 
 def write_prompt_files(directory: str | Path = PROMPTS_DIR) -> list[Path]:
-    """Write `train.txt` and `heldout.txt` into `directory`; returns their paths."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for split in ("train", "heldout"):
-        path = directory / prompt_file(split).name
-        path.write_text("\n".join(prompts(split)) + "\n")
-        paths.append(path)
-    return paths
+    """Write the world's `train.txt` and `heldout.txt` into `directory`; returns their paths."""
+    return write_split_files(directory, prompts)
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:

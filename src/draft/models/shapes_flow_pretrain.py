@@ -122,6 +122,24 @@ def load_vae(path: str | Path | None = None):
     return vae.eval().requires_grad_(False)
 
 
+def flow_batch(mean: torch.Tensor, std: torch.Tensor, texts: list[str], recipe, gen: torch.Generator):
+    """A rectified-flow training batch drawn from the pool: (x_0, prompts, sigma, eps, x_t).
+
+    x_0 is a posterior sample of `recipe.batch` pooled items (`mean`, `std`), each prompt is
+    dropped to "" with probability `recipe.prompt_dropout` (for CFG), sigma is logit-normal
+    (`recipe.logit_mean`, `recipe.logit_std`), and x_t lies on the straight path from the
+    data (sigma 0) to the noise eps (sigma 1). Latents of any rank.
+    """
+    idx = torch.randint(len(mean), (recipe.batch,), generator=gen)
+    x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
+    drop = torch.rand(recipe.batch, generator=gen) < recipe.prompt_dropout
+    prompts = ["" if d else texts[i] for d, i in zip(drop.tolist(), idx.tolist())]
+    sigma = torch.sigmoid(recipe.logit_mean + recipe.logit_std * torch.randn(recipe.batch, generator=gen))
+    eps = torch.randn(x0.shape, generator=gen)
+    s = sigma.view(-1, *[1] * (x0.ndim - 1))
+    return x0, prompts, sigma, eps, (1 - s) * x0 + s * eps
+
+
 def train_flow(pipe, latents, texts: list[str], recipe: Recipe, gen: torch.Generator, progress: bool = True):
     """Train the transformer and both text encoders of `pipe`; leaves the EMA weights in them.
 
@@ -142,14 +160,7 @@ def train_flow(pipe, latents, texts: list[str], recipe: Recipe, gen: torch.Gener
     device = next(pipe.transformer.parameters()).device
     bar = tqdm(range(recipe.steps), desc="transformer", disable=not progress)
     for _ in bar:
-        idx = torch.randint(len(mean), (recipe.batch,), generator=gen)
-        x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
-        drop = torch.rand(recipe.batch, generator=gen) < recipe.prompt_dropout
-        prompts = ["" if d else texts[i] for d, i in zip(drop.tolist(), idx.tolist())]
-        sigma = torch.sigmoid(recipe.logit_mean + recipe.logit_std * torch.randn(recipe.batch, generator=gen))
-        eps = torch.randn(x0.shape, generator=gen)
-        s = sigma.view(-1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * eps  # rectified flow's straight path from data (sigma 0) to noise (1)
+        x0, prompts, sigma, eps, xt = flow_batch(mean, std, texts, recipe, gen)
         # The pipeline's own prompt encoding (with gradient: the encoders train too).
         cond, _, pooled, _ = pipe.encode_prompt(
             prompts, prompts, None, device=device, do_classifier_free_guidance=False,

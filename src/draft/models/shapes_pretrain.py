@@ -157,11 +157,7 @@ def train_vae(vae, pool: torch.Tensor, recipe: Recipe, gen: torch.Generator, pro
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + recipe.vae_kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        update(loss, list(vae.parameters()), opt, sched)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return vae.eval().requires_grad_(False)
 
@@ -183,14 +179,15 @@ def encode_pool(vae, pool: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor
     return mean, std
 
 
-def update(loss: torch.Tensor, params: list, opt, sched, ema) -> None:
-    """One optimiser step of a pretraining loop: backward, clip to norm 1, step, schedule, EMA."""
+def update(loss: torch.Tensor, params: list, opt, sched, ema=None) -> None:
+    """One optimiser step of a pretraining loop: backward, clip to norm 1, step, schedule, EMA (if any)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     sched.step()
-    ema.step(params)
+    if ema is not None:
+        ema.step(params)
 
 
 def train_unet(unet, text_encoder, latents, ids, empty_ids, scheduler, recipe: Recipe, gen, progress=True):

@@ -149,22 +149,13 @@ def prompts(split: str = "train") -> list[str]:
 
 
 def prompt_file(split: str) -> Path:
-    """The shipped text file of a split's prompts ('train' or 'heldout'), one per line."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"no prompt file for split {split!r}; choose 'train' or 'heldout'")
-    return PROMPTS_DIR / f"{split}.txt"
+    """The shipped text file of a split's prompts ('train' or 'heldout')."""
+    return shapes.split_file(PROMPTS_DIR, split)
 
 
 def write_prompt_files(directory: str | Path = PROMPTS_DIR) -> list[Path]:
-    """Write `train.txt` and `heldout.txt` into `directory`; returns their paths."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for split in ("train", "heldout"):
-        path = directory / prompt_file(split).name
-        path.write_text("\n".join(prompts(split)) + "\n")
-        paths.append(path)
-    return paths
+    """Write the moving world's `train.txt` and `heldout.txt` into `directory`; returns their paths."""
+    return shapes.write_split_files(directory, prompts)
 
 
 def path_of(attrs: ClipAttributes, rng: np.random.Generator, r: float, frames: int, size: int) -> np.ndarray:

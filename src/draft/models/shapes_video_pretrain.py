@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from draft.models import shapes_video
+from draft.models.shapes_flow_pretrain import flow_batch
 from draft.models.shapes_pretrain import Laps, _lr_lambda, _quiet, update
 
 NAME = "shapes-video"
@@ -143,11 +144,7 @@ def train_vae(vae, pool: torch.Tensor, recipe: Recipe, gen: torch.Generator, pro
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + recipe.vae_kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        update(loss, list(vae.parameters()), opt, sched)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
@@ -201,14 +198,7 @@ def train_transformer(pipe, latents, texts: list[str], recipe: Recipe, gen: torc
     losses = []
     bar = tqdm(range(recipe.steps), desc="transformer", disable=not progress)
     for _ in bar:
-        idx = torch.randint(len(mean), (recipe.batch,), generator=gen)
-        x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
-        drop = torch.rand(recipe.batch, generator=gen) < recipe.prompt_dropout
-        prompts = ["" if d else texts[i] for d, i in zip(drop.tolist(), idx.tolist())]
-        sigma = torch.sigmoid(recipe.logit_mean + recipe.logit_std * torch.randn(recipe.batch, generator=gen))
-        eps = torch.randn(x0.shape, generator=gen)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * eps  # rectified flow's straight path from data (sigma 0) to noise (1)
+        x0, prompts, sigma, eps, xt = flow_batch(mean, std, texts, recipe, gen)
         # The pipeline's own prompt encoding (with gradient: the encoder trains too).
         embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
                                        max_sequence_length=recipe.max_tokens, device=device)

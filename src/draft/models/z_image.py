@@ -50,10 +50,6 @@ class ZImage(FlowMatching):
     cfg_normalization = 0.0
 
     @property
-    def denoiser_config(self):
-        return self.pipe.transformer.config
-
-    @property
     def resolution(self) -> int:
         """The VAE's native size (1024 px for Z-Image's, FLUX.1's VAE)."""
 
