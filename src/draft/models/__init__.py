@@ -37,6 +37,8 @@ class Embedded:
 SD3_WIDE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
                     "norm1.linear", "norm1_context.linear")
+# A Wan block's self- and cross-attention projections and its feed-forward.
+WAN_WIDE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 SHAPES_METRICS = "draft.rewards.shapes:attribute_metrics"  # the shapes world's attribute accuracy
 # Models that ship inside the package, by name.
 EMBEDDED = {
@@ -63,6 +65,16 @@ EMBEDDED = {
         "log.eval_samples": (360, "every held-out prompt twice, so diversity across seeds is measured"),
     }, {"max_sequence_length": 0},  # trained without T5's zero tokens (docs/shapes-flow.md)
         pretrain="draft.models.shapes_flow_pretrain:pretrain"),
+    # A first recipe, not yet tuned (docs/shapes-video.md); train it with reward=shapes-motion.
+    "shapes-video": Embedded(ASSETS / "shapes-video", "draft.rewards.shapes_motion:motion_metrics", {
+        "sampling.frames": (9, "the clips it was trained on (3 latent frames)"),
+        "sampling.num_steps": (20, "a short chain keeps a video step affordable on a CPU, as shapes-flow's 20"),
+        "method": ("draft", "a flow chain settles what it draws far from its last steps (docs/shapes-flow.md)"),
+        "steps": (300, "a first length for a CPU run of a few minutes; not yet tuned"),
+        "lora.target_modules": (WAN_WIDE_TARGETS, "attention alone gained less on shapes-flow (BENCHMARKS.md)"),
+        "log.eval_samples": (64, "enough held-out clips to see the trend at a video model's cost"),
+    }, {"max_sequence_length": 16, "height": 32, "width": 32, "frames": 9},  # as trained (its recipe.json)
+        pretrain="draft.models.shapes_video_pretrain:pretrain"),
 }
 
 
