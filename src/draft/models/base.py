@@ -258,9 +258,9 @@ class PipelineAdapter:
         """Arguments of the pipeline's own __call__ that reproduce draft's sampling settings,
         beyond the prompt, the steps and the guidance (for the model card's snippet)."""
         kwargs = {k: v for k, v in options.items() if k in cls.call_options}
-        for key in ("height", "width"):
-            if sampling.get(key):
-                kwargs[key] = sampling[key]
+        for key in ("height", "width"):  # the run's size, else the native one the model was loaded with
+            if sampling.get(key) or options.get(key):
+                kwargs[key] = sampling.get(key) or options[key]
         if sampling.get("negative_prompt"):
             kwargs["negative_prompt"] = sampling["negative_prompt"]
         return kwargs
