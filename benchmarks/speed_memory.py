@@ -130,6 +130,10 @@ class Bench:
         self.args, self.cuda = args, args.device.startswith("cuda")
         self.dtype = torch.bfloat16 if args.bf16 else torch.float32
         self.model = load(args.preset, folder, args.device, self.dtype)
+        if args.block_checkpoint:  # before the LoRA, as the trainer applies it
+            from draft.models.memory import checkpoint_blocks
+
+            checkpoint_blocks(self.model)
         self.lora = LoraConfig(rank=8, target_modules=tuple(args.targets.split(",")))
         self.params = add_lora(self.model, self.lora)
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
@@ -178,6 +182,7 @@ class Bench:
         decode_checkpoint = overrides.pop("decode_checkpointing", args.decode_checkpoint)
         sampling_cfg = SamplingConfig(num_steps=steps, guidance_scale=self.guidance, checkpointing=checkpointing,
                                       merge_lora=merge, decode_checkpointing=decode_checkpoint,
+                                      block_checkpointing=args.block_checkpoint,
                                       height=size.height, width=size.width, frames=size.frames)
         cfg = TrainConfig(method=method, sampling=sampling_cfg, alignprop_k_max=min(10, steps), kl_coeff=kl,
                           batch_size=args.batch, mixed_precision="bf16" if args.bf16 else "no", lora=self.lora,
@@ -255,7 +260,8 @@ def run_case(args, bench: Bench | None, method: str, overrides: dict, steps: int
            "--overrides", json.dumps(overrides), "--device", args.device, "--batch", str(args.batch),
            "--repeats", str(args.repeats), "--targets", args.targets, "--text-encoders", args.text_encoders] + (
         ["--bf16"] if args.bf16 else []) + (
-        ["--decode-checkpoint"] if args.decode_checkpoint else []) + (["--allow-cpu"] if args.allow_cpu else [])
+        ["--decode-checkpoint"] if args.decode_checkpoint else []) + (
+        ["--block-checkpoint"] if args.block_checkpoint else []) + (["--allow-cpu"] if args.allow_cpu else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -277,6 +283,8 @@ def main() -> None:
                    help="UNet modules the LoRA adapts (default: attention only, as every recorded run)")
     p.add_argument("--decode-checkpoint", action="store_true",
                    help="checkpoint the VAE decode in every case (sampling.decode_checkpointing)")
+    p.add_argument("--block-checkpoint", action="store_true",
+                   help="checkpoint the denoiser block by block in every case (sampling.block_checkpointing)")
     p.add_argument("--text-encoders", choices=["device", "cache"], default="device",
                    help="cache: encode the prompts once and release the text encoders (text_encoders=cache), "
                         "for the families whose encoders do not fit beside the denoiser")

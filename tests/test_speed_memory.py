@@ -55,13 +55,15 @@ def test_the_tokenizer_stand_in_is_the_tiny_pipelines_at_the_real_length(pipelin
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(NEW))
 def test_each_new_preset_builds_and_takes_a_step(preset, tmp_path):
-    """The preset's pipeline at its real size on the meta device, the benchmark's LoRA, one
-    DRaFT-1 step of two sampling steps: every LoRA parameter gets a gradient. The prompts'
+    """The preset's pipeline at its real size on the meta device, checkpointed block by block,
+    the benchmark's LoRA, one DRaFT-1 step of two sampling steps: every LoRA parameter gets a
+    gradient. The prompts'
     embeddings are meta tensors of the family's shapes (a language model cannot run on meta)."""
     from draft.config import LoraConfig, SamplingConfig, TrainConfig
     from draft.lora import add_lora
     from draft.methods import METHODS, Batch, Sampler, SampleNoise
     from draft.models.base import Size
+    from draft.models.memory import checkpoint_blocks
 
     pipeline, steps, guidance, passes = NEW[preset]
     recipe = speed_memory._recipe(preset)
@@ -76,6 +78,7 @@ def test_each_new_preset_builds_and_takes_a_step(preset, tmp_path):
         return model.meta_conditioning(len(prompts), torch.bfloat16), uncond
 
     model.conditioning = conditioning
+    checkpoint_blocks(model)  # --block-checkpoint, which the ready commands pass
     params = add_lora(model, LoraConfig(rank=8, target_modules=("to_q", "to_k", "to_v", "to_out.0")))
     size = model.size(Size(*speed_memory.REAL[preset][1]))
     assert (size.height, size.width) == (1024, 1024)
@@ -98,7 +101,7 @@ def test_text_encoders_cache_encodes_the_benchmark_prompts_once_and_releases_the
     import tempfile
 
     args = argparse.Namespace(preset="tiny", device="cpu", bf16=False, batch=2, targets="to_q,to_k,to_v,to_out.0",
-                              text_encoders="cache")
+                              text_encoders="cache", block_checkpoint=False)
     bench = speed_memory.Bench(args, Path(tempfile.mkdtemp()))
     fresh = speed_memory.load("tiny", Path(tempfile.mkdtemp()), "cpu", torch.float32)
     cond, uncond = bench.model.conditioning(bench.prompts, bench.guidance, bench.size, "")
