@@ -71,6 +71,35 @@ def model_defaults(name: str) -> dict:
     embedded = EMBEDDED.get(name) if isinstance(name, str) else None
     return dict(embedded.defaults) if embedded else {}
 
+def family_defaults(model: str, adapter) -> dict:
+    """What `adapter`'s family samples `model` with: the family's defaults, with those of the
+    checkpoint where the adapter recognises it from its configs (`checkpoint_defaults`: a
+    distilled variant that samples in a few steps without guidance)."""
+    own = getattr(adapter, "checkpoint_defaults", None)  # optional: most families have one setting
+    folder = _config_folder(model) if own is not None else None
+    return {**adapter.defaults, **(own(folder) if folder is not None else {})}
+
+
+def _config_folder(model: str) -> Path | None:
+    """The folder holding `model`'s model_index.json and configs, found without loading or
+    downloading anything: the model's own folder, its Hugging Face cache, or draft's copy of a
+    known architecture (`draft.models.architectures`); None otherwise."""
+    try:
+        source, local = resolve(model)
+    except UserError:
+        return None
+    if local:
+        return Path(source)
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(source, "model_index.json")
+    if isinstance(index, str):  # the cached snapshot (a scheduler config not cached reads as absent)
+        return Path(index).parent
+    from draft.models.architectures import builtin_configs
+
+    return builtin_configs(source)
+
+
 # Pipeline class -> "module:adapter class".
 ADAPTERS = {
     "StableDiffusionPipeline": "draft.models.sd:StableDiffusion",
