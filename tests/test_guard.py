@@ -114,6 +114,34 @@ def test_the_kept_lora_is_the_lora_of_the_step_with_the_best_held_out_figure(tin
     assert (run / "lora-best" / "run-best-kohya.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_under_ddp_the_guard_keeps_and_decides_as_one_process_does(tiny_sd, tmp_path, launch_two_processes):
+    """Two processes at half batch: the main process evaluates, every process learns its
+    decision (a broadcast), and the figures, the best step and the kept LoRA are those of
+    one process on the whole batch (to the round-off of the split batch)."""
+    import subprocess
+
+    config = guarded(tiny_sd, tmp_path, patience=1).replace(
+        steps=3, lora=LoraConfig(rank=4, alpha=4.0, target_modules=("to_q", "to_k", "to_v", "to_out.0")))
+    common = [*args(config), "kl_coeff=0", "--no-progress"]
+    launch, env = launch_two_processes
+    two = subprocess.run([*launch, "train", *common, "name=two", "batch_size=1"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert main(["train", *common, "name=one", "batch_size=2"]) == 0
+    one_rows, two_rows = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows]  # stopped (or not) at the same step
+    assert [r["guard_best_step"] for r in two_rows] == [r["guard_best_step"] for r in one_rows]
+    for a, b in zip(one_rows, two_rows):
+        assert b["guard_reward_mean"] == pytest.approx(a["guard_reward_mean"], abs=1e-5)
+    best_one, best_two = (json.loads((tmp_path / n / "lora-best" / BEST_FILE).read_text()) for n in ("one", "two"))
+    assert best_two["step"] == best_one["step"]
+    kept_one, kept_two = peft_weights(tmp_path / "one" / "lora-best"), peft_weights(tmp_path / "two" / "lora-best")
+    assert kept_one.keys() == kept_two.keys()
+    for key in kept_one:
+        torch.testing.assert_close(kept_two[key], kept_one[key], rtol=0, atol=5e-6, msg=key)
+
+
 class _Watch:
     """Held-out figures in the order given."""
 
