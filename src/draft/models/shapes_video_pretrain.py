@@ -53,11 +53,12 @@ class Recipe:
     image_size: int = 32  # pixels per side; 8x spatial compression -> 4x4 latents
     frames: int = 9  # 1 + 4k frames; 9 -> 3 latent frames
     pool: int = 8000  # clips of the train split drawn once and reused (uint8: ~28 KB each)
-    vae_width: int = 16  # AutoencoderKLWan base_dim
+    vae_width: int = 8  # AutoencoderKLWan base_dim (half of it costs half the time per step: docs/shapes-video.md)
     vae_mult: tuple[int, ...] = (1, 2, 2, 2)  # one level per halving: 3 downsamplings -> 8x in space
     z_dim: int = 16  # latent channels (Wan's 16; the transformer's in/out channels)
-    vae_steps: int = 3000
-    vae_batch: int = 16
+    vae_steps: int = 3000  # many small steps: this VAE learns in updates more than in samples per update
+    vae_batch: int = 4
+    vae_frames: int = 9  # frames of a clip per VAE example (1 + 4k, `_window`); fewer left the last chunk unlearnt
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-5  # small, as in SD and Wan: the latents need only be roughly Gaussian
     text_width: int = 64  # UMT5 d_model = the transformer's text_dim
@@ -79,8 +80,8 @@ class Recipe:
 
 def quick_recipe() -> Recipe:
     """A few-step recipe for tests: a narrower architecture trained for seconds."""
-    return replace(Recipe(), pool=24, vae_width=8, vae_steps=3, vae_batch=4, text_width=32, width=32, heads=2,
-                   layers=1, steps=3, batch=4, warmup=1)
+    return replace(Recipe(), pool=24, vae_steps=3, vae_frames=5, text_width=32, width=32, heads=2, layers=1, steps=3,
+                   batch=4, warmup=1)
 
 
 def build_models(recipe: Recipe):
@@ -128,6 +129,17 @@ def _pixels(clips: torch.Tensor) -> torch.Tensor:
     return (clips.float() / 127.5 - 1).permute(0, 2, 1, 3, 4)
 
 
+def _window(clips: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch.Tensor:
+    """`recipe.vae_frames` consecutive frames of the clips, from one random start.
+
+    The causal VAE codes frame 0 alone and then chunks of 4 frames, each chunk seeing the
+    one before through its cache, so a 1 + 4k-frame window trains the same weights as a
+    whole clip at a fraction of the cost; a random start shows every stage of the motion.
+    """
+    start = int(torch.randint(clips.shape[1] - recipe.vae_frames + 1, (1,), generator=gen))
+    return clips[:, start : start + recipe.vae_frames]
+
+
 def train_vae(vae, pool: torch.Tensor, recipe: Recipe, gen: torch.Generator, progress: bool = True) -> list[float]:
     """Fit the VAE to reconstruct the pool's clips: L1 + MSE on pixels plus a small KL term.
     Returns the loss of every step."""
@@ -140,7 +152,8 @@ def train_vae(vae, pool: torch.Tensor, recipe: Recipe, gen: torch.Generator, pro
     losses = []
     bar = tqdm(range(recipe.vae_steps), desc="vae", disable=not progress)
     for _ in bar:
-        x = _pixels(pool[torch.randint(len(pool), (recipe.vae_batch,), generator=gen)]).to(device)
+        clips = pool[torch.randint(len(pool), (recipe.vae_batch,), generator=gen)]
+        x = _pixels(_window(clips, recipe, gen)).to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + recipe.vae_kl_weight * post.kl().mean()
