@@ -175,6 +175,10 @@ RULES = [
     # Equal is not a fall; patience 0 never stops.
     ([0.5, 0.9, 0.9, 0.9, 0.9], [1, 2, 3, 4], 1, None),
     ([0.5, 0.9, 0.8, 0.7, 0.6], [1, 2, 3, 4], 0, None),
+    # Stuck at its floor below the best (accuracy 0 after hacking) counts as falling on.
+    ([0.5, 0.9, 0.0, 0.0, 0.0], [1, 2, 3, 4], 3, 4),
+    # A rise resets the count; level below the best counts again after it.
+    ([0.5, 0.9, 0.6, 0.7, 0.7, 0.7], [1, 2, 3, 4, 5], 2, 5),
 ]
 
 
@@ -195,7 +199,7 @@ def test_the_guard_stops_exactly_when_the_held_out_figure_falls_while_the_traini
     assert stopped_at == stop
     if stop is not None:
         assert len(acc.printed) == 1 and acc.printed[0].startswith(f"stopping early at step {stop}: held-out "
-                                                                   f"reward_mean fell at {patience} evaluation")
+                                                                   f"reward_mean fell or stayed below its best at {patience} evaluation")
         assert "\n" not in acc.printed[0]
 
 
@@ -240,7 +244,7 @@ def test_an_early_stop_ends_the_run_as_a_finished_one(tiny_sd, tmp_path, script,
     assert main(["train", *args(config), "--no-progress"]) == 0
     out = capsys.readouterr().out
     run = tmp_path / "run"
-    assert ("stopping early at step 2: held-out reward_mean fell at 1 evaluation in a row while the training "
+    assert ("stopping early at step 2: held-out reward_mean fell or stayed below its best at 1 evaluation in a row while the training "
             f"reward rose (the sign of reward hacking); the best LoRA, step 1 (reward_mean 0.9), is in {run / 'lora-best'}\n") in out
     assert [r["step"] for r in metrics(run)][-1] == 2
     assert (run / "checkpoints" / "step-00000002").is_dir() and not (run / "checkpoints" / "step-00000003").exists()
