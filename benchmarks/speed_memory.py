@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 CASES = [  # (label, method, overrides)
@@ -68,6 +69,12 @@ CASES = [  # (label, method, overrides)
     ("DRaFT-LV n=2, decoder checkpointed", "draft-lv", {"lv_n": 2, "decode_checkpointing": True}),
     ("DRaFT full, decoder checkpointed", "draft", {"decode_checkpointing": True}),
     ("DRaFT-K K=4, decoder checkpointed", "draft-k", {"k": 4, "decode_checkpointing": True}),
+    # The estimate's split under a memory budget (the embedded presets; on the CPU the budget
+    # is a fraction of RAM), the conditional-only gradient through guidance, and the newer windows.
+    ("DRaFT full, checkpointing auto", "draft", {"checkpointing": "auto"}),
+    ("DRaFT full, guidance gradient cond", "draft", {"guidance_gradient": "cond"}),
+    ("Direct-Align", "direct-align", {}),
+    ("DRTune K=5", "drtune", {"drtune_k": 5}),
 ]
 
 
@@ -180,9 +187,10 @@ class Bench:
         merge = overrides.pop("merge_lora", True)
         kl = overrides.pop("kl_coeff", 0.0)
         decode_checkpoint = overrides.pop("decode_checkpointing", args.decode_checkpoint)
+        gradient = overrides.pop("guidance_gradient", "both")
         sampling_cfg = SamplingConfig(num_steps=steps, guidance_scale=self.guidance, checkpointing=checkpointing,
                                       merge_lora=merge, decode_checkpointing=decode_checkpoint,
-                                      block_checkpointing=args.block_checkpoint,
+                                      block_checkpointing=args.block_checkpoint, guidance_gradient=gradient,
                                       height=size.height, width=size.width, frames=size.frames)
         cfg = TrainConfig(method=method, sampling=sampling_cfg, alignprop_k_max=min(10, steps), kl_coeff=kl,
                           batch_size=args.batch, mixed_precision="bf16" if args.bf16 else "no", lora=self.lora,
@@ -190,7 +198,13 @@ class Bench:
                           text_encoders=args.text_encoders, **overrides)
         # The family's own schedule (FLUX.1's resolution-dependent shift; DDIM for SD).
         schedule = model.schedule(steps, size)
-        loop = Sampler(model, self.reward, schedule, self.guidance, 0.0, checkpointing, decode_checkpoint, kl, merge, size=size)
+        keep = 0
+        if checkpointing == "auto":  # the trainer's own split (`draft.startup.kept_graphs`)
+            from draft.startup import kept_graphs
+
+            keep = kept_graphs(replace(cfg, model=args.preset), lambda line: print("#", line, file=sys.stderr))
+        loop = Sampler(model, self.reward, schedule, self.guidance, 0.0, bool(checkpointing), decode_checkpoint, kl,
+                       merge, size=size, keep_graphs=keep, guidance_gradient=cfg.sampling.guidance_gradient)
         shape = model.latent_shape(size)
         autocast = self.autocast()
 
