@@ -51,11 +51,11 @@ EMBEDDED = {
     }, pretrain="draft.models.shapes_pretrain:pretrain"),
     # Its own recipe (BENCHMARKS.md, "The main job on shapes-flow"): the flow chain settles the
     # shape between sigma 0.9 and 0.2, so the tail windows of shapes-sd's recipe (DRaFT-LV's last
-    # step sits at sigma 0.001) barely move it; full DRaFT over a 20-step chain does.
+    # step sits at sigma 0.001) barely move it; full DRaFT over a 10-step chain does.
     "shapes-flow": Embedded(ASSETS / "shapes-flow", SHAPES_METRICS, {
         "sampling.guidance_scale": (4.0, "its held-out accuracy is highest there (docs/shapes-flow.md)"),
-        "sampling.num_steps": (20, "20 Euler steps sample it about as well as 50 at 40% of the cost "
-                                   "(docs/shapes-flow.md)"),
+        "sampling.num_steps": (10, "10 Euler steps sample it as well as 20 or 50, and full DRaFT through them "
+                                   "trains as well at half the cost of 20 (docs/shapes-flow.md, BENCHMARKS.md)"),
         "sampling.checkpointing": (False, "its whole chain's activations are small, and a step is faster without "
                                           "the recompute (BENCHMARKS.md)"),
         "method": ("draft", "the flow chain decides shapes far from its last steps, where truncated windows sit"),
