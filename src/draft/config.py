@@ -157,9 +157,9 @@ class TrainConfig:
     # Micro-batches accumulated before each optimizer step.
     grad_accum: int = 1
     # AdamW learning rate, betas, weight decay. The paper used 4e-4 with a rank-8 LoRA on
-    # SD 1.4 (as configs/sd15-*.yaml do); the tiny shapes-sd needs a larger step to move
-    # within the default recipe's budget.
-    lr: float = 1e-3
+    # SD 1.4 (as configs/sd15-*.yaml do). None: the model's own recipe (shapes-sd 1.5e-3),
+    # else 1e-3; the tiny shapes models need a larger step to move within their budget.
+    lr: float | None = None
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.0

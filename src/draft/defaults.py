@@ -29,6 +29,7 @@ from draft.config import SamplingConfig, TrainConfig
 GENERIC: dict[str, Any] = {
     "method": "draft-lv",
     "steps": 500,
+    "lr": 1e-3,
     "kl_coeff": 0.0,
     "sampling.num_steps": 50,
     "sampling.guidance_scale": 7.5,
