@@ -35,20 +35,20 @@ def _inputs(model, batch: int):
 
 
 def variants(denoiser, family: str) -> dict:
-    """name -> (module, context manager factory, seconds spent preparing it)."""
+    """name -> (module, context manager factory to call it under)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    out = {"eager": (denoiser, contextlib.nullcontext, 0.0)}
+    out = {"eager": (denoiser, contextlib.nullcontext)}
     if family == "unet":
-        out["channels-last"] = (copy.deepcopy(denoiser).to(memory_format=torch.channels_last), contextlib.nullcontext, 0.0)
-    out["sdpa-math"] = (denoiser, lambda: sdpa_kernel([SDPBackend.MATH]), 0.0)
-    out["compiled"] = (torch.compile(copy.deepcopy(denoiser), dynamic=False), contextlib.nullcontext, 0.0)
+        out["channels-last"] = (copy.deepcopy(denoiser).to(memory_format=torch.channels_last), contextlib.nullcontext)
+    out["sdpa-math"] = (denoiser, lambda: sdpa_kernel([SDPBackend.MATH]))
+    out["compiled"] = (torch.compile(copy.deepcopy(denoiser), dynamic=False), contextlib.nullcontext)
     regional = copy.deepcopy(denoiser)
     blocks = [m for name, m in regional.named_children() if isinstance(m, torch.nn.ModuleList)]
     for block_list in blocks:  # each block compiled in place: repeated blocks share one graph
         for block in block_list:
             block.compile(dynamic=False)
-    out["compiled per block"] = (regional, contextlib.nullcontext, 0.0)
+    out["compiled per block"] = (regional, contextlib.nullcontext)
     return out
 
 
@@ -71,7 +71,7 @@ def main() -> None:
     table = variants(denoiser, family)
 
     def call(name):
-        module, ctx, _ = table[name]
+        module, ctx = table[name]
         model.denoiser = module
         with torch.no_grad(), ctx():
             return model.denoise(x, t, cond)
