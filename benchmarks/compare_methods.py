@@ -60,7 +60,7 @@ def run(args, name: str, overrides: dict) -> Path:
     # The methods compared on one footing whatever the model: an embedded model's own recipe
     # (shapes-flow's wider LoRA, no penalty, no checkpointing) is not applied here.
     base = {"model": args.model, "steps": args.steps, "batch_size": args.batch, "sampling.num_steps": args.sampling_steps,
-            "kl_coeff": 0.03, "lora.target_modules": "[]", "sampling.checkpointing": True,
+            "kl_coeff": 0.03, "lr": 1e-3, "lora.target_modules": "[]", "sampling.checkpointing": True,
             "eval_prompts": eval_prompts,
             "log.eval_every": args.eval_every, "log.eval_samples": args.eval_samples, "log.sample_every": 10**6,
             "log.checkpoint_every": 0, "log.trackers": "[]", "output_dir": args.runs, "name": name}

@@ -13,6 +13,7 @@ the CPU.
     python benchmarks/speed_memory.py --preset tiny --repeats 2           # quick check
     python benchmarks/speed_memory.py --preset flux-dev --device cuda --cases 0,2 --t-sweep ""
     python benchmarks/speed_memory.py --preset wan21-1.3b --device cuda --cases 13,14,16 --t-sweep ""
+    python benchmarks/speed_memory.py --preset z-image-turbo --device cuda --cases 13,14 --t-sweep ""
 
 Presets: `tiny` (the test suite's random pipeline), `shapes-sd` and `shapes-flow` (the
 shipped models, sampled with their own recipe's steps and guidance unless `--steps` says),
@@ -20,7 +21,13 @@ shipped models, sampled with their own recipe's steps and guidance unless `--ste
 their real sizes with random weights, built on the GPU from draft's own copies of the
 configs (`draft.models.architectures`, nothing downloaded): `sdxl`, `sd35-medium` and
 `flux-dev` at 1024 px, `wan21-1.3b` at 480x832 and 33 frames (its reward on 3 evenly
-spaced frames, as configs/wan21-1.3b-pickscore.yaml). Those run in bf16, one sample a batch
+spaced frames, as configs/wan21-1.3b-pickscore.yaml), and `qwen-image`, `flux2-dev`,
+`flux2-klein-4b` and `z-image-turbo` at 1024 px, sampled at the steps and guidance their
+family or checkpoint samples with (`draft.defaults`: Turbo 9 steps unguided, klein 4 steps),
+their language-model tokenizers stood in for by word tokenizers with the pipelines' chat
+layouts (`draft.models.tiny_flux2.chat_tokenizer`); `--text-encoders cache` encodes the
+prompts once and releases the encoders, as `text_encoders=cache` does (FLUX.2-dev's 24B and
+Qwen-Image's 8B encoder do not fit beside the denoiser). Those run in bf16, one sample a batch
 by default, and only with `--device cuda` (`--allow-cpu` forces them onto the CPU, which
 needs tens of GB). Each case also reports the memory estimate's activations + LoRA for the
 same settings (`draft.estimate`), for comparison with the measured peak. The reward is
@@ -38,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 CASES = [  # (label, method, overrides)
@@ -61,6 +69,12 @@ CASES = [  # (label, method, overrides)
     ("DRaFT-LV n=2, decoder checkpointed", "draft-lv", {"lv_n": 2, "decode_checkpointing": True}),
     ("DRaFT full, decoder checkpointed", "draft", {"decode_checkpointing": True}),
     ("DRaFT-K K=4, decoder checkpointed", "draft-k", {"k": 4, "decode_checkpointing": True}),
+    # The estimate's split under a memory budget (the embedded presets; on the CPU the budget
+    # is a fraction of RAM), the conditional-only gradient through guidance, and the newer windows.
+    ("DRaFT full, checkpointing auto", "draft", {"checkpointing": "auto"}),
+    ("DRaFT full, guidance gradient cond", "draft", {"guidance_gradient": "cond"}),
+    ("Direct-Align", "direct-align", {}),
+    ("DRTune K=5", "drtune", {"drtune_k": 5}),
 ]
 
 
@@ -70,7 +84,16 @@ REAL = {
     "sd35-medium": ("stabilityai/stable-diffusion-3.5-medium", (1024, 1024, 0)),
     "flux-dev": ("black-forest-labs/FLUX.1-dev", (1024, 1024, 0)),
     "wan21-1.3b": ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", (480, 832, 33)),
+    "qwen-image": ("Qwen/Qwen-Image", (1024, 1024, 0)),
+    "flux2-dev": ("black-forest-labs/FLUX.2-dev", (1024, 1024, 0)),
+    "flux2-klein-4b": ("black-forest-labs/FLUX.2-klein-4B", (1024, 1024, 0)),
+    "z-image-turbo": ("Tongyi-MAI/Z-Image-Turbo", (1024, 1024, 0)),
 }
+# The presets added with their families sample at the steps and guidance the family (or the
+# checkpoint: Turbo's 9 steps unguided, klein's 4) samples with (`draft.defaults`), since 7.5
+# means something else to each (FLUX.2-dev's guidance embedding, Z-Image's g + 1, ignored by
+# the distilled klein); the earlier presets keep 7.5 and 50 steps, as their recorded commands.
+FAMILY_SAMPLING = ("qwen-image", "flux2-dev", "flux2-klein-4b", "z-image-turbo")
 EMBEDDED = ("shapes-sd", "shapes-flow")
 VIDEO_REWARD_FRAMES = 3  # frames of a video the reward scores, evenly spaced (the Wan preset's)
 
@@ -86,79 +109,11 @@ def load(preset: str, folder: Path, device: str, dtype):
     if preset in EMBEDDED:
         return load_model(preset, device=device, dtype=dtype)
     if preset in REAL:
+        from real_size import random_model
+
         return random_model(REAL[preset][0], folder, device, dtype, preset)
     pipe = (tiny_pipeline if preset == "tiny" else sd15_pipeline)(folder)
     return StableDiffusion(pipe.to(device, dtype), name=preset)
-
-
-def random_model(hub_id: str, folder: Path, device: str, dtype, name: str):
-    """The family's adapter over the real architecture of `hub_id` with random weights.
-
-    Every torch component is initialised on `device` (in float32, then cast to the dtype
-    the family loads it in: SDXL keeps its VAE in float32); the tokenizers are the tiny
-    pipelines' word tokenizers at the real text lengths (no vocabulary is downloaded, and
-    the benchmark's prompt uses only their words)."""
-    import inspect
-
-    import diffusers
-
-    from draft.models import ADAPTERS, pipeline_class
-    from draft.models.architectures import write_configs
-    from draft.models.base import load_callable
-
-    configs = write_configs(hub_id, folder / "configs")
-    adapter = load_callable(ADAPTERS[pipeline_class(str(configs))])
-    index = json.loads((configs / "model_index.json").read_text())
-    dtypes = adapter.load_dtype(dtype)
-    parts = {}
-    for part, spec in index.items():
-        if part.startswith("_") or not isinstance(spec, list):
-            continue
-        part_dtype = dtypes.get(part, dtypes["default"]) if isinstance(dtypes, dict) else dtypes
-        parts[part] = random_part(configs / part, part, spec, device, part_dtype)
-    cls = getattr(diffusers, index["_class_name"])
-    accepted = inspect.signature(cls.__init__).parameters
-    extra = {k: v for k, v in {**index, **adapter.load_kwargs}.items()
-             if k in accepted and k not in parts and not k.startswith("_")}  # e.g. Wan 2.2's boundary_ratio
-    pipe = cls(**{k: v for k, v in parts.items() if k in accepted}, **extra)
-    adapter.after_load(pipe)
-    model = adapter(pipe, name=name)
-    model.configs = configs  # for the estimate of the same settings
-    return model
-
-
-def random_part(sub: Path, part: str, spec: list, device: str, dtype):
-    """One component of model_index.json: a scheduler from its config, a word tokenizer at the
-    config's length, a torch module with random weights, or None for an absent one."""
-    import importlib
-
-    import torch
-
-    from draft.models.tiny import WORDS
-    from draft.models.tokenizer import t5_word_tokenizer, word_tokenizer
-
-    library, cls_name = spec
-    if library is None or not ((sub / "config.json").is_file() or part == "scheduler" or "tokenizer" in part):
-        return None  # a safety checker, or a feature extractor draft never loads
-    if part == "scheduler":
-        return getattr(importlib.import_module(library), cls_name).from_config(
-            json.loads((sub / "scheduler_config.json").read_text()))
-    if "tokenizer" in part:
-        length = json.loads((sub / "tokenizer_config.json").read_text())["model_max_length"]
-        return (word_tokenizer(sub / "files", WORDS, max_length=length) if "CLIP" in cls_name
-                else t5_word_tokenizer(WORDS, max_length=length))
-    cls = getattr(importlib.import_module(library), cls_name)
-    with torch.device(device):
-        module = cls.from_config(cls.load_config(sub)) if library == "diffusers" else cls(
-            cls.config_class.from_pretrained(sub))
-    module.to(dtype)
-    # As from_pretrained: the modules a class keeps in float32 at any dtype (Wan's norms,
-    # rotary table and time embedding) stay there.
-    keep = getattr(module, "_keep_in_fp32_modules", None) or ()
-    for name, sub_module in module.named_modules():
-        if dtype != torch.float32 and any(k in name.split(".") for k in keep):
-            sub_module.float()
-    return module
 
 
 def rss_bytes() -> int:
@@ -182,16 +137,31 @@ class Bench:
         self.args, self.cuda = args, args.device.startswith("cuda")
         self.dtype = torch.bfloat16 if args.bf16 else torch.float32
         self.model = load(args.preset, folder, args.device, self.dtype)
+        if args.block_checkpoint:  # before the LoRA, as the trainer applies it
+            from draft.models.memory import checkpoint_blocks
+
+            checkpoint_blocks(self.model)
         self.lora = LoraConfig(rank=8, target_modules=tuple(args.targets.split(",")))
         self.params = add_lora(self.model, self.lora)
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
         self.reward = rewards.get("brightness").to(args.device)
         self.prompts = ["a small red circle on a blue background"] * args.batch
-        # The embedded models sample at their recipe's guidance (shapes-flow: 4); others at 7.5.
-        self.guidance = _recipe(args.preset).guidance_scale if args.preset in EMBEDDED else 7.5
+        # The embedded models sample at their recipe's guidance (shapes-flow: 4), the newer
+        # families at their own (FAMILY_SAMPLING); others at 7.5.
+        self.guidance = _recipe(args.preset).guidance_scale if args.preset in (*EMBEDDED, *FAMILY_SAMPLING) else 7.5
         self.size = self.model.size(Size(*REAL[args.preset][1]) if args.preset in REAL else Size())
         # A video's reward scores a few frames; only the latent frames they need are decoded.
         self.frames = choose_frames(0, 0, self.size.frames, VIDEO_REWARD_FRAMES, "even")
+        if args.text_encoders == "cache":  # the benchmark's prompts encoded once, the encoders released
+            from draft.models.text import place_text_encoders
+
+            place_text_encoders(self.model, "cache", (self.guidance, self.size, ""),
+                                [(self.prompts, self.autocast, args.batch)])
+
+    def autocast(self):
+        import torch
+
+        return torch.autocast("cuda", dtype=self.dtype, enabled=self.cuda and self.args.bf16)
 
     def sync(self):
         import torch
@@ -217,17 +187,26 @@ class Bench:
         merge = overrides.pop("merge_lora", True)
         kl = overrides.pop("kl_coeff", 0.0)
         decode_checkpoint = overrides.pop("decode_checkpointing", args.decode_checkpoint)
+        gradient = overrides.pop("guidance_gradient", "both")
         sampling_cfg = SamplingConfig(num_steps=steps, guidance_scale=self.guidance, checkpointing=checkpointing,
                                       merge_lora=merge, decode_checkpointing=decode_checkpoint,
+                                      block_checkpointing=args.block_checkpoint, guidance_gradient=gradient,
                                       height=size.height, width=size.width, frames=size.frames)
         cfg = TrainConfig(method=method, sampling=sampling_cfg, alignprop_k_max=min(10, steps), kl_coeff=kl,
                           batch_size=args.batch, mixed_precision="bf16" if args.bf16 else "no", lora=self.lora,
-                          reward_frames=VIDEO_REWARD_FRAMES if size.frames else 0, **overrides)
+                          reward_frames=VIDEO_REWARD_FRAMES if size.frames else 0,
+                          text_encoders=args.text_encoders, **overrides)
         # The family's own schedule (FLUX.1's resolution-dependent shift; DDIM for SD).
         schedule = model.schedule(steps, size)
-        loop = Sampler(model, self.reward, schedule, self.guidance, 0.0, checkpointing, decode_checkpoint, kl, merge, size=size)
+        keep = 0
+        if checkpointing == "auto":  # the trainer's own split (`draft.startup.kept_graphs`)
+            from draft.startup import kept_graphs
+
+            keep = kept_graphs(replace(cfg, model=args.preset), lambda line: print("#", line, file=sys.stderr))
+        loop = Sampler(model, self.reward, schedule, self.guidance, 0.0, bool(checkpointing), decode_checkpoint, kl,
+                       merge, size=size, keep_graphs=keep, guidance_gradient=cfg.sampling.guidance_gradient)
         shape = model.latent_shape(size)
-        autocast = torch.autocast("cuda", dtype=self.dtype, enabled=self.cuda and args.bf16)
+        autocast = self.autocast()
 
         def sampling(rep):
             with autocast:
@@ -293,8 +272,10 @@ def run_case(args, bench: Bench | None, method: str, overrides: dict, steps: int
             return {"error": "out of memory"}
     cmd = [sys.executable, __file__, "--child", "--preset", args.preset, "--method", method, "--steps", str(steps),
            "--overrides", json.dumps(overrides), "--device", args.device, "--batch", str(args.batch),
-           "--repeats", str(args.repeats), "--targets", args.targets] + (["--bf16"] if args.bf16 else []) + (
-        ["--decode-checkpoint"] if args.decode_checkpoint else []) + (["--allow-cpu"] if args.allow_cpu else [])
+           "--repeats", str(args.repeats), "--targets", args.targets, "--text-encoders", args.text_encoders] + (
+        ["--bf16"] if args.bf16 else []) + (
+        ["--decode-checkpoint"] if args.decode_checkpoint else []) + (
+        ["--block-checkpoint"] if args.block_checkpoint else []) + (["--allow-cpu"] if args.allow_cpu else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -306,7 +287,8 @@ def main() -> None:
     p.add_argument("--preset", choices=["tiny", *EMBEDDED, "sd15", *REAL], default="shapes-sd")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=None, help="samples per step (default 4; 1 at real size)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the embedded model's recipe, else 50)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the embedded model's recipe or the family's, else 50)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bf16", action="store_true", help="frozen weights in bfloat16 (GPU)")
     p.add_argument("--t-sweep", default="10,25,50,100", help="sampling steps for the full-DRaFT memory sweep")
@@ -315,6 +297,11 @@ def main() -> None:
                    help="UNet modules the LoRA adapts (default: attention only, as every recorded run)")
     p.add_argument("--decode-checkpoint", action="store_true",
                    help="checkpoint the VAE decode in every case (sampling.decode_checkpointing)")
+    p.add_argument("--block-checkpoint", action="store_true",
+                   help="checkpoint the denoiser block by block in every case (sampling.block_checkpointing)")
+    p.add_argument("--text-encoders", choices=["device", "cache"], default="device",
+                   help="cache: encode the prompts once and release the text encoders (text_encoders=cache), "
+                        "for the families whose encoders do not fit beside the denoiser")
     p.add_argument("--cases", default="", help="comma-separated case numbers to run (default: all), e.g. 0,2,7")
     p.add_argument("--allow-cpu", action="store_true",
                    help="run a real-size preset without CUDA (tens of GB of memory, hours of time)")
@@ -328,7 +315,7 @@ def main() -> None:
         p.error(f"--preset {args.preset} builds the real architecture (billions of parameters): run it with "
                 "--device cuda, or pass --allow-cpu to force the CPU")
     args.batch = args.batch or (1 if real else 4)
-    args.steps = args.steps or (_recipe(args.preset).num_steps if args.preset in EMBEDDED else 50)
+    args.steps = args.steps or (_recipe(args.preset).num_steps if args.preset in (*EMBEDDED, *FAMILY_SAMPLING) else 50)
     args.bf16 = args.bf16 or real  # real sizes are trained in bf16; float32 would double the weights
     folder = Path(tempfile.mkdtemp(prefix="draft-bench-"))
     if args.child:
@@ -372,10 +359,11 @@ def main() -> None:
 
 
 def _recipe(preset: str):
-    """The sampling settings an embedded model trains with (`draft.defaults`, as `draft train`)."""
+    """The sampling settings an embedded model trains with, or a real-size preset's family samples
+    with (`draft.defaults`, as `draft train`)."""
     from draft.defaults import resolve_sampling
 
-    return resolve_sampling(preset)
+    return resolve_sampling(REAL[preset][0] if preset in REAL else preset)
 
 
 def _mb(value) -> str:

@@ -166,7 +166,7 @@ def test_sample_and_eval_sample_as_the_model_is_trained_unless_told():
         return resolve_sampling(args.model, _sampling(args))
 
     flow = sampling("--model", "shapes-flow")
-    assert (flow.num_steps, flow.guidance_scale) == (20, 4.0)  # shapes-flow's recipe (draft.models)
+    assert (flow.num_steps, flow.guidance_scale) == (10, 4.0)  # shapes-flow's recipe (draft.models)
     assert sampling("--model", "shapes-flow", "--steps", "50", "--guidance", "6").num_steps == 50
     sd = sampling()
-    assert (sd.num_steps, sd.guidance_scale) == (50, 7.5)
+    assert (sd.num_steps, sd.guidance_scale) == (20, 7.5)  # shapes-sd's recipe too

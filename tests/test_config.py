@@ -12,9 +12,11 @@ from draft.errors import UserError
 def test_defaults_are_the_documented_recipe():
     c = load_config()
     assert (c.model, c.reward, c.method, c.prompts) == ("shapes-sd", "shapes-alignment", "draft-lv", "train")
-    assert (c.lora.rank, c.lr, c.batch_size, c.lv_n, c.steps) == (8, 1e-3, 4, 2, 500)
+    assert (c.lora.rank, c.lr, c.batch_size, c.lv_n, c.steps) == (8, 1.5e-3, 4, 2, 500)  # shapes-sd's recipe
     assert c.log.eval_samples == 2 * 180  # every held-out shapes prompt twice: diversity is measured
-    assert c.sampling.num_steps == 50 and c.sampling.eta == 0.0
+    assert c.sampling.num_steps == 20 and c.sampling.eta == 0.0
+    other = load_config(None, ["model=shapes-flow"])  # draft's own learning rate where a recipe sets none
+    assert other.lr == 1e-3
 
 
 def test_yaml_and_overrides_compose(tmp_path):
@@ -44,7 +46,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["sampling.checkpointing=maybe"], "must be true, false or auto"),
         (["steps=0"], "steps must be positive"),
         (["sampling.num_steps=-5"], "must be positive"),
-        (["method=draft-k", "k=80"], "k=80 is larger than sampling.num_steps=50"),
+        (["method=draft-k", "k=80"], "k=80 is larger than sampling.num_steps=20"),
         (["method=drft-lv"], "did you mean 'draft-lv'"),
         (["mixed_precision=fp8"], "unknown mixed_precision"),
         (["steps"], "not of the form key=value"),
@@ -95,19 +97,19 @@ def test_shapes_flow_brings_its_own_recipe_and_a_users_method_keeps_its_own_defa
     from draft.models import SD3_WIDE_TARGETS
 
     flow = load_config(None, ["model=shapes-flow"])
-    assert (flow.method, flow.sampling.num_steps, flow.steps, flow.kl_coeff) == ("draft", 20, 800, 0.0)
+    assert (flow.method, flow.sampling.num_steps, flow.steps, flow.kl_coeff) == ("draft", 10, 800, 0.0)
     assert flow.lora.target_modules == SD3_WIDE_TARGETS
     # A method the user names replaces the model's; the model's other values stay, and the
     # named method's own defaults still apply over them.
     lv = load_config(None, ["model=shapes-flow", "method=draft-lv"])
-    assert (lv.method, lv.sampling.num_steps) == ("draft-lv", 20)
+    assert (lv.method, lv.sampling.num_steps) == ("draft-lv", 10)
     assert load_config(None, ["model=shapes-flow", "method=ddpo"]).sampling.eta == 1.0
     # shapes-sd's recipe is untouched; its LoRA targets are its family's, resolved.
     from draft.models.sd import StableDiffusion
 
     sd = load_config(None, [])
-    assert (sd.method, sd.sampling.num_steps, sd.steps, sd.kl_coeff, sd.lora.target_modules) == (
-        "draft-lv", 50, 500, 0.03, StableDiffusion.default_lora_targets)
+    assert (sd.method, sd.sampling.num_steps, sd.steps, sd.kl_coeff, sd.lr, sd.lora.target_modules) == (
+        "draft-lv", 20, 500, 0.03, 1.5e-3, StableDiffusion.default_lora_targets)
 
 
 def test_mixed_precision_no_is_read_as_the_word_not_a_boolean(tmp_path):

@@ -191,6 +191,17 @@ def test_checkpointing_auto_keeps_what_the_budget_holds(configs_only):
     assert 0 < middle.kept_graphs < 10 and on.peak < middle.peak <= (on.peak + off.peak) / 2
 
 
+def test_the_conditional_gradient_policy_costs_less_time_only_under_guidance(configs_only):
+    """guidance_gradient=cond runs the unconditional half of each gradient call without a
+    graph: the step's time ratio falls by half the gradient calls' extra cost under CFG,
+    and not at all without guidance (one pass, nothing to leave out)."""
+    base = ["method=draft", "sampling.num_steps=10", "sampling.checkpointing=false"]
+    run = lambda *o: estimate(load_config(None, [*base, *o]), configs_only).time_ratio  # noqa: E731
+    both, cond = run(), run("sampling.guidance_gradient=cond")
+    assert both == pytest.approx(3.0) and cond == pytest.approx(2.0)  # 10 x 3 units, against 10 x (0.5 + 1.5)
+    assert run("sampling.guidance_scale=1") == run("sampling.guidance_scale=1", "sampling.guidance_gradient=cond")
+
+
 def test_text_encoders_count_on_the_device_transiently_when_offloaded_and_not_when_cached(tiny_sd, configs_only):
     """device: the encoders' weights are resident; offload: only the largest, while it encodes
     (outside the step's backward); cache: none, but a micro-batch's embeddings are, and the

@@ -141,6 +141,25 @@ def test_train_needs_only_the_folder_and_a_reward(dev, klein, family, name, caps
     assert "at 32x32" in out and "estimated peak accelerator memory" in out
 
 
+@pytest.mark.parametrize("distilled", [True, False])
+def test_a_distilled_klein_folder_defaults_to_its_four_steps(klein, tmp_path, distilled):
+    """`is_distilled` in model_index.json (as the pipeline reads it) picks the distilled model
+    cards' 4 steps; the base klein keeps the pipeline's 50 at scale 4."""
+    import json
+    import shutil
+
+    from draft.defaults import resolve_sampling
+
+    folder = tmp_path / "klein"
+    shutil.copytree(klein, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "is_distilled": distilled}))
+    sampling = resolve_sampling(str(folder))
+    assert (sampling.num_steps, sampling.guidance_scale) == ((4, 1.0) if distilled else (50, 4.0))
+    # Offline, a hub id draft knows reads draft's copy of its configs: klein 4B is the distilled one.
+    assert resolve_sampling("black-forest-labs/FLUX.2-klein-4B").num_steps == 4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["flux2", "flux2-klein"])
 def test_the_cards_snippet_and_the_diffusers_export(dev, klein, family, tmp_path, monkeypatch):

@@ -114,6 +114,34 @@ def test_the_kept_lora_is_the_lora_of_the_step_with_the_best_held_out_figure(tin
     assert (run / "lora-best" / "run-best-kohya.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_under_ddp_the_guard_keeps_and_decides_as_one_process_does(tiny_sd, tmp_path, launch_two_processes):
+    """Two processes at half batch: the main process evaluates, every process learns its
+    decision (a broadcast), and the figures, the best step and the kept LoRA are those of
+    one process on the whole batch (to the round-off of the split batch)."""
+    import subprocess
+
+    config = guarded(tiny_sd, tmp_path, patience=1).replace(
+        steps=3, lora=LoraConfig(rank=4, alpha=4.0, target_modules=("to_q", "to_k", "to_v", "to_out.0")))
+    common = [*args(config), "kl_coeff=0", "--no-progress"]
+    launch, env = launch_two_processes
+    two = subprocess.run([*launch, "train", *common, "name=two", "batch_size=1"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert main(["train", *common, "name=one", "batch_size=2"]) == 0
+    one_rows, two_rows = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows]  # stopped (or not) at the same step
+    assert [r["guard_best_step"] for r in two_rows] == [r["guard_best_step"] for r in one_rows]
+    for a, b in zip(one_rows, two_rows):
+        assert b["guard_reward_mean"] == pytest.approx(a["guard_reward_mean"], abs=1e-5)
+    best_one, best_two = (json.loads((tmp_path / n / "lora-best" / BEST_FILE).read_text()) for n in ("one", "two"))
+    assert best_two["step"] == best_one["step"]
+    kept_one, kept_two = peft_weights(tmp_path / "one" / "lora-best"), peft_weights(tmp_path / "two" / "lora-best")
+    assert kept_one.keys() == kept_two.keys()
+    for key in kept_one:
+        torch.testing.assert_close(kept_two[key], kept_one[key], rtol=0, atol=5e-6, msg=key)
+
+
 class _Watch:
     """Held-out figures in the order given."""
 
@@ -147,6 +175,10 @@ RULES = [
     # Equal is not a fall; patience 0 never stops.
     ([0.5, 0.9, 0.9, 0.9, 0.9], [1, 2, 3, 4], 1, None),
     ([0.5, 0.9, 0.8, 0.7, 0.6], [1, 2, 3, 4], 0, None),
+    # Stuck at its floor below the best (accuracy 0 after hacking) counts as falling on.
+    ([0.5, 0.9, 0.0, 0.0, 0.0], [1, 2, 3, 4], 3, 4),
+    # A rise resets the count; level below the best counts again after it.
+    ([0.5, 0.9, 0.6, 0.7, 0.7, 0.7], [1, 2, 3, 4, 5], 2, 5),
 ]
 
 
@@ -167,7 +199,7 @@ def test_the_guard_stops_exactly_when_the_held_out_figure_falls_while_the_traini
     assert stopped_at == stop
     if stop is not None:
         assert len(acc.printed) == 1 and acc.printed[0].startswith(f"stopping early at step {stop}: held-out "
-                                                                   f"reward_mean fell at {patience} evaluation")
+                                                                   f"reward_mean fell or stayed below its best at {patience} evaluation")
         assert "\n" not in acc.printed[0]
 
 
@@ -212,7 +244,7 @@ def test_an_early_stop_ends_the_run_as_a_finished_one(tiny_sd, tmp_path, script,
     assert main(["train", *args(config), "--no-progress"]) == 0
     out = capsys.readouterr().out
     run = tmp_path / "run"
-    assert ("stopping early at step 2: held-out reward_mean fell at 1 evaluation in a row while the training "
+    assert ("stopping early at step 2: held-out reward_mean fell or stayed below its best at 1 evaluation in a row while the training "
             f"reward rose (the sign of reward hacking); the best LoRA, step 1 (reward_mean 0.9), is in {run / 'lora-best'}\n") in out
     assert [r["step"] for r in metrics(run)][-1] == 2
     assert (run / "checkpoints" / "step-00000002").is_dir() and not (run / "checkpoints" / "step-00000003").exists()

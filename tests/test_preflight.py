@@ -154,7 +154,7 @@ def test_a_python_config_resolves_as_the_command_line_does(tiny_sd):
     ]:
         assert resolve(config) == load_config(None, overrides)
     flow = resolve(TrainConfig(model="shapes-flow"))
-    assert (flow.method, flow.steps, flow.sampling.num_steps, flow.sampling.guidance_scale) == ("draft", 800, 20, 4.0)
+    assert (flow.method, flow.steps, flow.sampling.num_steps, flow.sampling.guidance_scale) == ("draft", 800, 10, 4.0)
     assert resolve(TrainConfig(method="ddpo")).sampling.eta == 1.0
 
 

@@ -83,8 +83,37 @@ def test_the_pipelines_guidance_options_sample_as_the_pipeline(zimage, options):
 
 
 def test_train_needs_only_the_folder_and_a_reward(zimage, capsys):
+    """The tiny pipeline carries Turbo's scheduler (shift 3), so a bare folder trains at what
+    Turbo samples with: 9 steps, one pass a step."""
     assert main(["train", f"model={zimage}", "reward=brightness", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "sampling.num_steps=50: the Z-Image family's default" in out
-    assert "sampling.guidance_scale=5.0: the Z-Image family's default" in out
+    assert "sampling.num_steps=9: the Z-Image family's default (Z-Image-Turbo's model card" in out
+    assert "sampling.guidance_scale=0.0: the Z-Image family's default (Z-Image-Turbo's model card" in out
     assert "at 32x32" in out and "estimated peak accelerator memory" in out
+
+
+def _configs_only(folder, shift):
+    """A Z-Image folder of configs alone (all the defaults read), its scheduler shifted by `shift`."""
+    import json
+
+    (folder / "scheduler").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"shift": shift}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("model, steps, guidance", [
+    ("Tongyi-MAI/Z-Image-Turbo", 9, 0.0),  # offline: draft's copy of its configs (shift 3)
+    ("shift 3", 9, 0.0),  # Turbo's scheduler, or a fine-tune of Turbo saved with it
+    ("shift 6", 50, 5.0),  # the base Z-Image's: the pipeline's defaults
+])
+def test_turbo_is_told_from_the_base_model_by_its_scheduler(tmp_path, model, steps, guidance):
+    from draft.config import SamplingConfig
+    from draft.defaults import resolve_sampling
+
+    if model.startswith("shift"):
+        model = _configs_only(tmp_path / "pipeline", float(model.split()[1]))
+    sampling = resolve_sampling(model)
+    assert (sampling.num_steps, sampling.guidance_scale) == (steps, guidance)
+    mine = resolve_sampling(model, SamplingConfig(num_steps=20, guidance_scale=4.0))  # the user's values win
+    assert (mine.num_steps, mine.guidance_scale) == (20, 4.0)

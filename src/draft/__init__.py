@@ -20,7 +20,7 @@ _LAZY = {
     "evaluate": "draft.evaluation",
     "rewards": "draft.rewards",
     "UserError": "draft.errors",
-    "Size": "draft.models.base",
+    "Size": "draft.models.protocol",
 }
 
 __all__ = sorted(_LAZY)

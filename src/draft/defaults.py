@@ -7,7 +7,9 @@ the first of these that has a value for it:
 2. the model's own recipe (an embedded model's `draft.models.Embedded.defaults`:
    shapes-flow trains with full DRaFT over 20 steps);
 3. the model's family (the adapter's `defaults`, what its diffusers pipeline samples with:
-   FLUX.1 28 steps at guidance 3.5; and its LoRA targets);
+   FLUX.1 28 steps at guidance 3.5; and its LoRA targets), or the checkpoint's where the
+   adapter recognises a distilled variant from its configs (Z-Image-Turbo: 9 steps, no
+   guidance; `draft.models.family_defaults`);
 4. draft's own (`GENERIC`).
 
 The user's value always wins. `draft.train`, `draft.sample`, `draft.evaluate` and the CLI
@@ -27,6 +29,7 @@ from draft.config import SamplingConfig, TrainConfig
 GENERIC: dict[str, Any] = {
     "method": "draft-lv",
     "steps": 500,
+    "lr": 1e-3,
     "kl_coeff": 0.0,
     "sampling.num_steps": 50,
     "sampling.guidance_scale": 7.5,
@@ -58,7 +61,7 @@ def resolvable() -> tuple[str, ...]:
 def sources(model: str, method: str | None) -> list[tuple[str, dict[str, tuple[Any, str]]]]:
     """(whose, {dotted key: (value, why)}) in the order they are consulted."""
     from draft.methods import METHODS
-    from draft.models import family, model_defaults
+    from draft.models import family, family_defaults, model_defaults
 
     adapter = family(model)
     out = []
@@ -66,7 +69,7 @@ def sources(model: str, method: str | None) -> list[tuple[str, dict[str, tuple[A
         out.append((f"method {method}", METHODS[method].defaults))
     out.append((model, model_defaults(model)))
     if adapter is not None:
-        fam = dict(adapter.defaults)
+        fam = family_defaults(model, adapter)
         fam.setdefault(TARGETS, (tuple(adapter.default_lora_targets), "the layers diffusers' own LoRA scripts "
                                                                            "adapt, or wider where it paid"))
         out.append((f"the {adapter.family_name} family", fam))

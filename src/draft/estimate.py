@@ -175,7 +175,7 @@ def estimate(config: TrainConfig, folder: str | Path, reward_bytes: int = 0) -> 
     est = Estimate(weights, lora, reward_bytes, int(acts * CALIBRATION), n_lora, parts, notes=notes + enc.notes,
                    encoding=enc.encoding, embeddings=enc.embeddings, host=enc.host)
     est.kept_graphs = kept
-    est.time_ratio = time_ratio(config, kept)
+    est.time_ratio = time_ratio(config, kept, model.guided_passes(config.sampling.guidance_scale))
     return est
 
 
@@ -344,17 +344,23 @@ def peak_activations(method: str, kept: int, u: int, d: int, step: int, g: int) 
     return kept * u + (g - kept) * step + max(d, recompute)
 
 
-def time_ratio(config: TrainConfig, kept: int) -> float:
+def time_ratio(config: TrainConfig, kept: int, passes: int = 1) -> float:
     """Denoiser-call units of a step over those of sampling the batch (T): a gradient-carrying
     call costs a forward and a backward (about two forwards), plus one forward when
     checkpointed and one more with block checkpointing (`draft.methods.Method.calls` counts
-    the calls); `kept` of the window's gradient steps are not checkpointed."""
+    the calls); `kept` of the window's gradient steps are not checkpointed. With guidance's
+    two passes (`passes` 2) and `sampling.guidance_gradient=cond`, only the conditional half
+    of a gradient call carries the gradient; the unconditional half is a gradient-free
+    forward of half the batch."""
     method = _method(config)
     free, grad = method.calls(config)
     g = grad_steps(config)
     checkpointed = 0.0 if method.memory == "one-step" or not g else (g - min(kept, g)) / g
     blocks = 1.0 if config.sampling.block_checkpointing else 0.0  # each block's forward once more in the backward
-    return (free + grad * (3 + checkpointed + blocks)) / config.sampling.num_steps
+    per_call = 3 + checkpointed + blocks
+    if passes == 2 and config.sampling.guidance_gradient == "cond":
+        per_call = 0.5 + per_call / 2
+    return (free + grad * per_call) / config.sampling.num_steps
 
 
 def lora_parameters(module: torch.nn.Module, targets, rank: int) -> int:

@@ -12,8 +12,10 @@ figures as guard_* (metrics.jsonl and the trackers). The LoRA with the highest
 written whole or not at all (`draft.safeio`), with `best.json` (its step and figures) and,
 at the end of the run, a card of its own. With `guard.patience` M > 0 the run ends early,
 as a finished run (LoRA, checkpoint, evaluation, card), at the evaluation where the metric
-has fallen M times in a row while the mean training reward since the previous evaluation
-rose each time: the training reward going up while held-out samples get worse.
+has fallen (or stayed level below its best) M times in a row while the mean training reward
+since the previous evaluation rose each time: the training reward going up while held-out
+samples get worse, or stay worse (a figure that hit its floor, such as accuracy 0, falls no
+further).
 
 Off by default: each evaluation samples the held-out prompts (on a large model a minute or
 more each time), the reward that should judge held-out samples is often not the one being
@@ -49,7 +51,8 @@ class GuardConfig:
     # The held-out figure that picks lora-best/ (higher is better): reward_mean or one the model adds (the
     # shapes models' accuracy_joint); judge by another figure than the reward where the reward can be hacked.
     metric: str = "reward_mean"
-    # Stop once `metric` has fallen at this many evaluations in a row while the training reward rose (0: never).
+    # Stop once `metric` has fallen, or stayed below its best, at this many evaluations in a row while the
+    # training reward rose (0: never).
     patience: int = 0
 
     def validate(self) -> "GuardConfig":
@@ -167,13 +170,14 @@ class Guard:
             # A copy: the live weights go on training.
             self.best_adapter = {k: v.detach().cpu().clone() for k, v in self._adapter().items()}
             self._write_best()
-        fell = None not in (value, s.previous) and value < s.previous
+        # Down from the previous evaluation, or level with it below the best: stuck worse counts as falling.
+        fell = None not in (value, s.previous) and (value < s.previous or (value == s.previous and value < s.best))
         rose = train is not None and s.previous_train is not None and train > s.previous_train
         s.falling = s.falling + 1 if fell and rose else 0
         s.previous, s.previous_train = value, train
         row["guard_best_step"] = s.best_step
         if self.config.patience and s.falling >= self.config.patience:
-            return (f"stopping early at step {step}: held-out {name} fell at {s.falling} evaluation"
+            return (f"stopping early at step {step}: held-out {name} fell or stayed below its best at {s.falling} evaluation"
                     f"{'s' * (s.falling > 1)} in a row while "
                     f"the training reward rose (the sign of reward hacking); the best LoRA, step {s.best_step} "
                     f"({name} {s.best:.4g}), is in {self.run.lora_best}")

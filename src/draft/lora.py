@@ -92,7 +92,7 @@ def load_adapter_state_dict(net: torch.nn.Module, state: dict[str, torch.Tensor]
 def save_lora(model, directory: str | Path, adapter: str = TRAIN_ADAPTER, layers: dict | None = None) -> Path:
     """Write the adapter (or `layers`: its `adapter_state_dict` already gathered, or kept from an
     earlier step) in diffusers format to directory/pytorch_lora_weights.safetensors."""
-    from draft.models.base import unwrap
+    from draft.models.merging import unwrap
 
     net = unwrap(model.denoiser)
     # peft's key names ("lora_A"/"lora_B"), which diffusers' loaders read natively. Not

@@ -129,7 +129,7 @@ class Sampler:
 
     def run_no_grad(self, x, cond, noise: SampleNoise, steps: range | None = None):
         """Sample over `steps` without gradient, the LoRA merged into the weights (same
-        result as `run`, faster: see `StableDiffusion.adapters_merged`)."""
+        result as `run`, faster: see `draft.models.merging`)."""
         merged = self.model.adapters_merged() if self.merge_lora else contextlib.nullcontext()
         with torch.no_grad(), merged:
             return self.run(x, cond, noise, steps=steps)

@@ -1,7 +1,7 @@
 """The training loop, on Accelerate. Read it top to bottom:
 
 1. resolve and check the config and the run folder, lock the folder (one run at a time),
-   set up Accelerate;
+   set up Accelerate (`draft.startup`);
 2. load the model, the reward and the prompts; add LoRA; build the optimizer (`Trainer`);
 3. try the reward on the first sample grid (bad rewards fail here, before any file is written);
 4. create the run folder, evaluate the base model, and loop: each optimizer step takes its
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from draft import checkpoint as ckpt
-from draft import sharding
+from draft import sharding, startup
 from draft.config import TrainConfig
 from draft.configio import flat_scalars
 from draft.errors import Interrupted, TrainingStopped, UserError
@@ -47,7 +47,6 @@ def train(
     folder. Values the config leaves unset are the method's, the model's or its family's
     (`draft.defaults`), exactly as on the command line."""
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
 
     from draft.defaults import resolve
 
@@ -57,22 +56,9 @@ def train(
     # Processes launched without GPUs (accelerate launch / torchrun on a CPU machine) train
     # together on the CPU through gloo; Accelerate only does that when told "cpu".
     cpu = config.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
-    state = PartialState(cpu=cpu)
-    name = [config.name or f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"]
-    broadcast_object_list(name)  # every process writes to the same folder name
-    run = RunFolder(Path(config.output_dir) / name[0])
-    run.check_usable(resume, overwrite)
-    lock, busy = None, [None]
-    if state.is_main_process:  # one run per folder: a second `draft train` on it is refused
-        try:
-            lock = run.lock()
-        except UserError as e:
-            busy = [str(e)]
-    broadcast_object_list(busy)
-    if busy[0]:
-        raise UserError(busy[0])
+    run, lock, name = startup.open_run(config, PartialState(cpu=cpu), resume, overwrite)  # one run per folder
     try:
-        _train_locked(config, reward, resume, overwrite, progress, run, cpu, name[0])
+        _train_locked(config, reward, resume, overwrite, progress, run, cpu, name)
     finally:
         if lock is not None:
             lock.release()
@@ -81,18 +67,9 @@ def train(
 
 def _train_locked(config: TrainConfig, reward, resume: bool, overwrite: bool, progress: bool, run: RunFolder,
                   cpu: bool, name: str) -> None:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
     from draft.configio import dump_yaml
 
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        cpu=cpu,
-        log_with=list(config.log.trackers) or None,
-        project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.logs)),
-    )
+    accelerator = startup.accelerator(config, run, cpu)
     config = sharding.setup(config, accelerator)  # FSDP2: nothing folds into sharded weights
     main = accelerator.is_main_process
     t = Trainer(config, accelerator, run, reward)
@@ -151,7 +128,8 @@ class Trainer:
         self.sampler = Sampler(self.model, self.reward, self.model.schedule(s.num_steps, self.size), s.guidance_scale,
                                s.eta, bool(s.checkpointing), s.decode_checkpointing, config.kl_coeff, s.merge_lora,
                                s.merged_recompute, self.size, s.negative_prompt, s.guidance_scale_2,
-                               keep_graphs=self._kept_graphs(config), guidance_gradient=s.guidance_gradient)
+                               keep_graphs=startup.kept_graphs(config, accelerator.print),
+                               guidance_gradient=s.guidance_gradient)
         self.info = METHODS[config.method]
         self.method = self.info.make()
         self.latent_shape = self.model.latent_shape(self.size)
@@ -163,45 +141,6 @@ class Trainer:
         place_text_encoders(self.model, config.text_encoders, (s.guidance_scale, self.size, s.negative_prompt),
                             [(self.prompts, accelerator.autocast, config.batch_size),
                              (self.watch.prompts(), contextlib.nullcontext, BATCH)])
-
-    def _kept_graphs(self, config: TrainConfig) -> int:
-        """checkpointing=auto: how many gradient steps keep their graphs (the estimate's split)."""
-        if config.sampling.checkpointing != "auto":
-            return 0
-        from draft.estimate import estimate
-        from draft.preflight import check_reward, model_configs
-
-        folder, _ = model_configs(config.model)
-        if folder is None:
-            self.acc.print("checkpointing auto: the model's configs are not found, so every gradient step is "
-                           "checkpointed")
-            return 0
-        est = estimate(config, folder, check_reward(config.reward, config.reward_args))
-        self.acc.print(next(n for n in est.notes if n.startswith("checkpointing auto")))
-        return est.kept_graphs
-
-    # --- derived numbers ---
-
-    @property
-    def samples_per_step(self) -> int:
-        c = self.config
-        return c.batch_size * c.grad_accum * self.acc.num_processes
-
-    def describe(self) -> str:
-        from draft.defaults import explain
-
-        c, n = self.config, sum(p.numel() for p in self.params)
-        queries = self.samples_per_step * self.info.queries(c)
-        lines = [
-            f"model {c.model} ({self.size}, latent {self.latent_shape}), reward {c.reward}, method {c.method}",
-            f"effective batch {self.samples_per_step} = {c.batch_size} x {c.grad_accum} accumulation x "
-            f"{self.acc.num_processes} process(es); reward queries per step {queries:g}",
-            f"{c.steps} steps, {c.sampling.num_steps} sampling steps, guidance {c.sampling.guidance_scale}, "
-            f"LoRA rank {c.lora.rank} ({n:,} trainable parameters), lr {c.lr}, device {self.acc.device}, "
-            f"precision {c.mixed_precision}",
-            *explain(c),  # what the method, the model or its family chose for the user, and why
-        ]
-        return "\n".join(lines)
 
     # --- the first things a run does ---
 
@@ -235,7 +174,8 @@ class Trainer:
 
     def start(self, first_grid: torch.Tensor | None, fresh: bool) -> None:
         if self.acc.is_main_process:
-            print(self.describe(), flush=True)
+            print(startup.describe(self.config, self.size, self.latent_shape, sum(p.numel() for p in self.params),
+                                   self.acc.num_processes, self.acc.device, self.info), flush=True)
             if fresh:
                 self.run.truncate_metrics(0)
                 self.run.save_grid(0, first_grid, len(self.watch.grid_prompts()))

@@ -1,4 +1,4 @@
-"""Model adapters: one protocol (`draft.models.base.DiffusionModel`) between the sampler,
+"""Model adapters: one protocol (`draft.models.protocol.DiffusionModel`) between the sampler,
 the methods and the trainer on one side and a diffusers pipeline on the other.
 
 A registry keyed on the pipeline folder's `_class_name` (its `model_index.json`) picks the
@@ -45,17 +45,21 @@ EMBEDDED = {
     # The main job's recipe (README; BENCHMARKS.md, "shapes-sd, the embedded default").
     "shapes-sd": Embedded(ASSETS / "shapes-sd", SHAPES_METRICS, {
         "method": ("draft-lv", "the paper's low-variance one-step estimator, cheap and effective on this model"),
+        "sampling.num_steps": (20, "20 DDIM steps sample it as well as 50 (held-out joint accuracy 67.6% and 67.1%) "
+                                   "at 40% of the cost, and train as well (BENCHMARKS.md)"),
         "steps": (500, "the main job's length, within its time on a 2-core CPU"),
+        "lr": (1.5e-3, "at 20 sampling steps it gains 13.1 held-out points over three seeds where 1e-3 gains 11.5 "
+                       "(BENCHMARKS.md)"),
         "kl_coeff": (0.03, "keeps the samples varied at no cost in held-out accuracy (BENCHMARKS.md)"),
         "log.eval_samples": (360, "every held-out prompt twice, so diversity across seeds is measured"),
     }, pretrain="draft.models.shapes_pretrain:pretrain"),
     # Its own recipe (BENCHMARKS.md, "The main job on shapes-flow"): the flow chain settles the
     # shape between sigma 0.9 and 0.2, so the tail windows of shapes-sd's recipe (DRaFT-LV's last
-    # step sits at sigma 0.001) barely move it; full DRaFT over a 20-step chain does.
+    # step sits at sigma 0.001) barely move it; full DRaFT over a 10-step chain does.
     "shapes-flow": Embedded(ASSETS / "shapes-flow", SHAPES_METRICS, {
         "sampling.guidance_scale": (4.0, "its held-out accuracy is highest there (docs/shapes-flow.md)"),
-        "sampling.num_steps": (20, "20 Euler steps sample it about as well as 50 at 40% of the cost "
-                                   "(docs/shapes-flow.md)"),
+        "sampling.num_steps": (10, "10 Euler steps sample it as well as 20 or 50, and full DRaFT through them "
+                                   "trains as well at half the cost of 20 (docs/shapes-flow.md, BENCHMARKS.md)"),
         "sampling.checkpointing": (False, "its whole chain's activations are small, and a step is faster without "
                                           "the recompute (BENCHMARKS.md)"),
         "method": ("draft", "the flow chain decides shapes far from its last steps, where truncated windows sit"),
@@ -82,6 +86,35 @@ def model_defaults(name: str) -> dict:
     """The config values a model is meant to be run with ({} for any but the embedded ones)."""
     embedded = EMBEDDED.get(name) if isinstance(name, str) else None
     return dict(embedded.defaults) if embedded else {}
+
+def family_defaults(model: str, adapter) -> dict:
+    """What `adapter`'s family samples `model` with: the family's defaults, with those of the
+    checkpoint where the adapter recognises it from its configs (`checkpoint_defaults`: a
+    distilled variant that samples in a few steps without guidance)."""
+    own = getattr(adapter, "checkpoint_defaults", None)  # optional: most families have one setting
+    folder = _config_folder(model) if own is not None else None
+    return {**adapter.defaults, **(own(folder) if folder is not None else {})}
+
+
+def _config_folder(model: str) -> Path | None:
+    """The folder holding `model`'s model_index.json and configs, found without loading or
+    downloading anything: the model's own folder, its Hugging Face cache, or draft's copy of a
+    known architecture (`draft.models.architectures`); None otherwise."""
+    try:
+        source, local = resolve(model)
+    except UserError:
+        return None
+    if local:
+        return Path(source)
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(source, "model_index.json")
+    if isinstance(index, str):  # the cached snapshot (a scheduler config not cached reads as absent)
+        return Path(index).parent
+    from draft.models.architectures import builtin_configs
+
+    return builtin_configs(source)
+
 
 # Pipeline class -> "module:adapter class".
 ADAPTERS = {

@@ -5,7 +5,8 @@ beside the others and documents the scheme (what is written, and why no weight i
 
 from __future__ import annotations
 
-from draft.models.architectures import FLUX_VAE, D, T, WAN_VAE, _pipeline, tokenizer
+from draft.models.architectures import FLUX_VAE, D, T, WAN_VAE, _pipeline
+from draft.models.architectures_text import tokenizer
 
 
 def qwen25_vl_7b() -> dict:

@@ -1,119 +1,27 @@
-"""The model protocol, and the pieces every diffusers-pipeline adapter shares.
+"""The pieces every diffusers-pipeline adapter shares.
 
-`DiffusionModel` is everything the sampler, the methods, the trainer, inference and
-evaluation may ask of a model; nothing outside `draft.models` asks which family it is.
-`PipelineAdapter` implements the parts that are the same for every diffusers pipeline
-(loading, freezing, VAE decoding, switching and merging LoRA adapters, saving a LoRA with
-the pipeline's own `save_lora_weights`); a family adds its prompt encoding, its denoiser
-call, its latent layout and its schedule.
+`PipelineAdapter` implements the parts of the model protocol (`draft.models.protocol`)
+that are the same for every diffusers pipeline (loading, freezing, VAE decoding, switching
+and merging LoRA adapters, saving a LoRA with the pipeline's own `save_lora_weights`); a
+family adds its prompt encoding, its denoiser call, its latent layout and its schedule.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import torch
 
 from draft.errors import UserError
+from draft.models import merging
 from draft.models.meta import checkpointed
-
-
-@dataclass(frozen=True)
-class Size:
-    """What to generate: height and width in pixels, and video frames (0: an image).
-
-    In a requested size a zero means the model's native value (`DiffusionModel.size`).
-    """
-
-    height: int = 0
-    width: int = 0
-    frames: int = 0
-
-    @property
-    def video(self) -> bool:
-        return self.frames > 0
-
-    def __str__(self) -> str:
-        return f"{self.frames} frames of {self.width}x{self.height}" if self.video else f"{self.width}x{self.height}"
-
-
-@runtime_checkable
-class DiffusionModel(Protocol):
-    """What reward fine-tuning needs of a model. Conditioning is any batch-first tensor or
-    dict of tensors; latents are [B, C, *spatial] (h, w for images, f, h, w for videos)
-    whatever the model's internal layout; samples are images [B, 3, H, W] or videos
-    [B, F, 3, H, W] in [0, 1]."""
-
-    name: str
-    # The trainable network (a UNet or a transformer), where LoRA goes. The trainer may
-    # replace it with a distributed wrapper (Accelerate's `prepare`), so adapters only call it.
-    denoiser: torch.nn.Module
-    # The denoiser's key prefix in diffusers LoRA files ("unet" or "transformer").
-    lora_prefix: str
-    # Modules that get a LoRA adapter unless the config names others.
-    default_lora_targets: tuple[str, ...]
-    # Config values this family samples with by default: dotted key -> (value, why) (`draft.defaults`).
-    defaults: dict
-    fps: int  # frames per second of the family's videos (0 for image models)
-
-    @property
-    def native_size(self) -> Size: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    def to(self, device) -> "DiffusionModel": ...
-
-    def size(self, requested: Size = Size()) -> Size:
-        """The concrete size for a request (zeros: native); UserError if the model cannot make it."""
-
-    def latent_shape(self, size: Size = Size()) -> tuple[int, ...]:
-        """(C, *spatial) of the latent of a sample of that size."""
-
-    def schedule(self, num_steps: int, size: Size = Size()):
-        """The `draft.sampling.Schedule` the model's own pipeline would sample with."""
-
-    def conditioning(self, prompts: list[str], guidance_scale: float, size: Size = Size(),
-                     negative_prompt: str = "") -> tuple[Any, Any]:
-        """(cond, uncond) encodings; uncond is None when no unconditional pass is needed
-        (guidance 1, or guidance that is an input of the model)."""
-
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        """The raw model output at x_t (ε, v or flow velocity), differentiable in the LoRA."""
-
-    def guide(self, uncond_out: torch.Tensor, cond_out: torch.Tensor, scale: float) -> torch.Tensor:
-        """The guided prediction from the two passes (classifier-free guidance by default)."""
-
-    def guided_passes(self, scale: float) -> int:
-        """Denoiser passes per sample and step at this guidance scale: 2 with an unconditional
-        half, else 1 (for the memory estimate)."""
-
-    def guidance(self, scale: float, scale_2: float | None):
-        """The guidance scale, or a function of t where it changes along the chain (Wan 2.2's
-        second expert has its own, `sampling.guidance_scale_2`)."""
-
-    def decode(self, latents: torch.Tensor, frames: Sequence[int] | None = None,
-               use_checkpoint: bool = False) -> torch.Tensor:
-        """Samples in [0, 1], differentiable in the latents; VAE frozen. For videos, `frames`
-        picks the output frames (all when None) and only the latent frames they need are
-        decoded; images take no `frames`."""
-
-    def adapters_disabled(self) -> contextlib.AbstractContextManager: ...
-
-    def adapters_merged(self) -> contextlib.AbstractContextManager: ...
-
-    def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor], metadata: dict) -> None:
-        """Write a LoRA state dict (peft key names, no prefix) as the family's diffusers LoRA."""
-
-    def metrics(self, samples: torch.Tensor, prompts: list[str]) -> dict:
-        """Figures the model defines for its own world (empty for most models): means over
-        the samples, so that batches can be averaged."""
+# Re-exported: the families and the tests import the protocol's names (and `unwrap`) from here.
+from draft.models.merging import unwrap  # noqa: F401
+from draft.models.protocol import DiffusionModel, Size  # noqa: F401
 
 
 class PipelineAdapter:
@@ -395,68 +303,15 @@ class PipelineAdapter:
             safe_serialization=True,
         )
 
-    @contextlib.contextmanager
-    def adapters_disabled(self) -> Iterator[None]:
+    def adapters_disabled(self) -> contextlib.AbstractContextManager:
         """Run the base model: every LoRA adapter of the denoiser switched off, then back on."""
-        net = unwrap(self.denoiser)
-        net.disable_adapters()
-        try:
-            yield
-        finally:
-            net.enable_adapters()
+        return merging.disabled(self.denoiser)
 
-    @contextlib.contextmanager
-    def adapters_merged(self) -> Iterator[None]:
-        """Fold the active LoRA adapters into the denoiser's weights for gradient-free sampling.
-
-        peft runs an adapted layer as the base layer plus two small LoRA products; in the
-        T - 1 steps that carry no gradient, that is pure overhead (BENCHMARKS.md, "folding the LoRA
-        into the weights for gradient-free steps"). Inside this block the adapted layers run as
-        plain layers with W + ΔW. On exit the saved base weights are copied back, so they
-        come out bit for bit as they went in (subtracting ΔW again would not, and in bf16
-        would drift visibly). Costs one copy of the adapted layers' weights while inside.
-
-        Only under no_grad; a no-op when the denoiser is sharded (FSDP, DeepSpeed) or
-        compiled, whose weights cannot be edited in place, or when adapters are off.
-        Yields None when it merged nothing, else a context manager that runs the base model
-        inside the block (the saved weights swapped in, no copies; for DRaFT+).
-        """
-        from peft.tuners.lora import LoraLayer
-
-        from draft.models.memory import is_quantized
-
-        if torch.is_grad_enabled():
-            raise RuntimeError("adapters_merged() is for sampling under no_grad")
-        net = _mergeable(self.denoiser)
-        layers = [] if net is None else [  # a quantized base layer has no weights to fold into (`quantize`)
-            m for m in net.modules() if isinstance(m, LoraLayer) and not m.disable_adapters and not m.merged
-            and m.active_adapters and not is_quantized(m.get_base_layer().weight)
-        ]
-        saved = [m.get_base_layer().weight.detach().clone() for m in layers]
-        try:
-            for m in layers:
-                m.merge()
-            yield functools.partial(_base_weights, layers, saved) if layers else None
-        finally:
-            for m, weight in zip(layers, saved):
-                m.merged_adapters.clear()  # peft's own record; the weights are restored below
-                m.get_base_layer().weight.data.copy_(weight)
-
-
-@contextlib.contextmanager
-def _base_weights(layers, saved) -> Iterator[None]:
-    """Inside `adapters_merged`: point the merged layers at the saved base weights, and back.
-
-    A merged peft layer runs only its base layer, so this runs the base model at the cost
-    of two pointer swaps per layer (instead of unmerging and merging again)."""
-    merged = [m.get_base_layer().weight.data for m in layers]
-    for m, weight in zip(layers, saved):
-        m.get_base_layer().weight.data = weight
-    try:
-        yield
-    finally:
-        for m, weight in zip(layers, merged):
-            m.get_base_layer().weight.data = weight
+    def adapters_merged(self) -> contextlib.AbstractContextManager:
+        """Fold the active LoRA adapters into the denoiser's weights for gradient-free
+        sampling (`draft.models.merging.merged`): yields None when it merged nothing, else a
+        context manager that runs the base model inside the block (for DRaFT+)."""
+        return merging.merged(self.denoiser)
 
 
 def meta(*shape, dtype=torch.float32) -> torch.Tensor:
@@ -485,21 +340,3 @@ def quiet_diffusers() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def _mergeable(module):
-    """The bare denoiser if its weights are ordinary tensors (bare or under DDP), else None."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(module, DistributedDataParallel):
-        module = module.module
-    if hasattr(module, "module") or hasattr(module, "_orig_mod"):
-        return None  # FSDP, DeepSpeed or torch.compile wrappers
-    return module
-
-
-def unwrap(module):
-    """The module inside a DistributedDataParallel/compile wrapper."""
-    while hasattr(module, "module") or hasattr(module, "_orig_mod"):
-        module = getattr(module, "module", None) or module._orig_mod
-    return module

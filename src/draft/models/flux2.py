@@ -25,6 +25,9 @@ resolution- and step-count-dependent shift. Facts from diffusers 0.42
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -173,6 +176,20 @@ class Flux2Klein(Flux2):
         "sampling.guidance_scale": (4.0, "Flux2KleinPipeline's default (the distilled checkpoints ignore it)"),
     }
     text_layers = (9, 18, 27)
+    # What the step-distilled klein checkpoints' model cards sample with.
+    distilled_defaults = {
+        "sampling.num_steps": (4, "the step-distilled klein checkpoints' model cards: 4 steps"),
+        "sampling.guidance_scale": (1.0, "the step-distilled klein checkpoints ignore guidance (one pass a step)"),
+    }
+
+    @classmethod
+    def checkpoint_defaults(cls, folder) -> dict:
+        """The distilled settings where model_index.json says `is_distilled`, as the pipeline reads it."""
+        try:
+            distilled = json.loads((Path(folder) / "model_index.json").read_text()).get("is_distilled", False)
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return dict(cls.distilled_defaults) if distilled else {}
 
     @property
     def distilled(self) -> bool:

@@ -22,7 +22,7 @@ from draft.errors import UserError
 def denoisers(model) -> list[torch.nn.Module]:
     """The model's denoising networks, bare: the LoRA's, and Wan 2.2's other expert, through
     which the gradient flows on the steps it runs."""
-    from draft.models.base import unwrap
+    from draft.models.merging import unwrap
 
     return [unwrap(n) for n in (model.denoiser, getattr(model, "other", None)) if n is not None]
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from draft.models import shapes
-from draft.models.shapes_pretrain import Laps, _lr_lambda, _quiet, build_tokenizer, encode_pool, render_pool, update
+from draft.models.shapes_pretrain import Laps, _quiet, build_tokenizer, encode_pool, optimiser, render_pool, update
 
 NAME = "shapes-flow"
 
@@ -146,17 +146,12 @@ def train_flow(pipe, latents, texts: list[str], recipe: Recipe, gen: torch.Gener
     `latents` is the (mean, std) pair of the VAE posterior of each pooled image, already
     scaled as the pipeline scales them; `texts` its prompt.
     """
-    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
     mean, std = latents
     nets = (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)
-    params = [p for m in nets for p in m.parameters()]
-    for m in nets:
-        m.train().requires_grad_(True)
-    ema = EMAModel(params, decay=recipe.ema_decay, use_ema_warmup=True, power=3 / 4)
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup, recipe.steps))
+    params, opt, sched, ema = optimiser(nets, recipe.lr, recipe.warmup, recipe.steps, weight_decay=1e-2,
+                                        ema_decay=recipe.ema_decay)
     device = next(pipe.transformer.parameters()).device
     bar = tqdm(range(recipe.steps), desc="transformer", disable=not progress)
     for _ in bar:

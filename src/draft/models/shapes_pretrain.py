@@ -148,16 +148,14 @@ def train_vae(vae, pool: torch.Tensor, recipe: Recipe, gen: torch.Generator, pro
     """Fit the VAE to reconstruct the pool: L1 + MSE on pixels in [-1, 1] plus a small KL term."""
     from tqdm.auto import tqdm
 
-    vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup // 5, recipe.vae_steps))
+    params, opt, sched, _ = optimiser([vae], recipe.vae_lr, recipe.warmup // 5, recipe.vae_steps)
     bar = tqdm(range(recipe.vae_steps), desc="vae", disable=not progress)
     for _ in bar:
         x = pool[torch.randint(len(pool), (recipe.vae_batch,), generator=gen)].float() / 127.5 - 1
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + recipe.vae_kl_weight * post.kl().mean()
-        update(loss, list(vae.parameters()), opt, sched)
+        update(loss, params, opt, sched)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return vae.eval().requires_grad_(False)
 
@@ -179,6 +177,19 @@ def encode_pool(vae, pool: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor
     return mean, std
 
 
+def optimiser(nets, lr: float, warmup: int, steps: int, weight_decay: float = 0.0, ema_decay: float | None = None):
+    """What a pretraining stage trains `nets` with, the nets set to training: (their parameters,
+    AdamW, a linear warm-up then cosine schedule, and with `ema_decay` an EMA of the parameters)."""
+    from diffusers.training_utils import EMAModel
+
+    params = [p for m in nets for p in m.parameters()]
+    for m in nets:
+        m.train().requires_grad_(True)
+    ema = None if ema_decay is None else EMAModel(params, decay=ema_decay, use_ema_warmup=True, power=3 / 4)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return params, opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps)), ema
+
+
 def update(loss: torch.Tensor, params: list, opt, sched, ema=None) -> None:
     """One optimiser step of a pretraining loop: backward, clip to norm 1, step, schedule, EMA (if any)."""
     opt.zero_grad(set_to_none=True)
@@ -198,18 +209,13 @@ def train_unet(unet, text_encoder, latents, ids, empty_ids, scheduler, recipe: R
     prediction MSE, weighted by min(SNR, gamma) / SNR (Min-SNR, Hang et al. 2023, eq. 10),
     which stops the nearly noise-free timesteps from dominating the early training.
     """
-    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
     mean, std = latents
-    params = [p for m in (unet, text_encoder) for p in m.parameters()]
-    ema = EMAModel(params, decay=recipe.ema_decay, use_ema_warmup=True, power=3 / 4)
-    opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup, recipe.unet_steps))
+    params, opt, sched, ema = optimiser([unet, text_encoder], recipe.unet_lr, recipe.warmup, recipe.unet_steps,
+                                        weight_decay=1e-2, ema_decay=recipe.ema_decay)
     abar = scheduler.alphas_cumprod.float()
     device = next(unet.parameters()).device
-    unet.train()
-    text_encoder.train()
     bar = tqdm(range(recipe.unet_steps), desc="unet", disable=not progress)
     for _ in bar:
         idx = torch.randint(len(mean), (recipe.unet_batch,), generator=gen)

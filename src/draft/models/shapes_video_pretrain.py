@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from draft.models import shapes_video
 from draft.models.shapes_flow_pretrain import flow_batch
-from draft.models.shapes_pretrain import Laps, _lr_lambda, _quiet, update
+from draft.models.shapes_pretrain import Laps, _quiet, optimiser, update
 
 NAME = "shapes-video"
 
@@ -145,9 +145,7 @@ def train_vae(vae, pool: torch.Tensor, recipe: Recipe, gen: torch.Generator, pro
     Returns the loss of every step."""
     from tqdm.auto import tqdm
 
-    vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(max(1, recipe.warmup // 5), recipe.vae_steps))
+    params, opt, sched, _ = optimiser([vae], recipe.vae_lr, max(1, recipe.warmup // 5), recipe.vae_steps)
     device = next(vae.parameters()).device
     losses = []
     bar = tqdm(range(recipe.vae_steps), desc="vae", disable=not progress)
@@ -157,7 +155,7 @@ def train_vae(vae, pool: torch.Tensor, recipe: Recipe, gen: torch.Generator, pro
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + recipe.vae_kl_weight * post.kl().mean()
-        update(loss, list(vae.parameters()), opt, sched)
+        update(loss, params, opt, sched)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
@@ -196,17 +194,12 @@ def train_transformer(pipe, latents, texts: list[str], recipe: Recipe, gen: torc
     `latents` is the (mean, std) pair of the normalised VAE posterior of each pooled clip,
     `texts` its prompt.
     """
-    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
     mean, std = latents
     nets = (pipe.transformer, pipe.text_encoder)
-    params = [p for m in nets for p in m.parameters()]
-    for m in nets:
-        m.train().requires_grad_(True)
-    ema = EMAModel(params, decay=recipe.ema_decay, use_ema_warmup=True, power=3 / 4)
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup, recipe.steps))
+    params, opt, sched, ema = optimiser(nets, recipe.lr, recipe.warmup, recipe.steps, weight_decay=1e-2,
+                                        ema_decay=recipe.ema_decay)
     device = next(pipe.transformer.parameters()).device
     losses = []
     bar = tqdm(range(recipe.steps), desc="transformer", disable=not progress)

@@ -49,13 +49,36 @@ QWEN3_NO_THINKING_TEMPLATE = (
 TINY_TEXT_LENGTH = 64
 
 
-def _tokenizer(extra: list[str], markers: tuple[str, ...], template: str):
+def _tokenizer(extra: list[str], markers: tuple[str, ...], template: str, max_length: int = TINY_TEXT_LENGTH):
     from tokenizers import AddedToken
 
-    tokenizer = qwen_word_tokenizer([*WORDS, *extra], max_length=TINY_TEXT_LENGTH)
+    tokenizer = qwen_word_tokenizer([*WORDS, *extra], max_length=max_length)
     tokenizer.add_tokens([AddedToken(t, special=True) for t in markers])
     tokenizer.chat_template = template
     return tokenizer
+
+
+def chat_tokenizer(pipeline_class: str, max_length: int = TINY_TEXT_LENGTH):
+    """The word tokenizer with the chat layout `pipeline_class` renders its prompts in (one of
+    the language-model-prompted families: FLUX.2 dev and klein, Qwen-Image, Z-Image), its
+    template's words single tokens as with the real vocabulary. The tiny pipelines' own, and
+    the stand-in for the real-size ones benchmarks/speed_memory.py builds (no vocabulary is
+    downloaded)."""
+    from draft.models.tiny_qwen import QWEN3_CHAT_TEMPLATE, TEMPLATE_WORDS
+
+    if pipeline_class == "Flux2Pipeline":
+        from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+        return _tokenizer(SYSTEM_MESSAGE.replace(",", "").split(),
+                          ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"), MISTRAL_CHAT_TEMPLATE,
+                          max_length)
+    if pipeline_class == "Flux2KleinPipeline":
+        return _tokenizer(["user", "assistant"], ("<think>", "</think>"), QWEN3_NO_THINKING_TEMPLATE, max_length)
+    if pipeline_class == "ZImagePipeline":
+        return _tokenizer(["user", "assistant"], (), QWEN3_CHAT_TEMPLATE, max_length)
+    if pipeline_class == "QwenImagePipeline":  # the pipeline writes its template itself
+        return qwen_word_tokenizer([*WORDS, *TEMPLATE_WORDS], max_length=max_length)
+    raise ValueError(f"no chat tokenizer for {pipeline_class}")
 
 
 def _mistral3(tokenizer):
@@ -108,12 +131,10 @@ def tiny_flux2_pipeline(folder: Path, seed: int = 0):
     """A toy-sized Flux2Pipeline (FLUX.2-dev's layout: Mistral 3, guidance embedding).
     `folder` is unused (the tokenizer is built in memory), kept for the builders' signature."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
-    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
     del folder
     torch.manual_seed(seed)
-    tokenizer = _tokenizer(SYSTEM_MESSAGE.replace(",", "").split(),
-                           ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"), MISTRAL_CHAT_TEMPLATE)
+    tokenizer = chat_tokenizer("Flux2Pipeline")
     transformer, vae = _transformer_and_vae(guidance=True)
     # FLUX.2-dev's scheduler: dynamic shifting, mu from the pipeline's empirical fit.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
@@ -128,7 +149,7 @@ def tiny_flux2_klein_pipeline(folder: Path, seed: int = 0, distilled: bool = Fal
 
     del folder
     torch.manual_seed(seed)
-    tokenizer = _tokenizer(["user", "assistant"], ("<think>", "</think>"), QWEN3_NO_THINKING_TEMPLATE)
+    tokenizer = chat_tokenizer("Flux2KleinPipeline")
     transformer, vae = _transformer_and_vae(guidance=False)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=_qwen3(tokenizer), tokenizer=tokenizer,

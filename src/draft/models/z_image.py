@@ -19,11 +19,18 @@ relies on:
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from draft.models.base import Size, meta
 from draft.models.flow import FlowMatching
 from draft.models.text import join_padded
+
+
+# Z-Image-Turbo's scheduler shift: what tells its folder from the base model's (whose is 6).
+TURBO_SHIFT = 3.0
 
 
 class ZImage(FlowMatching):
@@ -40,6 +47,11 @@ class ZImage(FlowMatching):
         "sampling.num_steps": (50, "ZImagePipeline's default (Z-Image-Turbo samples with 9)"),
         "sampling.guidance_scale": (5.0, "ZImagePipeline's default (Z-Image-Turbo samples with 0: no guidance)"),
     }
+    # What Z-Image-Turbo's model card samples with, over the pipeline's defaults.
+    turbo_defaults = {
+        "sampling.num_steps": (9, "Z-Image-Turbo's model card: 9 steps, 8 transformer calls that move the image"),
+        "sampling.guidance_scale": (0.0, "Z-Image-Turbo's model card: the distilled model samples without guidance"),
+    }
     call_options = ("max_sequence_length", "cfg_normalization", "cfg_truncation")
     # Prompt tokens the tokenizer pads and cuts to (the pipeline's default); only the real
     # tokens reach the transformer.
@@ -48,6 +60,18 @@ class ZImage(FlowMatching):
     # the guided prediction's norm capped at this multiple of the conditional one's (0: off).
     cfg_truncation = 1.0
     cfg_normalization = 0.0
+
+    @classmethod
+    def checkpoint_defaults(cls, folder: Path) -> dict:
+        """Turbo's settings for a Turbo checkpoint. Turbo and the base Z-Image share every
+        component's config but the scheduler's: Turbo's shift is 3, the base's 6
+        (scheduler/scheduler_config.json of Tongyi-MAI/Z-Image-Turbo and Tongyi-MAI/Z-Image),
+        so a folder whose scheduler shifts by 3 is taken for Turbo or a fine-tune of it."""
+        try:
+            shift = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text()).get("shift")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return dict(cls.turbo_defaults) if shift == TURBO_SHIFT else {}
 
     @property
     def resolution(self) -> int:
