@@ -78,8 +78,36 @@ def test_draft_loads_it_as_a_wan_model(built):
     info = json.loads((built / "recipe.json").read_text())
     model = load_model(str(built), options={"max_sequence_length": info["max_sequence_length"]})
     size = Size(32, 32, 9)
-    assert model.latent_shape(size) == (svp.quick_recipe().z_dim, 3, 4, 4)
+    assert model.latent_shape(size) == (svp.quick_recipe().z_dim, 3, 8, 8)  # 4x in time and in space
     cond, uncond = model.conditioning([PROMPT], guidance_scale=4.0, size=size)
     assert cond["embeds"].shape[1] == info["max_sequence_length"] and uncond is not None
     video = model.decode(torch.zeros(1, *model.latent_shape(size)))
     assert video.shape == (1, 9, 3, 32, 32) and 0 <= video.min() and video.max() <= 1
+
+
+@pytest.mark.slow
+def test_reusing_a_builds_vae_gives_the_transformer_a_whole_build_gives(built, tmp_path):
+    from safetensors.torch import load_file
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the whole build ran
+    try:
+        again = svp.pretrain(tmp_path, seed=1, quick=True, progress=False, vae_from=built)
+    finally:
+        torch.set_num_threads(n)
+    for part in ("vae/diffusion_pytorch_model", "transformer/diffusion_pytorch_model", "text_encoder/model"):
+        whole, reused = load_file(built / f"{part}.safetensors"), load_file(again / f"{part}.safetensors")
+        assert whole.keys() == reused.keys() and all(torch.equal(whole[k], reused[k]) for k in whole), part
+    assert json.loads((again / "recipe.json").read_text())["vae_from"] == str(built)
+
+
+def test_the_vae_loss_weights_exactly_the_shapes_pixels():
+    clips = sv.draw_clips(3, seed=2, frames=5, size=32)
+    x = torch.from_numpy(clips.videos).float().permute(0, 2, 1, 3, 4) * 2 - 1  # [B, 3, F, H, W] in [-1, 1]
+    mask = svp._foreground(x)
+    assert mask.shape == (3, 1, 5, 32, 32)
+    background = x[..., :1, :1]  # the corner: every shape keeps a pixel of background around it
+    differs = (x - background).abs().amax(1, keepdim=True) > 0.1
+    assert torch.equal(mask.bool(), differs)
+    covered = mask.mean((1, 3, 4))  # per clip and frame: a shape, a small part of the frame
+    assert (covered > 0).all() and (covered < 0.5).all()

@@ -5,8 +5,9 @@
 1. a T5 tokenizer in which every word of the world is one token (`t5_word_tokenizer`, the
    kind the tiny Wan test pipelines use) and a small `UMT5EncoderModel`, the class of Wan's
    text encoder;
-2. an `AutoencoderKLWan` (Wan 2.1's causal video VAE: 4x in time, 8x in space) trained to
-   reconstruct clips of the world (`draft.models.shapes_video`), whose per-channel
+2. an `AutoencoderKLWan` (Wan 2.1's causal video VAE, here with two downsamplings: 4x in
+   time as Wan, 4x in space where Wan has 8x, so a clip's shapes keep 8x8 latents) trained to reconstruct clips
+   of the world, the pixels the shape covers weighted above the background's (`draft.models.shapes_video`), whose per-channel
    `latents_mean` and `latents_std` are then measured on the pool and written into its
    config, where `WanPipeline` reads them (the real Wan's are measured the same way);
 3. a `WanTransformer3DModel` trained together with the text encoder on the `train` split
@@ -50,16 +51,22 @@ class Recipe:
     """Every knob of the pretraining. The values are a starting point at CPU scale; the
     shipped model's `recipe.json` records the ones that built it."""
 
-    image_size: int = 32  # pixels per side; 8x spatial compression -> 4x4 latents
-    frames: int = 9  # 1 + 4k frames; 9 -> 3 latent frames
+    image_size: int = 32  # pixels per side; 4x spatial compression -> 8x8 latents
+    frames: int = 9  # 1 + 4k frames; 4x temporal compression -> 3 latent frames
     pool: int = 8000  # clips of the train split drawn once and reused (uint8: ~28 KB each)
     vae_width: int = 8  # AutoencoderKLWan base_dim (half of it costs half the time per step: docs/shapes-video.md)
-    vae_mult: tuple[int, ...] = (1, 2, 2, 2)  # one level per halving: 3 downsamplings -> 8x in space
+    # One level per halving of the side: two -> 4x, 8x8 latents. Wan's three (8x, 4x4 latents)
+    # left the world's shapes at chance after 3000 steps (docs/shapes-video.md).
+    vae_mult: tuple[int, ...] = (1, 2, 2)
+    # Which downsamplings also halve time: both -> 4x, Wan's own. Halving once (5 latent frames)
+    # reconstructed about as well after 1000 steps at 1.25x the VAE's and 1.7x the transformer's tokens.
+    vae_temporal: tuple[bool, ...] = (True, True)
+    vae_foreground: float = 4.0  # extra weight of the pixels the shape covers in the VAE's loss
     z_dim: int = 16  # latent channels (Wan's 16; the transformer's in/out channels)
     vae_steps: int = 3000  # many small steps: this VAE learns in updates more than in samples per update
     vae_batch: int = 4
     vae_frames: int = 9  # frames of a clip per VAE example (1 + 4k, `_window`); fewer left the last chunk unlearnt
-    vae_lr: float = 2e-3
+    vae_lr: float = 4e-3  # after 1000 steps: shapes 64% right where 2e-3 drew 46% (docs/shapes-video.md)
     vae_kl_weight: float = 1e-5  # small, as in SD and Wan: the latents need only be roughly Gaussian
     text_width: int = 64  # UMT5 d_model = the transformer's text_dim
     text_layers: int = 2
@@ -68,8 +75,8 @@ class Recipe:
     heads: int = 4
     layers: int = 4
     steps: int = 6000  # optimiser steps of transformer + text encoder
-    batch: int = 32
-    lr: float = 1e-3
+    batch: int = 48  # shapes-flow's; 32 at lr 1e-3 left the base model at chance on shape and motion
+    lr: float = 2e-3
     warmup: int = 500  # linear learning-rate warm-up steps, then cosine decay to 0
     prompt_dropout: float = 0.1  # fraction of prompts replaced by "" (for classifier-free guidance)
     logit_mean: float = 0.0  # sigma = sigmoid(N(logit_mean, logit_std)), SD3's logit-normal sampling
@@ -101,7 +108,10 @@ def build_models(recipe: Recipe):
     ))
     vae = AutoencoderKLWan(
         base_dim=recipe.vae_width, z_dim=recipe.z_dim, dim_mult=list(recipe.vae_mult), num_res_blocks=1,
-        temperal_downsample=[False, True, True], latents_mean=[0.0] * recipe.z_dim, latents_std=[1.0] * recipe.z_dim,
+        temperal_downsample=list(recipe.vae_temporal), latents_mean=[0.0] * recipe.z_dim,
+        latents_std=[1.0] * recipe.z_dim,
+        # What WanPipeline and draft read the latent shape from (its defaults are Wan's 4 and 8).
+        scale_factor_temporal=2 ** sum(recipe.vae_temporal), scale_factor_spatial=2 ** len(recipe.vae_temporal),
     )
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=recipe.heads, attention_head_dim=recipe.width // recipe.heads,
@@ -140,9 +150,22 @@ def _window(clips: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch.
     return clips[:, start : start + recipe.vae_frames]
 
 
+def _foreground(x: torch.Tensor) -> torch.Tensor:
+    """1 where a pixel of clips [B, 3, F, H, W] in [-1, 1] differs from its frame's background
+    (the border's median: every shape keeps a pixel of background around it), else 0.
+
+    The shape covers a few percent of a frame; unweighted, the loss is the background's, and
+    a VAE that draws a blob of the right colour scores almost as well as one that draws the shape.
+    """
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], -1)
+    background = border.median(-1).values[..., None, None]
+    return ((x - background).abs().amax(1, keepdim=True) > 0.1).to(x.dtype)  # two world colours differ by >= 0.47 in a channel
+
+
 def train_vae(vae, pool: torch.Tensor, recipe: Recipe, gen: torch.Generator, progress: bool = True) -> list[float]:
-    """Fit the VAE to reconstruct the pool's clips: L1 + MSE on pixels plus a small KL term.
-    Returns the loss of every step."""
+    """Fit the VAE to reconstruct the pool's clips: L1 + MSE on pixels plus a small KL term,
+    the pixels of the shape weighted 1 + `vae_foreground` (`_foreground`). Returns the loss
+    of every step."""
     from tqdm.auto import tqdm
 
     params, opt, sched, _ = optimiser([vae], recipe.vae_lr, max(1, recipe.warmup // 5), recipe.vae_steps)
@@ -154,7 +177,8 @@ def train_vae(vae, pool: torch.Tensor, recipe: Recipe, gen: torch.Generator, pro
         x = _pixels(_window(clips, recipe, gen)).to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + recipe.vae_kl_weight * post.kl().mean()
+        err = ((rec - x).abs() + (rec - x).square()) * (1 + recipe.vae_foreground * _foreground(x))
+        loss = err.mean() + recipe.vae_kl_weight * post.kl().mean()
         update(loss, params, opt, sched)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -221,13 +245,17 @@ def train_transformer(pipe, latents, texts: list[str], recipe: Recipe, gen: torc
 
 
 def pretrain(out_dir: str | Path, seed: int = 0, device: str = "cpu", quick: bool = False,
-             recipe: Recipe | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+             recipe: Recipe | None = None, overwrite: bool = False, progress: bool = True,
+             vae_from: str | Path | None = None) -> Path:
     """Build `shapes-video` from scratch; returns the pipeline folder.
 
     Writes `out_dir/shapes-video/`: a WanPipeline folder, `recipe.json` (the recipe, seed,
     stage times, final losses and the `max_sequence_length` to sample with) and
     `prompts/train.txt`, `prompts/heldout.txt`. `quick=True` runs a few steps of a narrower
     model (for tests). An existing, non-empty output folder is an error unless `overwrite`.
+    `vae_from`, a pipeline folder this recipe and seed built, reuses its VAE in place of the
+    VAE stage (most of the time): each later stage draws from its own seeded generators, so
+    the transformer comes out as a whole build would make it.
     """
     recipe = recipe or (quick_recipe() if quick else Recipe())
     out = Path(out_dir) / NAME
@@ -236,36 +264,44 @@ def pretrain(out_dir: str | Path, seed: int = 0, device: str = "cpu", quick: boo
             raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
         shutil.rmtree(out)
     with _quiet():
-        times, losses = _build(out, recipe, seed, device, progress)
+        times, losses = _build(out, recipe, seed, device, progress, vae_from)
     info = {"seed": seed, "device": device, "quick": quick, "seconds": times, "final_loss": losses,
+            "vae_from": None if vae_from is None else str(vae_from),
             "max_sequence_length": recipe.max_tokens, "recipe": asdict(recipe)}
     (out / "recipe.json").write_text(json.dumps(info, indent=2) + "\n")
     shapes_video.write_prompt_files(out / "prompts")  # the model's own `train` and `heldout` sets
     return out
 
 
-def _build(out: Path, recipe: Recipe, seed: int, device: str, progress: bool) -> tuple[dict, dict]:
+def _build(out: Path, recipe: Recipe, seed: int, device: str, progress: bool,
+           vae_from: str | Path | None = None) -> tuple[dict, dict]:
     """Run every stage and save the pipeline; returns the seconds each stage took and the
     last losses (means over the last tenth of each stage's steps)."""
     from diffusers import WanPipeline
 
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     lap = Laps()
     tokenizer, text_encoder, vae, transformer, scheduler = build_models(recipe)
     pool, texts = render_pool(recipe.pool, seed, recipe)
     lap("render")
-    vae_losses = train_vae(vae.to(device), pool, recipe, gen, progress)
+    if vae_from is None:
+        vae_losses = train_vae(vae.to(device), pool, recipe, torch.Generator().manual_seed(seed), progress)
+    else:
+        from diffusers import AutoencoderKLWan
+
+        vae, vae_losses = AutoencoderKLWan.from_pretrained(Path(vae_from) / "vae").to(device), []
     latents = encode_pool(vae, pool)
     del pool
     lap("vae")
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.to(device), vae=vae, scheduler=scheduler,
                        transformer=transformer.to(device))
-    flow_losses = train_transformer(pipe, latents, texts, recipe, gen, progress)
+    # Its own seeds: the stage draws the same numbers whether the VAE was trained or reused.
+    torch.manual_seed(seed + 1)
+    flow_losses = train_transformer(pipe, latents, texts, recipe, torch.Generator().manual_seed(seed + 1), progress)
     lap("transformer")
     pipe.to("cpu").save_pretrained(out, safe_serialization=True)
 
     def tail(losses):
         return round(float(np.mean(losses[-max(1, len(losses) // 10):])), 5)
 
-    return lap.times, {"vae": tail(vae_losses), "transformer": tail(flow_losses)}
+    return lap.times, {"vae": tail(vae_losses) if vae_losses else None, "transformer": tail(flow_losses)}
