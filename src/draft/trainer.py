@@ -86,6 +86,10 @@ def _train_locked(config: TrainConfig, reward, resume: bool, overwrite: bool, pr
     try:
         t.loop(progress and main)
         t.finish()
+        # The main process writes the results after the last collective; the others wait
+        # for it, so no process tears the group down while another still holds it (gloo
+        # could abort a process that destroyed it early).
+        accelerator.wait_for_everyone()
     finally:
         accelerator.end_training()  # closes (and so flushes) the trackers and the process group
 
