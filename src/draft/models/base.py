@@ -325,8 +325,10 @@ class PipelineAdapter:
         if mode == "none":
             return contextlib.nullcontext()
         if self._compiled is None:
+            from torch.distributed.tensor import DTensor
+
             net = merging.bare(self._denoiser)
-            if net is None:
+            if net is None or any(isinstance(p, DTensor) for p in net.parameters()):  # FSDP2 shards
                 return contextlib.nullcontext()
             self._compiled = CompiledSampling(net, mode)
         return self._compiled.active()
