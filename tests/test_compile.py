@@ -112,3 +112,29 @@ def test_blocks_compile_the_unets_transformer_blocks_and_match_eager(tiny_lora):
     blocks = [m for m in model.denoiser.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert blocks and all(type(m.forward).__name__ == "_Dispatch" for m in blocks)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_under_ddp_a_gradient_free_call_skips_the_wrapper(tiny_lora, tmp_path):
+    """A no-grad forward needs none of DDP's collectives: inside the block it gets the bare
+    denoiser (compiled); a gradient-carrying call still goes through the wrapper."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, _ = tiny_lora
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        bare = model.denoiser
+        model.denoiser = DistributedDataParallel(bare)
+        x = torch.randn(2, *model.latent_shape(), generator=torch.Generator().manual_seed(2))
+        t = torch.tensor(700)
+        cond, _ = model.conditioning(["a red circle", "a blue square"], 1.0)
+        with torch.no_grad():
+            eager = model.denoise(x, t, cond)
+        with model.compile_sampling("whole"):
+            assert isinstance(model.denoiser, DistributedDataParallel)  # gradient on
+            with torch.no_grad():
+                assert model.denoiser is bare
+                compiled = model.denoise(x, t, cond)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
