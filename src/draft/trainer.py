@@ -253,16 +253,17 @@ class Trainer:
         t0 = time.perf_counter()
         outs, self.sampler.phase = [], "sampling"
         batches = self.batches()
-        if hasattr(self.method, "prepare"):  # DDPO: sample the whole step first, advantages over all of it
-            with acc.autocast():
-                self.method.prepare(self.sampler, batches, c, acc)
-        for batch in batches:
-            with acc.accumulate(self.model.denoiser):
+        with self.model.compile_sampling(c.sampling.compile):  # the gradient-free denoiser calls, compiled
+            if hasattr(self.method, "prepare"):  # DDPO: sample the whole step first, advantages over all of it
                 with acc.autocast():
-                    out = self.method(self.sampler, batch, c)
-                self.sampler.phase = "backward"
-                acc.backward(out.loss)
-            outs.append(out)
+                    self.method.prepare(self.sampler, batches, c, acc)
+            for batch in batches:
+                with acc.accumulate(self.model.denoiser):
+                    with acc.autocast():
+                        out = self.method(self.sampler, batch, c)
+                    self.sampler.phase = "backward"
+                    acc.backward(out.loss)
+                outs.append(out)
         rewards = acc.gather(torch.cat([o.rewards.float() for o in outs]))
         loss = acc.gather(torch.stack([o.loss.detach().float() for o in outs]).mean().reshape(1)).mean()
         self.sampler.phase = "optimizer step"

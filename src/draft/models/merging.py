@@ -46,7 +46,7 @@ def merged(denoiser) -> Iterator[None]:
 
     if torch.is_grad_enabled():
         raise RuntimeError("adapters_merged() is for sampling under no_grad")
-    net = _mergeable(denoiser)
+    net = bare(denoiser)
     layers = [] if net is None else [  # a quantized base layer has no weights to fold into (`quantize`)
         m for m in net.modules() if isinstance(m, LoraLayer) and not m.disable_adapters and not m.merged
         and m.active_adapters and not is_quantized(m.get_base_layer().weight)
@@ -78,7 +78,7 @@ def _base_weights(layers, saved) -> Iterator[None]:
             m.get_base_layer().weight.data = weight
 
 
-def _mergeable(module):
+def bare(module):
     """The bare denoiser if its weights are ordinary tensors (bare or under DDP), else None."""
     from torch.nn.parallel import DistributedDataParallel
 
