@@ -96,6 +96,11 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return type(weight) not in (torch.Tensor, torch.nn.Parameter)
 
 
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """A quantized weight's values as a plain tensor (NF4's through its own accessor)."""
+    return weight.get_original_weight() if hasattr(weight, "get_original_weight") else weight.dequantize()
+
+
 def quantized_bytes(net: torch.nn.Module, dtype: torch.dtype, how: str) -> int:
     """Bytes of a denoiser's weights with its Linear weights quantized `how` (the estimate):
     the quantized values and a float32 scale per row (int8, float8) or a byte per 64-weight

@@ -25,7 +25,7 @@ def disabled(denoiser) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def merged(denoiser) -> Iterator[None]:
+def merged(denoiser, dequantize: bool = False) -> Iterator[None]:
     """Fold the active LoRA adapters into the denoiser's weights for gradient-free sampling.
 
     peft runs an adapted layer as the base layer plus two small LoRA products; in the
@@ -34,6 +34,10 @@ def merged(denoiser) -> Iterator[None]:
     plain layers with W + ΔW. On exit the saved base weights are copied back, so they
     come out bit for bit as they went in (subtracting ΔW again would not, and in bf16
     would drift visibly). Costs one copy of the adapted layers' weights while inside.
+
+    A quantized base layer (`quantize`) has no float weights to fold into, so it runs its
+    LoRA unmerged; with `dequantize` it runs instead as a plain layer holding a float copy
+    of its dequantized weight plus ΔW (see `_dequantized_layers`).
 
     Only under no_grad; a no-op when the denoiser is sharded (FSDP, DeepSpeed) or
     compiled, whose weights cannot be edited in place, or when adapters are off.
@@ -47,15 +51,21 @@ def merged(denoiser) -> Iterator[None]:
     if torch.is_grad_enabled():
         raise RuntimeError("adapters_merged() is for sampling under no_grad")
     net = _mergeable(denoiser)
-    layers = [] if net is None else [  # a quantized base layer has no weights to fold into (`quantize`)
+    active = [] if net is None else [
         m for m in net.modules() if isinstance(m, LoraLayer) and not m.disable_adapters and not m.merged
-        and m.active_adapters and not is_quantized(m.get_base_layer().weight)
+        and m.active_adapters
     ]
+    # Only when asked: the copy spends the memory quantizing saved, for a speed-up measured by
+    # benchmarks/quantized_merge.py.
+    quantized = [m for m in active if is_quantized(m.get_base_layer().weight)] if dequantize else []
+    layers = [m for m in active if not is_quantized(m.get_base_layer().weight)]
     saved = [m.get_base_layer().weight.detach().clone() for m in layers]
     try:
         for m in layers:
             m.merge()
-        yield functools.partial(_base_weights, layers, saved) if layers else None
+        with _dequantized_layers(quantized) as base_of_quantized:
+            base = functools.partial(_base_weights, layers, saved, base_of_quantized)
+            yield base if layers or quantized else None
     finally:
         for m, weight in zip(layers, saved):
             m.merged_adapters.clear()  # peft's own record; the weights are restored below
@@ -63,7 +73,47 @@ def merged(denoiser) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _base_weights(layers, saved) -> Iterator[None]:
+def _dequantized_layers(layers) -> Iterator:
+    """Inside: each quantized layer's weight parameter swapped for a plain float one holding
+    dequantize(W) + ΔW, and the layer marked merged so peft runs only its base layer; on exit
+    the quantized parameter itself goes back, untouched. Yields a context manager that swaps
+    the quantized weights back in (the base model, for DRaFT+).
+
+    Written here rather than by peft's `merge`, which would quantize W + ΔW again (the base
+    would not come back bit for bit) and which draft's torchao layers cannot call (no
+    requantization recipe)."""
+    from draft.models.memory import dequantized
+
+    quantized = [m.get_base_layer().weight for m in layers]
+    for m, weight in zip(layers, quantized):
+        w = dequantized(weight).to(weight.dtype)
+        for name in m.active_adapters:
+            w += m.get_delta_weight(name).to(w.dtype)
+        m.get_base_layer().weight = torch.nn.Parameter(w, requires_grad=False)
+        m.merged_adapters.extend(m.active_adapters)
+    try:
+        yield functools.partial(_swapped, layers, quantized)
+    finally:
+        for m, weight in zip(layers, quantized):
+            m.merged_adapters.clear()
+            m.get_base_layer().weight = weight
+
+
+@contextlib.contextmanager
+def _swapped(layers, weights) -> Iterator[None]:
+    """Point each layer's base weight parameter at another one for the block, and back."""
+    before = [m.get_base_layer().weight for m in layers]
+    for m, weight in zip(layers, weights):
+        m.get_base_layer().weight = weight
+    try:
+        yield
+    finally:
+        for m, weight in zip(layers, before):
+            m.get_base_layer().weight = weight
+
+
+@contextlib.contextmanager
+def _base_weights(layers, saved, base_of_quantized) -> Iterator[None]:
     """Inside `merged`: point the merged layers at the saved base weights, and back.
 
     A merged peft layer runs only its base layer, so this runs the base model at the cost
@@ -72,7 +122,8 @@ def _base_weights(layers, saved) -> Iterator[None]:
     for m, weight in zip(layers, saved):
         m.get_base_layer().weight.data = weight
     try:
-        yield
+        with base_of_quantized():
+            yield
     finally:
         for m, weight in zip(layers, merged_weights):
             m.get_base_layer().weight.data = weight
