@@ -1,7 +1,7 @@
 """The merged fast path on a quantized base: one gradient-free denoiser call with the LoRA
 (a) merged into an unquantized model (the fast path), (b) unmerged over the quantized weights
-(what `sampling.merge_lora` falls back to under `quantize`), (c) merged into a dequantized
-float copy of the adapted quantized layers (`merging.merged(..., dequantize=True)`).
+(what `sampling.merge_lora` fell back to under `quantize` before this benchmark), (c) merged into a dequantized
+float copy of the adapted quantized layers (what `merging.merged` does on a quantized base).
 
 The denoiser is FLUX.1's transformer at its real width (24 heads of 128, 3072 wide; one joint
 and one single-stream block, random weights) behind the tiny FLUX pipeline's text encoders,
@@ -87,15 +87,15 @@ def main() -> None:
     x = torch.randn(1, *ref.latent_shape(size), generator=torch.Generator().manual_seed(0))
     cond, _ = ref.conditioning(["a small red circle on a blue background"], 3.5, size)
     t = torch.tensor(500.0)
-    table = {"(a) unquantized, merged": (ref, False)}
+    table = {"(a) unquantized, merged": (ref, True)}  # name -> (model, whether to call it inside `merged`)
     for how in hows:
-        table[f"(b) {how}, unmerged"] = (models[how], None)
+        table[f"(b) {how}, unmerged"] = (models[how], False)
         table[f"(c) {how}, merged into a dequantized copy"] = (models[how], True)
 
     def call(name):
         """(output, seconds of the call, seconds entering and leaving the merged block)."""
-        model, dequantize = table[name]
-        block = contextlib.nullcontext() if dequantize is None else merging.merged(model.denoiser, dequantize)
+        model, merge = table[name]
+        block = merging.merged(model.denoiser) if merge else contextlib.nullcontext()
         with torch.no_grad():
             t0 = time.perf_counter()
             with block:

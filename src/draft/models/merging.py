@@ -25,7 +25,7 @@ def disabled(denoiser) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def merged(denoiser, dequantize: bool = False) -> Iterator[None]:
+def merged(denoiser) -> Iterator[None]:
     """Fold the active LoRA adapters into the denoiser's weights for gradient-free sampling.
 
     peft runs an adapted layer as the base layer plus two small LoRA products; in the
@@ -35,9 +35,12 @@ def merged(denoiser, dequantize: bool = False) -> Iterator[None]:
     come out bit for bit as they went in (subtracting ΔW again would not, and in bf16
     would drift visibly). Costs one copy of the adapted layers' weights while inside.
 
-    A quantized base layer (`quantize`) has no float weights to fold into, so it runs its
-    LoRA unmerged; with `dequantize` it runs instead as a plain layer holding a float copy
-    of its dequantized weight plus ΔW (see `_dequantized_layers`).
+    A quantized base layer (`quantize`) has no float weights to fold into: inside the block
+    it runs as a plain layer holding a float copy of its dequantized weight plus ΔW
+    (`_dequantized_layers`), which costs those layers' float weights, the memory quantizing
+    saved, for the block's duration. On the CPU that was faster than running the LoRA
+    unmerged over the quantized weights for int8, float8 and nf4, and the copy is made once
+    per block, not per step (BENCHMARKS.md, "merging into a dequantized copy").
 
     Only under no_grad; a no-op when the denoiser is sharded (FSDP, DeepSpeed) or
     compiled, whose weights cannot be edited in place, or when adapters are off.
@@ -55,9 +58,7 @@ def merged(denoiser, dequantize: bool = False) -> Iterator[None]:
         m for m in net.modules() if isinstance(m, LoraLayer) and not m.disable_adapters and not m.merged
         and m.active_adapters
     ]
-    # Only when asked: the copy spends the memory quantizing saved, for a speed-up measured by
-    # benchmarks/quantized_merge.py.
-    quantized = [m for m in active if is_quantized(m.get_base_layer().weight)] if dequantize else []
+    quantized = [m for m in active if is_quantized(m.get_base_layer().weight)]
     layers = [m for m in active if not is_quantized(m.get_base_layer().weight)]
     saved = [m.get_base_layer().weight.detach().clone() for m in layers]
     try:
