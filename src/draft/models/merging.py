@@ -86,13 +86,13 @@ def _dequantized_layers(layers) -> Iterator:
     from draft.models.memory import dequantized
 
     quantized = [m.get_base_layer().weight for m in layers]
-    for m, weight in zip(layers, quantized):
-        w = dequantized(weight).to(weight.dtype)
-        for name in m.active_adapters:
-            w += m.get_delta_weight(name).to(w.dtype)
-        m.get_base_layer().weight = torch.nn.Parameter(w, requires_grad=False)
-        m.merged_adapters.extend(m.active_adapters)
     try:
+        for m, weight in zip(layers, quantized):
+            w = dequantized(weight).to(weight.dtype)
+            for name in m.active_adapters:
+                w += m.get_delta_weight(name).to(w.dtype)
+            m.get_base_layer().weight = torch.nn.Parameter(w, requires_grad=False)
+            m.merged_adapters.extend(m.active_adapters)
         yield functools.partial(_swapped, layers, quantized)
     finally:
         for m, weight in zip(layers, quantized):
