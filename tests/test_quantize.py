@@ -1,7 +1,8 @@
 """A quantized frozen base (`quantize`, `draft.models.memory`): the LoRA trains in float32 on
 top of torchao's int8, float8 or nf4 weights, its gradients those of the dequantized model
-within the quantization's rounding; the merged fast path falls back; the estimate counts
-the quantized bytes. The tests that quantize need torchao (the [quant] extra)."""
+within the quantization's rounding; the merged fast path folds the LoRA into a dequantized
+float copy of the adapted layers; the estimate counts the quantized bytes. The tests that
+quantize need torchao (the [quant] extra)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from draft.errors import UserError
 from draft.lora import add_lora
 from draft.methods import METHODS, Sampler
 from draft.models import load_model
-from draft.models.memory import is_quantized, quantize, quantized_bytes
+from draft.models.memory import dequantized, is_quantized, quantize, quantized_bytes
 from draft.plan import micro_batch
 from draft.rewards import FunctionReward
 
@@ -28,10 +29,6 @@ def tiny_flux(tmp_path_factory):
     from draft.models.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("flux"), "flux")
-
-
-def _dequantized(weight: torch.Tensor) -> torch.Tensor:
-    return weight.get_original_weight() if hasattr(weight, "get_original_weight") else weight.dequantize()
 
 
 def _lora(model):
@@ -56,33 +53,69 @@ def test_lora_gradients_on_a_quantized_base_are_those_of_the_dequantized_model(h
     """The same LoRA on the quantized base and on a plain copy holding its dequantized weights:
     gradients equal within the kernels' rounding, far closer than to the unquantized model's."""
     pytest.importorskip("torchao")
-    quantized, dequantized, original = (load_model(str(tiny_flux)) for _ in range(3))
+    quantized, plain_copy, original = (load_model(str(tiny_flux)) for _ in range(3))
     quantize(quantized, how)
-    layers = dict(dequantized.denoiser.named_modules())
+    layers = dict(plain_copy.denoiser.named_modules())
     n = 0
     for name, layer in quantized.denoiser.named_modules():
         if isinstance(layer, torch.nn.Linear) and is_quantized(layer.weight):
-            layers[name].weight.data = _dequantized(layer.weight).to(layers[name].weight.dtype)
+            layers[name].weight.data = dequantized(layer.weight).to(layers[name].weight.dtype)
             n += 1
     assert n > 0
-    g_q, g_d, g_o = (_gradients(m, _lora(m)) for m in (quantized, dequantized, original))
+    g_q, g_d, g_o = (_gradients(m, _lora(m)) for m in (quantized, plain_copy, original))
     assert g_q.abs().sum() > 0
     torch.testing.assert_close(g_q, g_d, rtol=1e-4, atol=1e-6)
     assert (g_q - g_d).norm() < 0.1 * (g_q - g_o).norm()  # the quantization is really there
 
 
-def test_the_merged_fast_path_falls_back_on_a_quantized_base(tiny_flux, one_thread):
+def test_the_merged_fast_path_on_a_quantized_base_gives_the_unmerged_gradients(tiny_flux, one_thread):
+    """DRaFT-K with its gradient-free steps and its window's first pass merged into the
+    dequantized copy, against the LoRA unmerged throughout."""
     pytest.importorskip("torchao")
     model = load_model(str(tiny_flux))
     quantize(model, "int8")
     params = _lora(model)
     with torch.no_grad(), model.adapters_merged() as base:
-        assert base is None  # nothing folded
+        assert base is not None  # something was folded
     merged = _gradients(model, params, merge=True)
     for p in params:
         p.grad = None
     unmerged = _gradients(model, params, merge=False)
-    torch.testing.assert_close(merged, unmerged, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_merging_into_a_dequantized_copy_matches_the_unmerged_lora(how, tiny_flux, one_thread):
+    """`adapters_merged` on a quantized base: inside the block the adapted quantized layers run
+    dequantize(W) + ΔW as plain weights, giving the unmerged LoRA's output to round-off; its
+    base-model switch gives the base's; on exit the very same quantized weights are back."""
+    pytest.importorskip("torchao")
+    model = load_model(str(tiny_flux))
+    quantize(model, how)
+    _lora(model)
+    net = model.denoiser
+    before = {n: (p, dequantized(p).clone()) for n, p in net.named_parameters() if is_quantized(p)}
+    x = torch.randn(2, *model.latent_shape(), generator=torch.Generator().manual_seed(0))
+    cond, _ = model.conditioning(["a red circle", "a blue star"], 3.5)
+    t = torch.tensor(500.0)
+    with torch.no_grad():
+        unmerged = model.denoise(x, t, cond)
+        with model.adapters_disabled():
+            base = model.denoise(x, t, cond)
+        with model.adapters_merged() as base_model:
+            plain = [n for n, p in net.named_parameters() if n in before and not is_quantized(p)]
+            folded = model.denoise(x, t, cond)
+            with base_model():
+                folded_base = model.denoise(x, t, cond)
+    assert plain and all("base_layer" in n for n in plain)  # the adapted layers ran as plain ones
+    assert (unmerged - base).abs().max() > 1e-3  # the LoRA changes the output
+    torch.testing.assert_close(folded, unmerged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded_base, base, rtol=1e-5, atol=1e-5)
+    after = dict(net.named_parameters())
+    for n, (p, values) in before.items():
+        assert after[n] is p and is_quantized(p) and torch.equal(dequantized(p), values)
+    with torch.no_grad():
+        torch.testing.assert_close(model.denoise(x, t, cond), unmerged, rtol=0, atol=0)
 
 
 @pytest.mark.slow

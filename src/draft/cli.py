@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="score held-out prompts with fixed seeds; prints and writes JSON")
     p.add_argument("--model", default="shapes-sd")
-    p.add_argument("--reward", default="shapes-alignment", help="reward spec (see `draft rewards`)")
+    p.add_argument("--reward", help="reward spec (see `draft rewards`); default: the one the model's recipe "
+                                    "trains on, else shapes-alignment")
     p.add_argument("--reward-arg", action="append", metavar="REWARD.KEY=VALUE", help="an argument for a reward")
     p.add_argument("--prompts", default="heldout", help="prompt set name, text file, or 'a|b|c'")
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")

@@ -79,8 +79,9 @@ class TrainConfig:
     # folder, a hub id, or an embedded tiny model ("shapes-sd", "shapes-flow").
     model: str = "shapes-sd"
     # The reward to maximise: a registered name (`draft rewards`), "module:attr", or a
-    # weighted sum such as "aesthetic:1.0+hpsv2:0.5".
-    reward: str = "shapes-alignment"
+    # weighted sum such as "aesthetic:1.0+hpsv2:0.5". None: the one the model's recipe
+    # trains on, else "shapes-alignment" (the shapes world's prompt-attribute classifier).
+    reward: str | None = None
     # Settings of the model family's adapter, by name (the embedded models bring their own):
     # Wan 2.2 A14B's lora_expert ("low", the default, or "high": which expert gets the
     # LoRA), a video model's native height/width/frames, SD3's and Wan's
@@ -221,6 +222,8 @@ class TrainConfig:
             raise UserError(f"sampling.checkpointing must be true, false or auto, got {s.checkpointing!r}")
         for key in ("model", "reward", "prompts", "eval_prompts", "output_dir"):
             value = getattr(self, key)
+            if value is None and key == "reward":  # left to `draft.defaults`, which never leaves it None
+                continue
             if not isinstance(value, str) or not value.strip():
                 raise UserError(f"{key} must be a non-empty string, got {value!r}")
         if self.name in (".", "..") or "/" in self.name or "\\" in self.name:

@@ -5,7 +5,7 @@ the first of these that has a value for it:
 
 1. the method (`draft.methods.METHODS[name].defaults`: DDPO samples with eta 1);
 2. the model's own recipe (an embedded model's `draft.models.Embedded.defaults`:
-   shapes-flow trains with full DRaFT over 20 steps);
+   shapes-flow trains with full DRaFT over 20 steps; a recipe may name its reward too);
 3. the model's family (the adapter's `defaults`, what its diffusers pipeline samples with:
    FLUX.1 28 steps at guidance 3.5; and its LoRA targets), or the checkpoint's where the
    adapter recognises a distilled variant from its configs (Z-Image-Turbo: 9 steps, no
@@ -13,7 +13,7 @@ the first of these that has a value for it:
 4. draft's own (`GENERIC`).
 
 The user's value always wins. `draft.train`, `draft.sample`, `draft.evaluate` and the CLI
-all call `resolve` or `resolve_sampling`, so `config.yaml` and the start-up lines show the
+all call `resolve`, `resolve_sampling` or `resolve_reward`, so `config.yaml` and the start-up lines show the
 same values whichever door was used; `explain` says where each chosen value came from.
 """
 
@@ -28,6 +28,7 @@ from draft.config import SamplingConfig, TrainConfig
 # The values when neither the method, the model nor its family has one.
 GENERIC: dict[str, Any] = {
     "method": "draft-lv",
+    "reward": "shapes-alignment",
     "steps": 500,
     "lr": 1e-3,
     "kl_coeff": 0.0,
@@ -129,6 +130,12 @@ def resolve_sampling(model: str, sampling: SamplingConfig | None = None) -> Samp
         if getattr(sampling, f.name) is None:
             changes[f.name] = _pick(f"sampling.{f.name}", found)
     return dataclasses.replace(sampling, **changes).validate()
+
+
+def resolve_reward(model: str, reward=None):
+    """The reward `draft eval` scores `model` with: the user's (a spec or a callable), else the
+    one the model's recipe trains on, else draft's (no method applies when evaluating)."""
+    return reward if reward is not None else _pick("reward", sources(model, None))
 
 
 def explain(config: TrainConfig) -> list[str]:

@@ -190,7 +190,8 @@ def _quantized(config: TrainConfig, model, comps: dict, parts: dict[str, int], d
         if any(module is net for net in nets):
             parts[name] = quantized_bytes(module, dtype, config.quantize)
     return [f"quantize={config.quantize}: the denoiser's Linear weights at {QUANT_BITS[config.quantize]} bits with "
-            "their scales, the rest of it in the run's precision; the LoRA runs unmerged on every step"]
+            "their scales, the rest of it in the run's precision; not counted: the gradient-free steps' float copy of the "
+            "adapted layers (`sampling.merge_lora`)"]
 
 
 def _text_encoders(config: TrainConfig, model, parts: dict[str, int], dtype):

@@ -131,7 +131,7 @@ def evaluate_model(model, prompts: list[str], seeds: list[int], groups: list[int
 
 def evaluate(
     model: str = "shapes-sd",
-    reward: str | Callable = "shapes-alignment",
+    reward: str | Callable | None = None,
     prompts: str = "heldout",
     seeds: int = 4,
     loras: Sequence[tuple[str, float]] = (),
@@ -142,12 +142,14 @@ def evaluate(
     max_prompts: int = 0,
 ) -> dict:
     """Generate every prompt with seeds 0..seeds-1 and score the samples; `sampling` fields
-    left None are the model's own (`draft.defaults.resolve_sampling`).
+    left None are the model's own (`draft.defaults.resolve_sampling`), and so is the reward
+    when it is None (`draft.defaults.resolve_reward`: the model's recipe's, else shapes-alignment).
 
     Returns (and with `out`, writes as JSON) the figures of `Tally`.
     """
     from draft import rewards
     from draft.config import check_number
+    from draft.defaults import resolve_reward
     from draft.lora import load_loras
     from draft.models import load_model
     from draft.prompts import load_prompts
@@ -160,6 +162,7 @@ def evaluate(
     if out is not None:  # a folder that cannot be written fails now, not after sampling
         ensure_folder(Path(out).parent, "the evaluation results")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    reward = resolve_reward(model, reward)
     r = rewards.from_config(reward, reward_args).to(device)
     prompt_list = load_prompts(prompts, model)
     if max_prompts:

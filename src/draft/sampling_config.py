@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from draft.errors import UserError, unknown
 
+COMPILE_CHOICES = ("none", "whole", "blocks")  # sampling.compile (`draft.models.compiled`)
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -59,6 +61,9 @@ class SamplingConfig:
     # against TRL). Values differ from `false` only by the rounding of merged weights.
     # Sharded or compiled denoisers, which cannot be merged, use torch.utils.checkpoint.
     merged_recompute: bool = True
+    # Training: run the gradient-free denoiser calls through torch.compile (README): none, whole
+    # (the denoiser), blocks (its repeated blocks; UserError for a model that names none).
+    compile: str = "none"
     # Also checkpoint each block of a gradient-carrying call (diffusers' own): its backward holds one block's activations.
     block_checkpointing: bool = False
     # Image size in pixels; 0 means the model's native size.
@@ -89,6 +94,8 @@ class SamplingConfig:
                 check_number(key, value, lo, hi)
         if self.guidance_gradient not in ("both", "cond"):
             raise unknown("sampling.guidance_gradient", self.guidance_gradient, ("both", "cond"))
+        if self.compile not in COMPILE_CHOICES:
+            raise unknown("sampling.compile", self.compile, COMPILE_CHOICES)
         if not isinstance(self.negative_prompt, str):
             raise UserError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
         return self

@@ -86,6 +86,10 @@ def _train_locked(config: TrainConfig, reward, resume: bool, overwrite: bool, pr
     try:
         t.loop(progress and main)
         t.finish()
+        # The main process writes the results after the last collective; the others wait
+        # for it, so no process tears the group down while another still holds it (gloo
+        # could abort a process that destroyed it early).
+        accelerator.wait_for_everyone()
     finally:
         accelerator.end_training()  # closes (and so flushes) the trackers and the process group
 
@@ -249,16 +253,17 @@ class Trainer:
         t0 = time.perf_counter()
         outs, self.sampler.phase = [], "sampling"
         batches = self.batches()
-        if hasattr(self.method, "prepare"):  # DDPO: sample the whole step first, advantages over all of it
-            with acc.autocast():
-                self.method.prepare(self.sampler, batches, c, acc)
-        for batch in batches:
-            with acc.accumulate(self.model.denoiser):
+        with self.model.compile_sampling(c.sampling.compile):  # the gradient-free denoiser calls, compiled
+            if hasattr(self.method, "prepare"):  # DDPO: sample the whole step first, advantages over all of it
                 with acc.autocast():
-                    out = self.method(self.sampler, batch, c)
-                self.sampler.phase = "backward"
-                acc.backward(out.loss)
-            outs.append(out)
+                    self.method.prepare(self.sampler, batches, c, acc)
+            for batch in batches:
+                with acc.accumulate(self.model.denoiser):
+                    with acc.autocast():
+                        out = self.method(self.sampler, batch, c)
+                    self.sampler.phase = "backward"
+                    acc.backward(out.loss)
+                outs.append(out)
         rewards = acc.gather(torch.cat([o.rewards.float() for o in outs]))
         loss = acc.gather(torch.stack([o.loss.detach().float() for o in outs]).mean().reshape(1)).mean()
         self.sampler.phase = "optimizer step"

@@ -42,6 +42,7 @@ class PipelineAdapter:
     call_options: ClassVar[tuple[str, ...]] = ()
     # Keyword arguments for `from_pretrained` beyond the shared ones.
     load_kwargs: ClassVar[dict[str, Any]] = {}
+    _compiled = None  # the compiled gradient-free calls (`compile_sampling`), if any
 
     def __init__(self, pipe, name: str = "", metrics: Callable | None = None, **options):
         for module in pipe.components.values():
@@ -302,6 +303,35 @@ class PipelineAdapter:
             **{f"{self.lora_prefix}_lora_layers": layers, f"{self.lora_prefix}_lora_adapter_metadata": metadata},
             safe_serialization=True,
         )
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The trainable network; a gradient-free call inside `compile_sampling`'s block gets
+        the bare one, compiled: a no-grad forward needs none of a DDP wrapper's collectives."""
+        if self._compiled is not None and self._compiled.on and not torch.is_grad_enabled():
+            return self._compiled.net
+        return self._denoiser
+
+    @denoiser.setter
+    def denoiser(self, net: torch.nn.Module) -> None:
+        self._denoiser = net
+
+    def compile_sampling(self, mode: str) -> contextlib.AbstractContextManager:
+        """Compile the denoiser's gradient-free calls (`draft.models.compiled`, `sampling.compile`)
+        once; the block returned runs them compiled. Sharded and already compiled denoisers,
+        whose weights are not plain tensors of the bare module, stay eager."""
+        from draft.models.compiled import CompiledSampling
+
+        if mode == "none":
+            return contextlib.nullcontext()
+        if self._compiled is None:
+            from torch.distributed.tensor import DTensor
+
+            net = merging.bare(self._denoiser)
+            if net is None or any(isinstance(p, DTensor) for p in net.parameters()):  # FSDP2 shards
+                return contextlib.nullcontext()
+            self._compiled = CompiledSampling(net, mode)
+        return self._compiled.active()
 
     def adapters_disabled(self) -> contextlib.AbstractContextManager:
         """Run the base model: every LoRA adapter of the denoiser switched off, then back on."""

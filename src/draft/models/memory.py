@@ -74,7 +74,8 @@ def quantize(model, how: str) -> list[str]:
         else:
             quantize_(net, {"int8": Int8WeightOnlyConfig, "float8": Float8WeightOnlyConfig}[how]())
     return [f"quantize={how}: the denoiser's frozen Linear weights are {how} (torchao), the LoRA float32 on top; "
-            "sampling.merge_lora cannot fold the LoRA into quantized weights, so every step runs it unmerged"]
+            "sampling.merge_lora folds the LoRA into a float copy of the adapted layers' dequantized weights for "
+            "the gradient-free steps (faster than running it unmerged, but that copy is the adapted layers at full size)"]
 
 
 def _to_nf4(net: torch.nn.Module) -> None:
@@ -94,6 +95,11 @@ def _to_nf4(net: torch.nn.Module) -> None:
 def is_quantized(weight: torch.Tensor) -> bool:
     """Whether a weight is held by a quantization library (a tensor subclass) rather than as plain values."""
     return type(weight) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """A quantized weight's values as a plain tensor (NF4's through its own accessor)."""
+    return weight.get_original_weight() if hasattr(weight, "get_original_weight") else weight.dequantize()
 
 
 def quantized_bytes(net: torch.nn.Module, dtype: torch.dtype, how: str) -> int:

@@ -98,6 +98,10 @@ class DiffusionModel(Protocol):
 
     def adapters_merged(self) -> contextlib.AbstractContextManager: ...
 
+    def compile_sampling(self, mode: str) -> contextlib.AbstractContextManager:
+        """A block inside which the denoiser's gradient-free calls run through torch.compile
+        (`sampling.compile`: none, whole or blocks); compiled on first use, then reused."""
+
     def save_lora(self, directory: str | Path, layers: dict[str, torch.Tensor], metadata: dict) -> None:
         """Write a LoRA state dict (peft key names, no prefix) as the family's diffusers LoRA."""
 
