@@ -43,8 +43,10 @@ def test_draft_train_fills_the_models_own_recipe():
     from draft.config import load_config
     from draft.models import WAN_WIDE_TARGETS
 
-    config = load_config(None, ["model=shapes-video", "reward=shapes-motion"])
-    assert (config.method, config.steps, config.sampling.num_steps, config.sampling.frames) == ("draft", 300, 20, 9)
+    config = load_config(None, ["model=shapes-video"])
+    assert config.reward == "shapes-motion"  # the model's own reward, named by its recipe
+    assert (config.method, config.steps, config.sampling.num_steps, config.sampling.frames) == ("draft", 500, 20, 9)
+    assert config.sampling.checkpointing is False
     assert config.lora.target_modules == WAN_WIDE_TARGETS and config.log.eval_samples == 64
     assert load_config(None, ["model=shapes-video", "method=draft-lv"]).method == "draft-lv"  # the user's value wins
 
@@ -77,9 +79,9 @@ def test_shipped_assets_are_within_budget_and_safetensors_only():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """`draft train model=shapes-video reward=shapes-motion` for 2 steps of a short chain."""
+    """`draft train model=shapes-video` (its recipe names the reward) for 2 steps of a short chain."""
     out = tmp_path_factory.mktemp("video_runs")
-    assert main(["train", "model=shapes-video", "reward=shapes-motion", "steps=2", "batch_size=2",
+    assert main(["train", "model=shapes-video", "steps=2", "batch_size=2",
                  "sampling.num_steps=3", "method=draft-k", "k=1", "log.eval_samples=2", "log.sample_prompts=2",
                  "log.sample_seeds=1", "log.trackers=[]", "--no-progress", f"output_dir={out}", "name=run"]) == 0
     return out / "run"
@@ -129,3 +131,12 @@ def test_draft_sample_writes_an_mp4_of_the_trained_model(run, tmp_path):
                  "--out", str(out)]) == 0
     clip = out / "000-0.mp4"
     assert video_info(clip).frames == 9 and read_video(clip).shape[0] == 9
+
+
+def test_draft_eval_scores_it_with_its_own_reward_and_metrics(tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", "shapes-video", "--prompts", PROMPT, "--seeds", "1", "--steps", "2",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["reward"] == "shapes-motion" and result["n"] == 1
+    assert {"accuracy_direction", "accuracy_joint", "travel", "motion"} <= result.keys()

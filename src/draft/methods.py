@@ -345,7 +345,7 @@ def _ddpo_steps(c) -> int:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("draft", draft, "DRaFT: the reward's gradient through every sampling step (with checkpointing)",
+    Method("draft", draft, "DRaFT: the reward's gradient through every sampling step",
            "all T steps", lambda c: (0, c.sampling.num_steps), lambda c: c.sampling.num_steps),
     Method("draft-k", draft_k, "DRaFT-K: the reward's gradient through the last {k} sampling steps",
            "the last `k` steps", lambda c: (c.sampling.num_steps - c.k, c.k), lambda c: c.k, check=_check_k),

@@ -69,12 +69,16 @@ EMBEDDED = {
         "log.eval_samples": (360, "every held-out prompt twice, so diversity across seeds is measured"),
     }, {"max_sequence_length": 0},  # trained without T5's zero tokens (docs/shapes-flow.md)
         pretrain="draft.models.shapes_flow_pretrain:pretrain"),
-    # A first recipe, not yet tuned (docs/shapes-video.md); train it with reward=shapes-motion.
+    # A tiny Wan 2.1 of the moving-shapes world (docs/shapes-video.md). As on shapes-flow, its
+    # chain settles what it draws and where it moves early, so the window is the whole chain.
     "shapes-video": Embedded(ASSETS / "shapes-video", "draft.rewards.shapes_motion:motion_metrics", {
+        "reward": ("shapes-motion", "its own world's reward: the prompt's shape and colour, moving its way"),
         "sampling.frames": (9, "the clips it was trained on (3 latent frames)"),
-        "sampling.num_steps": (20, "a short chain keeps a video step affordable on a CPU, as shapes-flow's 20"),
+        "sampling.num_steps": (20, "a short chain keeps a video step affordable on a CPU, as shapes-flow's"),
+        "sampling.checkpointing": (False, "its whole chain's activations are small, and a step takes 0.82x the "
+                                          "time without the recompute (docs/shapes-video.md)"),
         "method": ("draft", "a flow chain settles what it draws far from its last steps (docs/shapes-flow.md)"),
-        "steps": (300, "a first length for a CPU run of a few minutes; not yet tuned"),
+        "steps": (500, "the main job's length, within 10 minutes on a 2-core CPU (docs/shapes-video.md)"),
         "lora.target_modules": (WAN_WIDE_TARGETS, "attention alone gained less on shapes-flow (BENCHMARKS.md)"),
         "log.eval_samples": (64, "enough held-out clips to see the trend at a video model's cost"),
     }, {"max_sequence_length": 16, "height": 32, "width": 32, "frames": 9},  # as trained (its recipe.json)

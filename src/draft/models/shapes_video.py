@@ -15,8 +15,8 @@ its prompts.
 Held-out prompts are the unseen combinations of what moves and how: the (shape, motion)
 pairs in `HELDOUT_PAIRS` never appear in the `train` split, though every shape and every
 motion does. Clips default to 9 frames of 32 px: the Wan VAE keeps 1 + 4k frames (9 frames
-are 3 latent frames) and divides the side by 8, so one clip is a 3x4x4 latent, small
-enough to train on a CPU.
+are 3 latent frames) and shapes-video's divides the side by 4, so one clip is a 3x8x8
+latent, small enough to train on a CPU.
 """
 
 from __future__ import annotations
