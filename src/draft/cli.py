@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate images, optionally with LoRAs mixed in")
-    p.add_argument("--model", default="shapes-sd", help="pipeline folder, hub id, or an embedded model (shapes-sd, shapes-flow)")
+    p.add_argument("--model", default="shapes-sd", help="pipeline folder, hub id, or an embedded model (shapes-sd, shapes-flow, shapes-video)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")

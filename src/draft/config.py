@@ -76,7 +76,7 @@ class LogConfig:
 class TrainConfig:
     # --- what to train ---
     # A diffusers pipeline (Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, FLUX.1, Wan): a local
-    # folder, a hub id, or an embedded tiny model ("shapes-sd", "shapes-flow").
+    # folder, a hub id, or an embedded tiny model ("shapes-sd", "shapes-flow", "shapes-video").
     model: str = "shapes-sd"
     # The reward to maximise: a registered name (`draft rewards`), "module:attr", or a
     # weighted sum such as "aesthetic:1.0+hpsv2:0.5". None: the one the model's recipe
