@@ -128,7 +128,7 @@ def test_the_guard_is_refused_under_fsdp2():
     from accelerate.utils import DistributedType
 
     from draft import sharding
-    from draft.config import TrainConfig
+    from draft.config import SamplingConfig, TrainConfig
     from draft.errors import UserError
     from draft.guard import GuardConfig
 
@@ -136,3 +136,8 @@ def test_the_guard_is_refused_under_fsdp2():
     with pytest.raises(UserError, match="guard.every is not supported under FSDP2"):
         sharding.setup(TrainConfig(guard=GuardConfig(every=5)), acc)
     assert sharding.setup(TrainConfig(), acc).sampling.merge_lora is False
+    # A compiled bare module would skip FSDP2's all-gathers: the option is turned off, saying so.
+    lines = []
+    acc.print = lines.append
+    config = sharding.setup(TrainConfig(sampling=SamplingConfig(compile="whole")), acc)
+    assert config.sampling.compile == "none" and any("sampling.compile=whole is off" in line for line in lines)

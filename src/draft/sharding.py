@@ -77,12 +77,17 @@ def setup(config, accelerator):
         raise UserError("guard.every is not supported under FSDP2 yet: set guard.every=0, or train unsharded")
     accelerator.print(f"FSDP2: the denoiser is sharded across {accelerator.num_processes} processes; the grids "
                       "and the evaluation are sampled on every process")
-    if not (s.merge_lora or s.merged_recompute):
-        return config
-    accelerator.print("FSDP2: sampling.merge_lora and sampling.merged_recompute are off: they fold the LoRA into "
-                      "the base weights, which are shards under sharding; steps without gradient run the LoRA "
-                      "unmerged")
-    return config.replace(sampling=dataclasses.replace(s, merge_lora=False, merged_recompute=False))
+    if s.compile != "none":
+        # A compiled bare module would run the shards without FSDP2's all-gathers.
+        accelerator.print(f"FSDP2: sampling.compile={s.compile} is off: the steps without gradient run the sharded "
+                          "denoiser eagerly")
+        s = dataclasses.replace(s, compile="none")
+    if s.merge_lora or s.merged_recompute:
+        accelerator.print("FSDP2: sampling.merge_lora and sampling.merged_recompute are off: they fold the LoRA "
+                          "into the base weights, which are shards under sharding; steps without gradient run the "
+                          "LoRA unmerged")
+        s = dataclasses.replace(s, merge_lora=False, merged_recompute=False)
+    return config.replace(sampling=s)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
