@@ -318,17 +318,15 @@ class PipelineAdapter:
 
     def compile_sampling(self, mode: str) -> contextlib.AbstractContextManager:
         """Compile the denoiser's gradient-free calls (`draft.models.compiled`, `sampling.compile`)
-        once; the block returned runs them compiled. Sharded and already compiled denoisers,
-        whose weights are not plain tensors of the bare module, stay eager."""
+        once; the block returned runs them compiled. Wrapped (FSDP1, DeepSpeed) and already
+        compiled denoisers stay eager; under FSDP2 `draft.sharding.setup` turns the option off."""
         from draft.models.compiled import CompiledSampling
 
         if mode == "none":
             return contextlib.nullcontext()
         if self._compiled is None:
-            from torch.distributed.tensor import DTensor
-
             net = merging.bare(self._denoiser)
-            if net is None or any(isinstance(p, DTensor) for p in net.parameters()):  # FSDP2 shards
+            if net is None:
                 return contextlib.nullcontext()
             self._compiled = CompiledSampling(net, mode)
         return self._compiled.active()

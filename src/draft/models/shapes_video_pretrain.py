@@ -6,8 +6,9 @@
    kind the tiny Wan test pipelines use) and a small `UMT5EncoderModel`, the class of Wan's
    text encoder;
 2. an `AutoencoderKLWan` (Wan 2.1's causal video VAE, here with two downsamplings: 4x in
-   time as Wan, 4x in space where Wan has 8x, so a clip's shapes keep 8x8 latents) trained to reconstruct clips
-   of the world, the pixels the shape covers weighted above the background's (`draft.models.shapes_video`), whose per-channel
+   time as Wan, 4x in space where Wan has 8x, so a clip's shapes keep 8x8 latents) trained
+   to reconstruct clips of the world (`draft.models.shapes_video`), the pixels the shape
+   covers weighted above the background's, whose per-channel
    `latents_mean` and `latents_std` are then measured on the pool and written into its
    config, where `WanPipeline` reads them (the real Wan's are measured the same way);
 3. a `WanTransformer3DModel` trained together with the text encoder on the `train` split
@@ -37,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from draft.models import shapes_video
 from draft.models.shapes_flow_pretrain import flow_batch
@@ -159,7 +159,8 @@ def _foreground(x: torch.Tensor) -> torch.Tensor:
     """
     border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], -1)
     background = border.median(-1).values[..., None, None]
-    return ((x - background).abs().amax(1, keepdim=True) > 0.1).to(x.dtype)  # two world colours differ by >= 0.47 in a channel
+    # Any two world colours differ by at least 0.47 in some channel, jitter included.
+    return ((x - background).abs().amax(1, keepdim=True) > 0.1).to(x.dtype)
 
 
 def train_vae(vae, pool: torch.Tensor, recipe: Recipe, gen: torch.Generator, progress: bool = True) -> list[float]:
