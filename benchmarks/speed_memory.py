@@ -14,6 +14,7 @@ the CPU.
     python benchmarks/speed_memory.py --preset flux-dev --device cuda --cases 0,2 --t-sweep ""
     python benchmarks/speed_memory.py --preset wan21-1.3b --device cuda --cases 13,14,16 --t-sweep ""
     python benchmarks/speed_memory.py --preset z-image-turbo --device cuda --cases 13,14 --t-sweep ""
+    python benchmarks/speed_memory.py --preset sdxl --allow-cpu --size 128 --steps 2 --repeats 1 --cases 0 --t-sweep ""
 
 Presets: `tiny` (the test suite's random pipeline), `shapes-sd` and `shapes-flow` (the
 shipped models, sampled with their own recipe's steps and guidance unless `--steps` says),
@@ -29,7 +30,8 @@ layouts (`draft.models.tiny_flux2.chat_tokenizer`); `--text-encoders cache` enco
 prompts once and releases the encoders, as `text_encoders=cache` does (FLUX.2-dev's 24B and
 Qwen-Image's 8B encoder do not fit beside the denoiser). Those run in bf16, one sample a batch
 by default, and only with `--device cuda` (`--allow-cpu` forces them onto the CPU, which
-needs tens of GB). Each case also reports the memory estimate's activations + LoRA for the
+needs tens of GB; `--size 128` samples them at 128 px, a video keeping its frames, so their key
+names, LoRA targets and dtypes are exercised on the real architecture in minutes). Each case also reports the memory estimate's activations + LoRA for the
 same settings (`draft.estimate`), for comparison with the measured peak. The reward is
 `brightness`, so the reward model's cost does not blur the comparison.
 """
@@ -136,6 +138,7 @@ class Bench:
         torch.manual_seed(0)
         self.args, self.cuda = args, args.device.startswith("cuda")
         self.dtype = torch.bfloat16 if args.bf16 else torch.float32
+        start = time.perf_counter()
         self.model = load(args.preset, folder, args.device, self.dtype)
         if args.block_checkpoint:  # before the LoRA, as the trainer applies it
             from draft.models.memory import checkpoint_blocks
@@ -144,12 +147,13 @@ class Bench:
         self.lora = LoraConfig(rank=8, target_modules=tuple(args.targets.split(",")))
         self.params = add_lora(self.model, self.lora)
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+        self.build_s = time.perf_counter() - start
         self.reward = rewards.get("brightness").to(args.device)
         self.prompts = ["a small red circle on a blue background"] * args.batch
         # The embedded models sample at their recipe's guidance (shapes-flow: 4), the newer
         # families at their own (FAMILY_SAMPLING); others at 7.5.
         self.guidance = _recipe(args.preset).guidance_scale if args.preset in (*EMBEDDED, *FAMILY_SAMPLING) else 7.5
-        self.size = self.model.size(Size(*REAL[args.preset][1]) if args.preset in REAL else Size())
+        self.size = self.model.size(requested_size(args.preset, args.size))
         # A video's reward scores a few frames; only the latent frames they need are decoded.
         self.frames = choose_frames(0, 0, self.size.frames, VIDEO_REWARD_FRAMES, "even")
         if args.text_encoders == "cache":  # the benchmark's prompts encoded once, the encoders released
@@ -207,6 +211,7 @@ class Bench:
                        merge, size=size, keep_graphs=keep, guidance_gradient=cfg.sampling.guidance_gradient)
         shape = model.latent_shape(size)
         autocast = self.autocast()
+        losses = []
 
         def sampling(rep):
             with autocast:
@@ -220,6 +225,7 @@ class Bench:
             out.loss.backward()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+            losses.append(out.loss.item())
 
         def timed(fn, rep):
             self.sync()
@@ -229,6 +235,8 @@ class Bench:
             return time.perf_counter() - t0
 
         sampling(999)  # warm-up
+        # The LoRA before the first step, to show the step trains it (a few MB at rank 8).
+        before = [p.detach().clone() for p in self.params]
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -238,12 +246,16 @@ class Bench:
         train_step(999)
         self.sync()
         peak = torch.cuda.max_memory_allocated() if self.cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        change = max((p.detach().float() - b.float()).abs().max().item() for p, b in zip(self.params, before))
+        del before
         t_sample, t_step = [], []
         for rep in range(args.repeats):
             t_sample.append(timed(sampling, rep))
             t_step.append(timed(train_step, rep))
         return {"sample_s": statistics.median(t_sample), "step_s": statistics.median(t_step),
-                "peak_mb": (peak - base) / 2**20, "estimate_mb": self.estimate_mb(cfg)}
+                "peak_mb": (peak - base) / 2**20, "estimate_mb": self.estimate_mb(cfg),
+                "height": sampling_cfg.height, "width": sampling_cfg.width, "frames": sampling_cfg.frames,
+                "build_s": self.build_s, "loss": losses, "lora_max_change": change}
 
     def estimate_mb(self, cfg) -> float | None:
         """What `draft.estimate` expects on top of the weights for these settings: activations
@@ -272,7 +284,7 @@ def run_case(args, bench: Bench | None, method: str, overrides: dict, steps: int
             return {"error": "out of memory"}
     cmd = [sys.executable, __file__, "--child", "--preset", args.preset, "--method", method, "--steps", str(steps),
            "--overrides", json.dumps(overrides), "--device", args.device, "--batch", str(args.batch),
-           "--repeats", str(args.repeats), "--targets", args.targets, "--text-encoders", args.text_encoders] + (
+           "--repeats", str(args.repeats), "--targets", args.targets, "--text-encoders", args.text_encoders, "--size", args.size] + (
         ["--bf16"] if args.bf16 else []) + (
         ["--decode-checkpoint"] if args.decode_checkpoint else []) + (
         ["--block-checkpoint"] if args.block_checkpoint else []) + (["--allow-cpu"] if args.allow_cpu else [])
@@ -302,6 +314,9 @@ def main() -> None:
     p.add_argument("--text-encoders", choices=["device", "cache"], default="device",
                    help="cache: encode the prompts once and release the text encoders (text_encoders=cache), "
                         "for the families whose encoders do not fit beside the denoiser")
+    p.add_argument("--size", default="",
+                   help="sample at N or HxW pixels instead of the preset's size (a video keeps its frames), "
+                        "e.g. 128 to take a real-size architecture through a step on the CPU")
     p.add_argument("--cases", default="", help="comma-separated case numbers to run (default: all), e.g. 0,2,7")
     p.add_argument("--allow-cpu", action="store_true",
                    help="run a real-size preset without CUDA (tens of GB of memory, hours of time)")
@@ -323,7 +338,7 @@ def main() -> None:
         return
     bench = Bench(args, folder) if args.device.startswith("cuda") else None
     results = {"preset": args.preset, "device": args.device, "batch": args.batch, "steps": args.steps,
-               "bf16": args.bf16, "lora_targets": args.targets, "cases": [], "t_sweep": []}
+               "size": args.size or None, "bf16": args.bf16, "lora_targets": args.targets, "cases": [], "t_sweep": []}
     print(f"# preset {args.preset}, device {args.device}, batch {args.batch}, {args.steps} sampling steps, "
           f"median of {args.repeats}; ratio = step time / no-grad sampling time in the same process")
     print("| method | step s | sampling s | ratio | peak MB | peak / DRaFT-1 | estimate MB |")
@@ -345,6 +360,8 @@ def main() -> None:
         ref_peak = ref_peak or r["peak_mb"]
         print(f"| {label} | {r['step_s']:.3f} | {r['sample_s']:.3f} | {r['step_s'] / r['sample_s']:.2f}x | "
               f"{r['peak_mb']:.0f} | {r['peak_mb'] / ref_peak:.2f} | {_mb(r.get('estimate_mb'))} |", flush=True)
+        print(f"#   {r['height']}x{r['width']} px, built in {r['build_s']:.0f} s, losses {r['loss']}, "
+              f"largest LoRA change {r['lora_max_change']:.2e}", flush=True)
     print("\n| full DRaFT (checkpointing), T | step s | sampling s | ratio | peak MB | estimate MB |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for t in [int(x) for x in args.t_sweep.split(",") if x]:
@@ -356,6 +373,21 @@ def main() -> None:
             continue
         print(f"| {t} | {r['step_s']:.3f} | {r['sample_s']:.3f} | {r['step_s'] / r['sample_s']:.2f}x | "
               f"{r['peak_mb']:.0f} | {_mb(r.get('estimate_mb'))} |", flush=True)
+
+
+def requested_size(preset: str, size: str = ""):
+    """The size a preset samples at: `--size` ("N" or "HxW") where given, a video preset keeping
+    its frames, else a real-size preset's own (REAL) or the model's native size."""
+    from draft.models.base import Size
+
+    own = Size(*REAL[preset][1]) if preset in REAL else Size()
+    if not size:
+        return own
+    try:
+        h, w = (int(v) for v in (size.split("x") if "x" in size else (size, size)))
+    except ValueError:
+        raise SystemExit(f"--size takes N or HxW pixels, e.g. 128 or 128x192; got {size!r}") from None
+    return Size(h, w, own.frames)
 
 
 def _recipe(preset: str):

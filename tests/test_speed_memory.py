@@ -101,10 +101,42 @@ def test_text_encoders_cache_encodes_the_benchmark_prompts_once_and_releases_the
     import tempfile
 
     args = argparse.Namespace(preset="tiny", device="cpu", bf16=False, batch=2, targets="to_q,to_k,to_v,to_out.0",
-                              text_encoders="cache", block_checkpoint=False)
+                              text_encoders="cache", block_checkpoint=False, size="")
     bench = speed_memory.Bench(args, Path(tempfile.mkdtemp()))
     fresh = speed_memory.load("tiny", Path(tempfile.mkdtemp()), "cpu", torch.float32)
     cond, uncond = bench.model.conditioning(bench.prompts, bench.guidance, bench.size, "")
     want, want_uncond = fresh.conditioning(bench.prompts, bench.guidance, bench.size, "")
     assert torch.equal(cond, want) and torch.equal(uncond, want_uncond)
     assert all(p.is_meta for p in bench.model.pipe.text_encoder.parameters())
+
+
+def test_size_reaches_the_case_and_its_step_trains_the_lora(tmp_path):
+    """`--size` (how a real-size preset runs on the CPU): the case samples and trains at that size,
+    records a finite loss a step, and the step moves the LoRA."""
+    import argparse
+
+    args = argparse.Namespace(preset="tiny", device="cpu", bf16=False, batch=1, targets="to_q,to_k,to_v,to_out.0",
+                              text_encoders="device", block_checkpoint=False, size="48x64",
+                              decode_checkpoint=False, repeats=1)
+    bench = speed_memory.Bench(args, tmp_path)
+    native = bench.model.size()
+    assert (bench.size.height, bench.size.width) == (48, 64) != (native.height, native.width)
+    seen = []
+    bench.model.denoiser.register_forward_pre_hook(
+        lambda _m, a, kw: seen.append(tuple((a[0] if a else kw["sample"]).shape[-2:])), with_kwargs=True)
+    r = bench.case("draft-k", {"k": 1}, 2)
+    f = bench.model.vae_scale_factor
+    assert set(seen) == {(48 // f, 64 // f)}  # every denoiser call, sampling and training, at that size
+    assert (r["height"], r["width"], r["frames"]) == (48, 64, 0)
+    assert len(r["loss"]) == 2 and all(np.isfinite(r["loss"])) and r["lora_max_change"] > 0
+
+
+def test_size_keeps_a_video_presets_frames_and_rejects_a_bad_value():
+    own = speed_memory.requested_size("wan21-1.3b")
+    assert (own.height, own.width) == speed_memory.REAL["wan21-1.3b"][1][:2]
+    small = speed_memory.requested_size("wan21-1.3b", "128")
+    assert (small.height, small.width, small.frames) == (128, 128, own.frames)
+    wide = speed_memory.requested_size("sdxl", "128x192")
+    assert (wide.height, wide.width) == (128, 192)
+    with pytest.raises(SystemExit, match="N or HxW"):
+        speed_memory.requested_size("sdxl", "big")
