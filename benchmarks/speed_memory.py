@@ -255,7 +255,8 @@ class Bench:
         return {"sample_s": statistics.median(t_sample), "step_s": statistics.median(t_step),
                 "peak_mb": (peak - base) / 2**20, "estimate_mb": self.estimate_mb(cfg),
                 "height": sampling_cfg.height, "width": sampling_cfg.width, "frames": sampling_cfg.frames,
-                "build_s": self.build_s, "loss": losses, "lora_max_change": change}
+                "build_s": self.build_s, "loss": losses, "lora_max_change": change,
+                "lora_params": sum(p.numel() for p in self.params)}
 
     def estimate_mb(self, cfg) -> float | None:
         """What `draft.estimate` expects on top of the weights for these settings: activations
@@ -360,7 +361,7 @@ def main() -> None:
         ref_peak = ref_peak or r["peak_mb"]
         print(f"| {label} | {r['step_s']:.3f} | {r['sample_s']:.3f} | {r['step_s'] / r['sample_s']:.2f}x | "
               f"{r['peak_mb']:.0f} | {r['peak_mb'] / ref_peak:.2f} | {_mb(r.get('estimate_mb'))} |", flush=True)
-        print(f"#   {r['height']}x{r['width']} px, built in {r['build_s']:.0f} s, losses {r['loss']}, "
+        print(f"#   {r['height']}x{r['width']} px, built in {r['build_s']:.0f} s, {r['lora_params']:,} LoRA parameters, losses {r['loss']}, "
               f"largest LoRA change {r['lora_max_change']:.2e}", flush=True)
     print("\n| full DRaFT (checkpointing), T | step s | sampling s | ratio | peak MB | estimate MB |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
