@@ -30,10 +30,13 @@ layouts (`draft.models.tiny_flux2.chat_tokenizer`); `--text-encoders cache` enco
 prompts once and releases the encoders, as `text_encoders=cache` does (FLUX.2-dev's 24B and
 Qwen-Image's 8B encoder do not fit beside the denoiser). Those run in bf16, one sample a batch
 by default, and only with `--device cuda` (`--allow-cpu` forces them onto the CPU, which
-needs tens of GB; `--size 128` samples them at 128 px, a video keeping its frames, so their key
-names, LoRA targets and dtypes are exercised on the real architecture in minutes). Each case also reports the memory estimate's activations + LoRA for the
-same settings (`draft.estimate`), for comparison with the measured peak. The reward is
-`brightness`, so the reward model's cost does not blur the comparison.
+needs tens of GB). `--size` samples any preset at N or HxW pixels instead (a video keeps its
+frames): at 128 px a real-size preset takes its step on the CPU in minutes, which exercises
+draft's key names, LoRA targets and dtypes on the real architecture (BENCHMARKS.md, "Real size
+on the CPU"). Each case also reports the memory estimate's activations + LoRA for the same
+settings (`draft.estimate`), for comparison with the measured peak, and the step's losses and
+the LoRA's largest change, to show the step trains. The reward is `brightness`, so the reward
+model's cost does not blur the comparison.
 """
 
 from __future__ import annotations
