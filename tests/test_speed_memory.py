@@ -140,3 +140,17 @@ def test_size_keeps_a_video_presets_frames_and_rejects_a_bad_value():
     assert (wide.height, wide.width) == (128, 192)
     with pytest.raises(SystemExit, match="N or HxW"):
         speed_memory.requested_size("sdxl", "big")
+
+
+def test_the_cpu_peak_is_the_steps_not_an_earlier_high():
+    """A buffer freed before the reset (as the released text encoders) is not in the peak; one
+    allocated after it is."""
+    big = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched
+    before = speed_memory.peak_rss_bytes()
+    del big
+    speed_memory.reset_peak_rss()
+    assert speed_memory.peak_rss_bytes() < before - 32 * 2**20
+    base = speed_memory.rss_bytes()
+    small = torch.ones(16 * 2**20, dtype=torch.uint8)
+    assert speed_memory.peak_rss_bytes() - base >= 15 * 2**20
+    del small
