@@ -301,7 +301,8 @@ def run_case(args, bench: Bench | None, method: str, overrides: dict, steps: int
             return {"error": "out of memory"}
     cmd = [sys.executable, __file__, "--child", "--preset", args.preset, "--method", method, "--steps", str(steps),
            "--overrides", json.dumps(overrides), "--device", args.device, "--batch", str(args.batch),
-           "--repeats", str(args.repeats), "--targets", args.targets, "--text-encoders", args.text_encoders, "--size", args.size] + (
+           "--repeats", str(args.repeats), "--targets", args.targets, "--text-encoders", args.text_encoders,
+           "--size", args.size] + (
         ["--bf16"] if args.bf16 else []) + (
         ["--decode-checkpoint"] if args.decode_checkpoint else []) + (
         ["--block-checkpoint"] if args.block_checkpoint else []) + (["--allow-cpu"] if args.allow_cpu else [])
@@ -377,8 +378,8 @@ def main() -> None:
         ref_peak = ref_peak or r["peak_mb"]
         print(f"| {label} | {r['step_s']:.3f} | {r['sample_s']:.3f} | {r['step_s'] / r['sample_s']:.2f}x | "
               f"{r['peak_mb']:.0f} | {r['peak_mb'] / ref_peak:.2f} | {_mb(r.get('estimate_mb'))} |", flush=True)
-        print(f"#   {r['height']}x{r['width']} px, built in {r['build_s']:.0f} s, {r['lora_params']:,} LoRA parameters, losses {r['loss']}, "
-              f"largest LoRA change {r['lora_max_change']:.2e}", flush=True)
+        print(f"#   {r['height']}x{r['width']} px, built in {r['build_s']:.0f} s, {r['lora_params']:,} LoRA "
+              f"parameters, losses {r['loss']}, largest LoRA change {r['lora_max_change']:.2e}", flush=True)
     print("\n| full DRaFT (checkpointing), T | step s | sampling s | ratio | peak MB | estimate MB |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for t in [int(x) for x in args.t_sweep.split(",") if x]:
