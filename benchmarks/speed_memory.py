@@ -147,7 +147,6 @@ class Bench:
         from draft import rewards
         from draft.config import LoraConfig
         from draft.lora import add_lora
-        from draft.models.base import Size
         from draft.plan import choose_frames
 
         torch.manual_seed(0)
@@ -350,6 +349,7 @@ def main() -> None:
     args.batch = args.batch or (1 if real else 4)
     args.steps = args.steps or (_recipe(args.preset).num_steps if args.preset in (*EMBEDDED, *FAMILY_SAMPLING) else 50)
     args.bf16 = args.bf16 or real  # real sizes are trained in bf16; float32 would double the weights
+    requested_size(args.preset, args.size)  # a malformed --size fails here, not in every case's subprocess
     folder = Path(tempfile.mkdtemp(prefix="draft-bench-"))
     if args.child:
         print(json.dumps(Bench(args, folder).case(args.method, json.loads(args.overrides), args.steps)))
