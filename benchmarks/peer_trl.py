@@ -178,7 +178,7 @@ def draft_side(args):
 
     def step():
         trainer.optimizer_step()
-        trainer.step += 1
+        trainer.progress.step += 1  # the plan draws each step's prompts and noise from it
 
     return step
 
@@ -243,7 +243,8 @@ def child(args) -> None:
 class Side:
     """A child process running one side, answering one command at a time."""
 
-    def __init__(self, name: str, python: str, args, k: int, tmp: str, src: Path = ROOT / "src"):
+    def __init__(self, name: str, python: str, args, k: int, tmp: str, src: Path = ROOT / "src",
+                 overrides: list[str] = ()):
         env = dict(os.environ)
         env.update({
             "TMPDIR": tmp,  # the trainers' scratch folders, removed with it
@@ -254,8 +255,7 @@ class Side:
         })
         cmd = [python, __file__, "--child", "trl" if name == "trl" else "draft", "--k", str(k), "--num-steps", str(args.num_steps),
                "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
-        if name != "trl":
-            cmd += [f"--draft={o}" for o in args.draft]
+        cmd += [f"--draft={o}" for o in overrides]
         self.name = name
         self.log = open(Path(tmp) / f"{name}.log", "w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
@@ -289,9 +289,10 @@ def window(args, k: int, versions: dict) -> dict:
     """Both sides at gradient window k: medians of alternated steps."""
     tmp = tempfile.TemporaryDirectory(prefix="peer-trl-")
     sides = {"trl": Side("trl", args.trl_python, args, k, tmp.name),
-             "draft": Side("draft", sys.executable, args, k, tmp.name)}
-    if args.baseline_src:
-        sides["draft-baseline"] = Side("draft-baseline", sys.executable, args, k, tmp.name, Path(args.baseline_src))
+             "draft": Side("draft", sys.executable, args, k, tmp.name, overrides=args.draft)}
+    if args.baseline_src or args.baseline_draft:
+        sides["draft-baseline"] = Side("draft-baseline", sys.executable, args, k, tmp.name,
+                                       Path(args.baseline_src or ROOT / "src"), args.baseline_draft or args.draft)
     try:
         for s in sides.values():
             s.ask()  # ready
@@ -343,6 +344,9 @@ def main() -> None:
                    help="extra draft config override (repeatable), e.g. a speed lever")
     p.add_argument("--baseline-src", default="", metavar="DIR",
                    help="also run draft from this source folder (e.g. an export of an older commit's src/) as a third side")
+    p.add_argument("--baseline-draft", action="append", default=[], metavar="KEY=VALUE",
+                   help="the third side's overrides in place of --draft's (its source: --baseline-src, else this "
+                        "tree's), e.g. the default beside a speed lever")
     p.add_argument("--label", default="", help="a name for this run in the output")
     p.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/peer_trl[-LABEL].json)")
     p.add_argument("--profile", default="", metavar="DIR", help="profile each side instead of timing; write to DIR")

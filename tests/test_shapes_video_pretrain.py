@@ -111,3 +111,16 @@ def test_the_vae_loss_weights_exactly_the_shapes_pixels():
     assert torch.equal(mask.bool(), differs)
     covered = mask.mean((1, 3, 4))  # per clip and frame: a shape, a small part of the frame
     assert (covered > 0).all() and (covered < 0.5).all()
+
+
+def test_the_transformer_loss_weights_the_latents_a_shape_touches():
+    """Frame 0 is its own latent frame, frames 1-4 and 5-8 the next two, 4x4 pixels one latent."""
+    vae = svp.build_models(svp.quick_recipe())[2]
+    pool = torch.full((2, 9, 3, 32, 32), 40, dtype=torch.uint8)  # one background colour
+    pool[0, 0, :, 9:11, 13:15] = 250  # frame 0, latent row 2, columns 3
+    pool[0, 6, :, 20:22, 4:6] = 250  # frame 6 -> latent frame 2, row 5, column 1
+    mask = svp.latent_foreground(pool, vae)
+    assert mask.shape == (2, 1, 3, 8, 8)
+    expected = torch.zeros(2, 1, 3, 8, 8)
+    expected[0, 0, 0, 2, 3] = expected[0, 0, 2, 5, 1] = 1
+    assert torch.equal(mask, expected)  # and clip 1, background only, has none

@@ -122,15 +122,18 @@ def load_vae(path: str | Path | None = None):
     return vae.eval().requires_grad_(False)
 
 
-def flow_batch(mean: torch.Tensor, std: torch.Tensor, texts: list[str], recipe, gen: torch.Generator):
+def flow_batch(mean: torch.Tensor, std: torch.Tensor, texts: list[str], recipe, gen: torch.Generator,
+               idx: torch.Tensor | None = None):
     """A rectified-flow training batch drawn from the pool: (x_0, prompts, sigma, eps, x_t).
 
-    x_0 is a posterior sample of `recipe.batch` pooled items (`mean`, `std`), each prompt is
+    x_0 is a posterior sample of `recipe.batch` pooled items (`mean`, `std`; the items `idx`
+    where the caller drew them itself, as the first draw from `gen`), each prompt is
     dropped to "" with probability `recipe.prompt_dropout` (for CFG), sigma is logit-normal
     (`recipe.logit_mean`, `recipe.logit_std`), and x_t lies on the straight path from the
     data (sigma 0) to the noise eps (sigma 1). Latents of any rank.
     """
-    idx = torch.randint(len(mean), (recipe.batch,), generator=gen)
+    if idx is None:
+        idx = torch.randint(len(mean), (recipe.batch,), generator=gen)
     x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
     drop = torch.rand(recipe.batch, generator=gen) < recipe.prompt_dropout
     prompts = ["" if d else texts[i] for d, i in zip(drop.tolist(), idx.tolist())]

@@ -81,6 +81,10 @@ class Recipe:
     prompt_dropout: float = 0.1  # fraction of prompts replaced by "" (for classifier-free guidance)
     logit_mean: float = 0.0  # sigma = sigmoid(N(logit_mean, logit_std)), SD3's logit-normal sampling
     logit_std: float = 1.0
+    # Extra weight of the latents a shape touches in the transformer's loss, as the VAE's
+    # `vae_foreground` (unweighted, the loss is mostly the background's). 0 built the shipped
+    # model; 4 drew colour and motion better and shapes no better (docs/shapes-video.md).
+    foreground: float = 0.0
     ema_decay: float = 0.999  # exponential moving average of the trained weights; the EMA is shipped
     shift: float = 1.0  # the scheduler's flow_shift written into the folder (sampling only)
 
@@ -211,17 +215,34 @@ def encode_pool(vae, pool: torch.Tensor, batch: int = 100) -> tuple[torch.Tensor
     return normalise(vae, mean), std / scale
 
 
+def latent_foreground(pool: torch.Tensor, vae, batch: int = 500) -> torch.Tensor:
+    """Which latents of each pooled clip the shape touches: [N, 1, F', H', W'] of 0 and 1.
+
+    The causal VAE codes frame 0 alone and then each run of `scale_factor_temporal` frames
+    into one latent frame, and each `scale_factor_spatial` square of pixels into one latent.
+    """
+    t, s = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+    masks = []
+    for i in range(0, len(pool), batch):
+        fg = _foreground(_pixels(pool[i : i + batch]))  # [B, 1, F, H, W]
+        fg = torch.cat([fg[:, :, :1], fg[:, :, 1:].unflatten(2, (-1, t)).amax(3)], 2)
+        masks.append(torch.nn.functional.max_pool3d(fg, (1, s, s)))
+    return torch.cat(masks)
+
+
 def train_transformer(pipe, latents, texts: list[str], recipe: Recipe, gen: torch.Generator,
-                      progress: bool = True) -> list[float]:
+                      progress: bool = True, foreground: torch.Tensor | None = None) -> list[float]:
     """Train the transformer and the text encoder of `pipe` by rectified flow; leaves the EMA
     weights in them and returns the loss of every step.
 
     `latents` is the (mean, std) pair of the normalised VAE posterior of each pooled clip,
-    `texts` its prompt.
+    `texts` its prompt, `foreground` its `latent_foreground` (weighted by `recipe.foreground`).
     """
     from tqdm.auto import tqdm
 
     mean, std = latents
+    if foreground is None:
+        foreground = torch.zeros(len(mean), 1, *mean.shape[2:])
     nets = (pipe.transformer, pipe.text_encoder)
     params, opt, sched, ema = optimiser(nets, recipe.lr, recipe.warmup, recipe.steps, weight_decay=1e-2,
                                         ema_decay=recipe.ema_decay)
@@ -229,13 +250,15 @@ def train_transformer(pipe, latents, texts: list[str], recipe: Recipe, gen: torc
     losses = []
     bar = tqdm(range(recipe.steps), desc="transformer", disable=not progress)
     for _ in bar:
-        x0, prompts, sigma, eps, xt = flow_batch(mean, std, texts, recipe, gen)
+        idx = torch.randint(len(mean), (recipe.batch,), generator=gen)
+        x0, prompts, sigma, eps, xt = flow_batch(mean, std, texts, recipe, gen, idx)
+        weight = (1 + recipe.foreground * foreground[idx]).to(device)
         # The pipeline's own prompt encoding (with gradient: the encoder trains too).
         embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
                                        max_sequence_length=recipe.max_tokens, device=device)
         pred = pipe.transformer(hidden_states=xt.to(device), timestep=(sigma * 1000).to(device),
                                 encoder_hidden_states=embeds, return_dict=False)[0]
-        loss = (pred - (eps - x0).to(device)).square().mean()  # velocity dx_t/dsigma = eps - x_0
+        loss = ((pred - (eps - x0).to(device)).square() * weight).mean()  # velocity dx_t/dsigma = eps - x_0
         update(loss, params, opt, sched, ema)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -292,13 +315,15 @@ def _build(out: Path, recipe: Recipe, seed: int, device: str, progress: bool,
 
         vae, vae_losses = AutoencoderKLWan.from_pretrained(Path(vae_from) / "vae").to(device), []
     latents = encode_pool(vae, pool)
+    foreground = latent_foreground(pool, vae)
     del pool
     lap("vae")
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.to(device), vae=vae, scheduler=scheduler,
                        transformer=transformer.to(device))
     # Its own seeds: the stage draws the same numbers whether the VAE was trained or reused.
     torch.manual_seed(seed + 1)
-    flow_losses = train_transformer(pipe, latents, texts, recipe, torch.Generator().manual_seed(seed + 1), progress)
+    flow_losses = train_transformer(pipe, latents, texts, recipe, torch.Generator().manual_seed(seed + 1), progress,
+                                    foreground)
     lap("transformer")
     pipe.to("cpu").save_pretrained(out, safe_serialization=True)
 
