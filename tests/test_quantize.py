@@ -184,3 +184,20 @@ def test_without_torchao_the_error_names_the_extra(tiny_flux, monkeypatch):
 def test_an_unknown_quantization_is_a_user_error():
     with pytest.raises(UserError, match="quantize"):
         TrainConfig(quantize="int3").validate()
+
+
+def test_nf4_keeps_enough_second_level_scales_for_fsdp2_to_cut():
+    """FSDP2 cuts each of an NF4 weight's inner tensors into equal parts (torchao's `nf4_split`):
+    a small layer gets finer second-level blocks so it still has NF4_SHARDS of them; a layer of
+    a real model's width keeps QLoRA's 256 scales to a block."""
+    pytest.importorskip("torchao")
+    from draft.models.memory import NF4_SHARDS, _to_nf4
+
+    net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(3072, 3072, bias=False))
+    _to_nf4(net)
+    small, real = net[0].weight, net[1].weight
+    assert small.quantization_factor.numel() == NF4_SHARDS and small.scaler_block_size == 2
+    assert real.scaler_block_size == 256 and real.quantization_factor.numel() % NF4_SHARDS == 0
+    # Split as FSDP2 does for 2 processes: two halves that dequantize to the whole's rows.
+    halves = torch.split(small, 16)
+    torch.testing.assert_close(torch.cat([dequantized(h) for h in halves]), dequantized(small))

@@ -14,6 +14,8 @@ then each block, one forward more than either alone.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from draft.errors import UserError
@@ -54,6 +56,9 @@ def checkpoint_blocks(model) -> None:
 # double-quantized block scales (torchao's `to_nf4`, as torchtune's QLoRA uses it).
 QUANT_BITS = {"int8": 8, "float8": 8, "nf4": 4}
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's: 64 weights per scale, 256 scales per second-level scale
+# FSDP2 cuts an NF4 weight's second-level scales evenly across the processes (torchao's
+# `nf4_split`): a layer keeps at least this many of them where it has the scales to.
+NF4_SHARDS = 8
 
 
 def quantize(model, how: str) -> list[str]:
@@ -80,16 +85,21 @@ def quantize(model, how: str) -> list[str]:
 
 def _to_nf4(net: torch.nn.Module) -> None:
     """Every Linear weight whose size NF4's blocks divide, as an NF4 tensor (others stay as they are)."""
-    import math
-
     from torchao.quantization import to_nf4
 
     for layer in net.modules():
         if not isinstance(layer, torch.nn.Linear) or layer.weight.numel() % NF4_BLOCK:
             continue
-        # A small layer has fewer scales than a second-level block: their gcd, a finer block.
-        scaler_block = math.gcd(layer.weight.numel() // NF4_BLOCK, NF4_SCALER_BLOCK)
+        scaler_block = nf4_scaler_block(layer.weight.numel())
         layer.weight = torch.nn.Parameter(to_nf4(layer.weight.detach(), NF4_BLOCK, scaler_block), requires_grad=False)
+
+
+def nf4_scaler_block(n: int) -> int:
+    """Scales per second-level block of an NF4 weight of `n` values. A small layer has fewer
+    scales than QLoRA's 256: a finer block, so that it still has NF4_SHARDS of them to shard
+    (a model's real layers keep 256)."""
+    scales = n // NF4_BLOCK
+    return math.gcd(scales, NF4_SCALER_BLOCK, max(1, scales // NF4_SHARDS))
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
@@ -105,7 +115,8 @@ def dequantized(weight: torch.Tensor) -> torch.Tensor:
 def quantized_bytes(net: torch.nn.Module, dtype: torch.dtype, how: str) -> int:
     """Bytes of a denoiser's weights with its Linear weights quantized `how` (the estimate):
     the quantized values and a float32 scale per row (int8, float8) or a byte per 64-weight
-    block (nf4's double-quantized scales); everything else in `dtype`."""
+    block and a float32 per second-level block (nf4's double-quantized scales); everything
+    else in `dtype`."""
     from draft.models.meta import module_bytes
 
     total = module_bytes(net, dtype)
@@ -114,7 +125,7 @@ def quantized_bytes(net: torch.nn.Module, dtype: torch.dtype, how: str) -> int:
         if isinstance(layer, torch.nn.Linear):
             n = layer.weight.numel()
             if how == "nf4" and n % NF4_BLOCK == 0:
-                total += n // 2 + n // NF4_BLOCK - n * size
+                total += n // 2 + n // NF4_BLOCK + 4 * (n // NF4_BLOCK // nf4_scaler_block(n)) - n * size
             elif how in ("int8", "float8"):
                 total += n + 4 * layer.out_features - n * size
     return total
