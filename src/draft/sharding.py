@@ -75,12 +75,12 @@ def setup(config, accelerator):
         # The guard evaluates and keeps the best LoRA on the main process alone, which a sharded
         # denoiser cannot do: every process must join each forward and each gather.
         raise UserError("guard.every is not supported under FSDP2 yet: set guard.every=0, or train unsharded")
-    accelerator.print(f"FSDP2: the denoiser is sharded across {accelerator.num_processes} processes; the grids "
-                      "and the evaluation are sampled on every process")
-    if config.quantize in ("int8", "float8"):
+    if config.quantize not in ("none", "nf4"):
         # torchao's int8 and float8 weights implement no split, so fully_shard cannot cut them.
         raise UserError(f"quantize={config.quantize} is not supported under FSDP2: torchao's {config.quantize} "
                         "weights cannot be sharded; use quantize=nf4 (it shards), or train unsharded")
+    accelerator.print(f"FSDP2: the denoiser is sharded across {accelerator.num_processes} processes; the grids "
+                      "and the evaluation are sampled on every process")
     if s.compile != "none":
         # A compiled bare module would run the shards without FSDP2's all-gathers.
         accelerator.print(f"FSDP2: sampling.compile={s.compile} is off: the steps without gradient run the sharded "
