@@ -45,7 +45,7 @@ def test_draft_train_fills_the_models_own_recipe():
 
     config = load_config(None, ["model=shapes-video"])
     assert config.reward == "shapes-motion"  # the model's own reward, named by its recipe
-    assert (config.method, config.steps, config.sampling.num_steps, config.sampling.frames) == ("draft", 500, 20, 9)
+    assert (config.method, config.steps, config.sampling.num_steps, config.sampling.frames) == ("draft", 800, 10, 9)
     assert config.sampling.checkpointing is False
     assert config.lora.target_modules == WAN_WIDE_TARGETS and config.log.eval_samples == 64
     assert load_config(None, ["model=shapes-video", "method=draft-lv"]).method == "draft-lv"  # the user's value wins
