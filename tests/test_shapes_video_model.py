@@ -140,3 +140,9 @@ def test_draft_eval_scores_it_with_its_own_reward_and_metrics(tmp_path):
     result = json.loads(out.read_text())
     assert result["reward"] == "shapes-motion" and result["n"] == 1
     assert {"accuracy_direction", "accuracy_joint", "travel", "motion"} <= result.keys()
+    from draft.config import load_config
+
+    # What the clips were drawn with: the user's step count, the model's own guidance and frames.
+    sampled = result["sampling"]
+    assert (sampled["num_steps"], sampled["frames"]) == (2, 9)
+    assert sampled["guidance_scale"] == load_config(None, ["model=shapes-video"]).sampling.guidance_scale == 5.0

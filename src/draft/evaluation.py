@@ -129,6 +129,11 @@ def evaluate_model(model, prompts: list[str], seeds: list[int], groups: list[int
     return score_batches(batches, reward, model.metrics, device, frames)
 
 
+# The sampling settings that change what an evaluation draws (0 for a size: the model's own).
+SAMPLED_WITH = ("num_steps", "guidance_scale", "guidance_scale_2", "negative_prompt", "eta", "height", "width",
+                "frames")
+
+
 def evaluate(
     model: str = "shapes-sd",
     reward: str | Callable | None = None,
@@ -145,11 +150,13 @@ def evaluate(
     left None are the model's own (`draft.defaults.resolve_sampling`), and so is the reward
     when it is None (`draft.defaults.resolve_reward`: the model's recipe's, else shapes-alignment).
 
-    Returns (and with `out`, writes as JSON) the figures of `Tally`.
+    Returns (and with `out`, writes as JSON) the figures of `Tally`, with the sampling
+    settings they were drawn with (`SAMPLED_WITH`), so results of different defaults tell
+    themselves apart.
     """
     from draft import rewards
     from draft.config import check_number
-    from draft.defaults import resolve_reward
+    from draft.defaults import resolve_reward, resolve_sampling
     from draft.lora import load_loras
     from draft.models import load_model
     from draft.prompts import load_prompts
@@ -163,6 +170,7 @@ def evaluate(
         ensure_folder(Path(out).parent, "the evaluation results")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     reward = resolve_reward(model, reward)
+    sampling = resolve_sampling(model, sampling)
     r = rewards.from_config(reward, reward_args).to(device)
     prompt_list = load_prompts(prompts, model)
     if max_prompts:
@@ -173,7 +181,7 @@ def evaluate(
     all_seeds = [s for _ in prompt_list for s in range(seeds)]
     groups = [g for g in range(len(prompt_list)) for _ in range(seeds)]
     result = {"model": model, "loras": [list(x) for x in loras], "reward": str(reward), "prompts": prompts,
-              "seeds": seeds, **evaluate_model(m, all_prompts, all_seeds, groups, r, sampling, device)}
+              "seeds": seeds, "sampling": {k: getattr(sampling, k) for k in SAMPLED_WITH}, **evaluate_model(m, all_prompts, all_seeds, groups, r, sampling, device)}
     if out is not None:
         write_text(out, json.dumps(result, indent=2) + "\n", "the evaluation results")
     return result
