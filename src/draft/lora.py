@@ -75,15 +75,16 @@ def adapter_state_dict(net: torch.nn.Module, adapter: str = TRAIN_ADAPTER) -> di
 
 def load_adapter_state_dict(net: torch.nn.Module, state: dict[str, torch.Tensor], adapter: str = TRAIN_ADAPTER) -> None:
     """Copy checkpointed weights into the existing adapter, in place (optimizer state stays valid)."""
-    from peft.utils import get_peft_model_state_dict
-
     from draft.sharding import like
 
-    current = get_peft_model_state_dict(net, adapter_name=adapter)
+    # The live parameters under peft's state-dict names (the adapter's name dropped, as
+    # `get_peft_model_state_dict` drops it). Not that function's values: with peft 0.22 and
+    # the denoiser sharded by FSDP2, writing into them did not reach the model, and a resumed
+    # run went on from the fresh adapter (tests/test_sharding.py).
+    tag = f".{adapter}."
+    current = {name.replace(tag, "."): p for name, p in net.named_parameters() if tag in name}
     if set(current) != set(state) or any(current[k].shape != state[k].shape for k in state):
         raise UserError("the checkpoint's adapter does not match this model and lora config")
-    # get_peft_model_state_dict returns the live parameters (keys without the adapter
-    # name), so copying into them updates the model.
     with torch.no_grad():
         for k, v in state.items():
             current[k].copy_(like(v, current[k]))  # cut as the parameter is sharded, if it is
