@@ -79,8 +79,8 @@ def load_adapter_state_dict(net: torch.nn.Module, state: dict[str, torch.Tensor]
 
     # The live parameters under peft's state-dict names (the adapter's name dropped, as
     # `get_peft_model_state_dict` drops it). Not that function's values: with peft 0.22 and
-    # the denoiser sharded by FSDP2, writing into them did not reach the model, and a resumed
-    # run went on from the fresh adapter (tests/test_sharding.py).
+    # the denoiser sharded by FSDP2, a run resumed through them no longer took the steps of
+    # the uninterrupted run (tests/test_sharding.py); the parameters themselves always do.
     tag = f".{adapter}."
     current = {name.replace(tag, "."): p for name, p in net.named_parameters() if tag in name}
     if set(current) != set(state) or any(current[k].shape != state[k].shape for k in state):
