@@ -134,14 +134,14 @@ def test_draft_sample_writes_an_mp4_of_the_trained_model(run, tmp_path):
 
 
 def test_draft_eval_scores_it_with_its_own_reward_and_metrics(tmp_path):
+    from draft.config import load_config
+
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", "shapes-video", "--prompts", PROMPT, "--seeds", "1", "--steps", "2",
                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["reward"] == "shapes-motion" and result["n"] == 1
     assert {"accuracy_direction", "accuracy_joint", "travel", "motion"} <= result.keys()
-    from draft.config import load_config
-
     # What the clips were drawn with: the user's step count, the model's own guidance and frames.
     sampled = result["sampling"]
     assert (sampled["num_steps"], sampled["frames"]) == (2, 9)

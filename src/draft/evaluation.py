@@ -180,8 +180,10 @@ def evaluate(
     all_prompts = [p for p in prompt_list for _ in range(seeds)]
     all_seeds = [s for _ in prompt_list for s in range(seeds)]
     groups = [g for g in range(len(prompt_list)) for _ in range(seeds)]
+    sampled_with = {k: getattr(sampling, k) for k in SAMPLED_WITH}
     result = {"model": model, "loras": [list(x) for x in loras], "reward": str(reward), "prompts": prompts,
-              "seeds": seeds, "sampling": {k: getattr(sampling, k) for k in SAMPLED_WITH}, **evaluate_model(m, all_prompts, all_seeds, groups, r, sampling, device)}
+              "seeds": seeds, "sampling": sampled_with,
+              **evaluate_model(m, all_prompts, all_seeds, groups, r, sampling, device)}
     if out is not None:
         write_text(out, json.dumps(result, indent=2) + "\n", "the evaluation results")
     return result

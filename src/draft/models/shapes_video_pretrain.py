@@ -119,7 +119,8 @@ def build_models(recipe: Recipe):
         scale_factor_temporal=2 ** sum(recipe.vae_temporal), scale_factor_spatial=2 ** len(recipe.vae_temporal),
     )
     transformer = WanTransformer3DModel(
-        patch_size=(1, recipe.patch, recipe.patch), num_attention_heads=recipe.heads, attention_head_dim=recipe.width // recipe.heads,
+        patch_size=(1, recipe.patch, recipe.patch), num_attention_heads=recipe.heads,
+        attention_head_dim=recipe.width // recipe.heads,
         in_channels=recipe.z_dim, out_channels=recipe.z_dim, text_dim=recipe.text_width, freq_dim=256,
         ffn_dim=2 * recipe.width, num_layers=recipe.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
